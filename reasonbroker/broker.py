@@ -1,0 +1,399 @@
+"""The broker: the one module that wires I/O to the switchboard.
+
+It owns the listeners, one `_Connection` per accepted stream, the outboxes,
+the deadline timer and the shutdown sequence. Everything it decides comes
+from `Switchboard`; everything it does is apply that switchboard's actions:
+
+- Incoming bytes are decoded synchronously in the transport's callback and
+  fed to the switchboard: no await per packet.
+- Outgoing frames are appended to the destination's outbox and flushed once
+  per event-loop turn (`writelines`), so a burst of results to one client is
+  one syscall. Applying actions never awaits.
+- A peer whose unsent bytes pass `outbox_high_water_bytes` has stopped
+  reading: it is cut off as a slow consumer and its jobs are handled as on
+  disconnect, so it never stalls routing for anyone else.
+- A peer that breaks the protocol is closed with a log line saying why; an
+  unexpected exception while handling one connection closes that connection
+  and is logged, and the broker keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+from collections.abc import Awaitable
+from types import TracebackType
+from typing import Any
+
+import structlog
+
+import transports
+from transports import Listener, Stream
+
+from .config import Config, ListenerRole
+from .errors import EncodeError, RemoteProtocolError
+from .protocol import Codec, PacketDecoder, Result, ResultCode, encode
+from .switchboard import Action, Close, Log, Send, Switchboard, Wake
+
+_log = structlog.get_logger("reasonbroker.broker")
+
+# After the drain, how long closed connections get to flush before they are aborted.
+_CLOSE_FLUSH_S = 2.0
+
+
+class _Connection:
+    """One peer: its decoder, its outbox and its bound logger."""
+
+    __slots__ = (
+        "broker",
+        "closed",
+        "codec",
+        "decoder",
+        "id",
+        "listener_role",
+        "log",
+        "outbox",
+        "stream",
+    )
+
+    def __init__(self, broker: Broker, conn_id: int, stream: Stream, role: ListenerRole) -> None:
+        self.broker = broker
+        self.id = conn_id
+        self.stream = stream
+        self.listener_role = role
+        self.decoder = PacketDecoder(broker.config.limits.max_frame_bytes)
+        self.codec: Codec | None = None
+        self.outbox: list[bytes] = []
+        self.closed = False
+        self.log = _log.bind(conn=conn_id, peer=stream.peer, role=role.value)
+
+    # StreamHandler
+
+    def data_received(self, data: bytes) -> None:
+        broker = self.broker
+        if self.closed:
+            return
+        try:
+            try:
+                packets = self.decoder.feed(data)
+            except RemoteProtocolError as exc:
+                broker.protocol_error(self, exc)
+                return
+            if self.codec is None and self.decoder.codec is not None:
+                self.codec = self.decoder.codec
+                broker.board.set_codec(self.id, self.codec)
+            if packets:
+                board = broker.board
+                now = broker.loop.time()
+                for packet in packets:
+                    broker.apply(board.receive(self.id, packet, now))
+                    if self.closed:
+                        return
+            if self.decoder.error is not None:
+                broker.protocol_error(self, self.decoder.error)
+        except Exception:
+            # A bug in our handling of this peer's input: contain it to this
+            # connection, keep serving everyone else.
+            self.log.exception("internal_error")
+            broker.close_connection(self, "internal error")
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        why = "peer closed" if exc is None else f"connection lost: {exc}"
+        self.broker.close_connection(self, why)
+
+
+class Broker:
+    """`async with Broker(config) as broker: await broker.serve(until=...)`.
+
+    Entering binds every listener (port 0 works: read `addresses`). `serve`
+    returns after a graceful shutdown, triggered by `until` completing or by
+    `shutdown()`: stop accepting, answer new RUNs BROKER_WENT_AWAY, let running
+    jobs finish for up to `drain_timeout_s` (or until `shutdown(force=True)`),
+    answer the rest BROKER_WENT_AWAY, close every connection.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.board = Switchboard(config.limits, cookie_prefix=os.urandom(8))
+        self._conns: dict[int, _Connection] = {}
+        self._ids = itertools.count(1)
+        self._listeners: list[tuple[ListenerRole, Listener]] = []
+        self._dirty: list[_Connection] = []
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_requested: asyncio.Event | None = None
+        self._force: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._draining = False
+        self._closed_all: asyncio.Event | None = None
+        self.protocol_errors = 0
+        self.slow_consumers = 0
+        self.refused_connections = 0
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "the broker is not running"
+        return self._loop
+
+    async def __aenter__(self) -> Broker:
+        self._loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        self._force = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._closed_all = asyncio.Event()
+        try:
+            for lc in self.config.listeners:
+                listener = transports.listener_for(lc.url)
+                await listener.start(self._acceptor(lc.role))
+                self._listeners.append((lc.role, listener))
+                _log.info("listening", url=listener.address, role=lc.role.value)
+        except BaseException:
+            await self._close_listeners()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._close_listeners()
+        for conn in list(self._conns.values()):
+            conn.stream.abort()
+            self.close_connection(conn, "broker exit")
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    @property
+    def addresses(self) -> list[tuple[str, str]]:
+        """(role, bound url) for each listener, in config order."""
+        return [(role.value, listener.address) for role, listener in self._listeners]
+
+    def address(self, role: str) -> str:
+        """The first bound url whose listener accepts `role` ("client" or "worker")."""
+        for lrole, listener in self._listeners:
+            if lrole is ListenerRole.BOTH or lrole.value == role + "s":
+                return listener.address
+        raise LookupError(f"no listener accepts {role}s")
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def shutdown(self, force: bool = False) -> None:
+        """Begin the graceful drain; `force=True` also ends it now."""
+        if self._stop_requested is None or self._force is None:
+            return
+        self._stop_requested.set()
+        if force:
+            self._force.set()
+
+    async def serve(self, until: Awaitable[object] | None = None) -> None:
+        assert self._stop_requested is not None and self._force is not None
+        assert self._idle is not None and self._closed_all is not None
+        trigger: asyncio.Future[object] | None = None
+        if until is not None:
+            trigger = asyncio.ensure_future(until)
+            trigger.add_done_callback(lambda _: self.shutdown())
+        try:
+            await self._stop_requested.wait()
+        finally:
+            if trigger is not None and not trigger.done():
+                trigger.cancel()
+        limits = self.config.limits
+        _log.info("shutdown_started", running=self.board.running, queued=self.board.queue_depth)
+        await self._close_listeners()
+        _log.info("shutdown_listeners_closed")
+        self._draining = True
+        self.apply(self.board.begin_drain())
+        self._check_idle()
+        if not self._idle.is_set():
+            _log.info(
+                "shutdown_draining", running=self.board.running, timeout_s=limits.drain_timeout_s
+            )
+            idle = asyncio.ensure_future(self._idle.wait())
+            force = asyncio.ensure_future(self._force.wait())
+            try:
+                await asyncio.wait(
+                    [idle, force],
+                    timeout=limits.drain_timeout_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                idle.cancel()
+                force.cancel()
+        _log.info("shutdown_finishing", unfinished=self.board.running)
+        self.apply(self.board.finish())
+        self._flush()
+        if self._conns:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_CLOSE_FLUSH_S):
+                    await self._closed_all.wait()
+            for conn in list(self._conns.values()):
+                conn.stream.abort()
+                self.close_connection(conn, "shutdown: not flushed in time")
+        _log.info("shutdown_complete", stats=_stats_fields(self))
+
+    async def _close_listeners(self) -> None:
+        while self._listeners:
+            _, listener = self._listeners.pop()
+            with contextlib.suppress(OSError):
+                await listener.close()
+
+    # -- connections -------------------------------------------------------------
+
+    def _acceptor(self, role: ListenerRole) -> transports.OnStream:
+        def on_stream(stream: Stream) -> None:
+            if self._draining or len(self._conns) >= self.config.limits.max_connections:
+                self.refused_connections += 1
+                _log.warning(
+                    "connection_refused",
+                    peer=stream.peer,
+                    role=role.value,
+                    why="draining" if self._draining else "max_connections reached",
+                )
+                stream.abort()
+                return
+            conn = _Connection(self, next(self._ids), stream, role)
+            stream.set_handler(conn)
+            self._conns[conn.id] = conn
+            self.board.connect(conn.id, role)
+            if self._closed_all is not None:
+                self._closed_all.clear()
+            conn.log.info("connection_opened")
+
+        return on_stream
+
+    def close_connection(self, conn: _Connection, why: str) -> None:
+        """Close a connection (flushing its outbox) and tell the switchboard it is gone."""
+        if conn.closed:
+            return
+        conn.closed = True
+        if conn.outbox:
+            self._write_out(conn)
+        conn.stream.close()
+        del self._conns[conn.id]
+        conn.log.info("connection_closed", why=why)
+        self.apply(self.board.disconnect(conn.id, self.loop.time()))
+        if not self._conns and self._closed_all is not None:
+            self._closed_all.set()
+
+    def protocol_error(self, conn: _Connection, exc: RemoteProtocolError) -> None:
+        # PROTOCOL.md section 1: send nothing more, log why, close.
+        self.protocol_errors += 1
+        conn.log.warning("protocol_error", why=str(exc))
+        conn.outbox.clear()
+        self.close_connection(conn, f"protocol error: {exc}")
+
+    # -- applying actions ------------------------------------------------------------
+
+    def apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if type(action) is Send:
+                conn = self._conns.get(action.conn)
+                if conn is None or conn.closed:
+                    continue
+                try:
+                    frame = encode(action.packet, conn.codec or Codec.MSGPACK)
+                except EncodeError as exc:
+                    frame = self._encode_failed(conn, action, exc)
+                    if not frame:
+                        continue
+                if not conn.outbox:
+                    self._dirty.append(conn)
+                    if not self._flush_scheduled:
+                        self._flush_scheduled = True
+                        self.loop.call_soon(self._flush)
+                conn.outbox.append(frame)
+            elif type(action) is Close:
+                conn = self._conns.get(action.conn)
+                if conn is not None:
+                    self.close_connection(conn, action.why)
+            elif type(action) is Wake:
+                self._wake(action.at)
+            elif type(action) is Log:
+                conn = self._conns.get(action.conn) if action.conn is not None else None
+                if conn is None:
+                    _log.info(action.event, conn=action.conn, **action.fields)
+                    continue
+                if action.event == "peer_identified":
+                    # From now on this connection's lines carry its real role.
+                    conn.log = conn.log.bind(role=action.fields["role"])
+                conn.log.info(action.event, **action.fields)
+        if self._draining:
+            self._check_idle()
+
+    def _encode_failed(self, conn: _Connection, action: Send, exc: EncodeError) -> bytes:
+        # The switchboard checks what each codec can carry, so this is our bug;
+        # a job's answer must still get through, so send a plain EXCEPTION.
+        conn.log.error("encode_failed", packet=type(action.packet).__name__, why=str(exc))
+        packet = action.packet
+        if isinstance(packet, Result):
+            substitute = Result(
+                packet.cookie, ResultCode.EXCEPTION, f"broker could not encode the result: {exc}"
+            )
+            return encode(substitute, conn.codec or Codec.MSGPACK)
+        return b""
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        high_water = self.config.limits.outbox_high_water_bytes
+        for conn in dirty:
+            if conn.closed or not conn.outbox:
+                continue
+            self._write_out(conn)
+            if conn.stream.write_buffer_size() > high_water:
+                self.slow_consumers += 1
+                conn.log.warning(
+                    "slow_consumer", buffered=conn.stream.write_buffer_size(), limit=high_water
+                )
+                conn.stream.abort()
+                self.close_connection(conn, "slow consumer")
+
+    @staticmethod
+    def _write_out(conn: _Connection) -> None:
+        outbox = conn.outbox
+        if len(outbox) == 1:
+            conn.stream.write(outbox[0])
+        else:
+            conn.stream.writelines(outbox)
+        conn.outbox = []
+
+    def _wake(self, at: float) -> None:
+        if self._timer is not None and self._timer_at is not None and self._timer_at <= at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self.loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.apply(self.board.tick(self.loop.time()))
+
+    def _check_idle(self) -> None:
+        if self.board.running == 0 and self._idle is not None:
+            self._idle.set()
+
+
+def _stats_fields(broker: Broker) -> dict[str, Any]:
+    s = broker.board.stats
+    return {
+        "accepted": s.accepted,
+        "completed": dict(s.completed),
+        "rejected": dict(s.rejected),
+        "requeued": s.requeued,
+        "results_dropped": s.results_dropped,
+        "protocol_errors": broker.protocol_errors,
+        "slow_consumers": broker.slow_consumers,
+    }

@@ -1,0 +1,408 @@
+"""Configuration: one frozen `Config`, all limits in one frozen `Limits`.
+
+Layers, later wins: built-in defaults, a TOML file, `REASONBROKER_*`
+environment variables, command-line flags (`load_config`). An unknown key or a
+bad value raises `ConfigError` naming the key; the CLI turns that into exit
+status 2. config.example.toml mirrors every key here with its default.
+
+Key names, as they appear in a `ConfigError`:
+
+- TOML: dotted paths, `uvloop`, `log.level`, `log.format`, `limits.<field>`,
+  `listeners[<0-based index>].url` / `.role`; a file that cannot be read or
+  parsed is named by its path.
+- environment: the variable, `REASONBROKER_<LIMITS FIELD UPPERCASE>`,
+  `REASONBROKER_LOG_LEVEL`, `REASONBROKER_LOG_FORMAT`, `REASONBROKER_UVLOOP`,
+  `REASONBROKER_CLIENT` / `_WORKER` / `_BOTH` (comma-separated URLs that
+  replace the listeners of that role), `REASONBROKER_CONFIG` (the TOML file
+  when no path is given).
+- overrides (flags): the same dotted keys as TOML, plus `listeners.clients`,
+  `listeners.workers`, `listeners.both` (a sequence of URLs that replaces the
+  listeners of that role).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+MiB = 1024 * 1024
+
+
+class ListenerRole(enum.StrEnum):
+    CLIENTS = "clients"
+    WORKERS = "workers"
+    BOTH = "both"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Every limit the broker enforces, named with its unit."""
+
+    # PROTOCOL.md section 1; large enough for real payloads, small enough that
+    # a hostile length header cannot make us buffer much.
+    max_frame_bytes: int = 8 * MiB
+    # Jobs waiting for a free slot, across all pipelines. 0 = ReasonChip's
+    # behaviour (NO_CAPACITY at once when no slot is free).
+    queue_limit: int = 100_000
+    # How long a cancelled running job may take to answer before the broker
+    # answers the client CANCELLED itself.
+    cancel_grace_ms: int = 5_000
+    # Attempts per job when a RUN does not say (1 = never re-run after a worker loss).
+    default_max_attempts: int = 1
+    # Upper bound on a RUN's max_attempts, so a client cannot make a job of
+    # death kill workers forever.
+    max_attempts_limit: int = 10
+    # Upper bound on one worker's total slots, so a bogus REGISTER cannot
+    # make dispatch believe in millions of slots.
+    max_worker_capacity: int = 65_536
+    # Bytes queued for one peer that has stopped reading before it is cut off
+    # as a slow consumer; must hold at least one maximal frame.
+    outbox_high_water_bytes: int = 32 * MiB
+    # On SIGTERM: how long running jobs get to finish before they are answered
+    # BROKER_WENT_AWAY.
+    drain_timeout_s: float = 30.0
+    # Open connections across all listeners; more are accepted and closed at once.
+    max_connections: int = 20_000
+    # Jobs one client may have accepted and not yet ended; more get NO_CAPACITY.
+    max_inflight_per_client: int = 100_000
+    # Liveness interval offered to HELLO'd peers.
+    heartbeat_ms: int = 5_000
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            # bool is an int to Python, never a limit; a float count is a mistake.
+            wanted = int if f.type == "int" else int | float
+            if isinstance(value, bool) or not isinstance(value, wanted):
+                kind = "an integer" if f.type == "int" else "a number"
+                raise ConfigError(f.name, f"must be {kind}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f.name, f"must be finite, got {value!r}")
+        positive = [f.name for f in fields(self) if f.name != "queue_limit"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)!r}")
+        if self.queue_limit < 0:
+            raise ConfigError("queue_limit", f"must be >= 0, got {self.queue_limit!r}")
+        if self.max_frame_bytes > 0xFFFFFFFF:
+            raise ConfigError("max_frame_bytes", "must fit the 4-byte length header")
+        if self.outbox_high_water_bytes < self.max_frame_bytes:
+            raise ConfigError(
+                "outbox_high_water_bytes", "must be >= max_frame_bytes (one frame must fit)"
+            )
+        if self.default_max_attempts > self.max_attempts_limit:
+            raise ConfigError("default_max_attempts", "must be <= max_attempts_limit")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    url: str
+    role: ListenerRole
+
+    def __post_init__(self) -> None:
+        if "://" not in self.url:
+            raise ConfigError("listeners.url", f"{self.url!r} is not a URL (tcp://host:port)")
+
+
+DEFAULT_LISTENERS = (
+    ListenerConfig("tcp://127.0.0.1:51500", ListenerRole.CLIENTS),
+    ListenerConfig("tcp://127.0.0.1:51510", ListenerRole.WORKERS),
+)
+
+
+class LogFormat(enum.StrEnum):
+    AUTO = "auto"  # console on a terminal, JSON otherwise
+    CONSOLE = "console"
+    JSON = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listeners: tuple[ListenerConfig, ...] = DEFAULT_LISTENERS
+    limits: Limits = field(default_factory=Limits)
+    log_level: str = "info"
+    log_format: LogFormat = LogFormat.AUTO
+    uvloop: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.listeners:
+            raise ConfigError("listeners", "at least one listener is needed")
+        if self.log_level.lower() not in _LOG_LEVELS:
+            raise ConfigError("log_level", f"{self.log_level!r} is not one of {_LOG_LEVELS}")
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_LEVELS = _LOG_LEVELS
+
+# --------------------------------------------------------------------------- loader
+
+ENV_PREFIX = "REASONBROKER_"
+ENV_CONFIG = "REASONBROKER_CONFIG"
+
+# The scalar settings by canonical (TOML dotted) key, with the kind of value each takes.
+_SCALARS: dict[str, str] = {
+    "uvloop": "bool",
+    "log.level": "level",
+    "log.format": "format",
+    **{f"limits.{f.name}": "int" if f.type == "int" else "float" for f in fields(Limits)},
+}
+_CONFIG_FIELDS = {"uvloop": "uvloop", "log.level": "log_level", "log.format": "log_format"}
+_TOP_KEYS = ("uvloop", "log", "limits", "listeners")
+_ROLES = tuple(role.value for role in ListenerRole)
+_FORMATS = tuple(fmt.value for fmt in LogFormat)
+_LISTENER_KEYS = ("url", "role")
+_ROLE_ENV = {
+    ListenerRole.CLIENTS: "REASONBROKER_CLIENT",
+    ListenerRole.WORKERS: "REASONBROKER_WORKER",
+    ListenerRole.BOTH: "REASONBROKER_BOTH",
+}
+_ROLE_OVERRIDE = {role: f"listeners.{role.value}" for role in ListenerRole}
+_KINDS_TEXT = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "level": f"one of {', '.join(_LOG_LEVELS)}",
+    "format": f"one of {', '.join(_FORMATS)}",
+}
+_ENV_TRUE = ("true", "1")
+_ENV_FALSE = ("false", "0")
+
+
+def env_name(key: str) -> str:
+    """The variable of a scalar key: `limits.queue_limit` -> REASONBROKER_QUEUE_LIMIT."""
+    return ENV_PREFIX + key.removeprefix("limits.").replace(".", "_").upper()
+
+
+_SCALAR_BY_ENV = {env_name(key): key for key in _SCALARS}
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    """Where a value came from, so that a later validation error names it."""
+
+    key: str  # the name a ConfigError carries
+    where: str = ""  # appended to the message, e.g. " (in /etc/reasonbroker.toml)"
+
+
+def load_config(path: Path | None, env: Mapping[str, str], overrides: Mapping[str, Any]) -> Config:
+    """The Config of defaults <- `path` (or $REASONBROKER_CONFIG) <- `env` <- `overrides`.
+
+    `env` is usually `os.environ`: every `REASONBROKER_*` name in it must be a
+    known one. `overrides` are the command-line flags, keyed as in the module
+    docstring; an absent key is not overridden. Raises `ConfigError`.
+    """
+    values: dict[str, Any] = {}
+    origins: dict[str, _Origin] = {}
+    listeners = list(DEFAULT_LISTENERS)
+
+    if path is None and env.get(ENV_CONFIG):
+        path = Path(env[ENV_CONFIG])
+    if path is not None:
+        listeners = _apply_toml(path, values, origins, listeners)
+    listeners = _apply_env(env, values, origins, listeners)
+    listeners = _apply_overrides(overrides, values, origins, listeners)
+
+    limits = {k.removeprefix("limits."): v for k, v in values.items() if k.startswith("limits.")}
+    try:
+        checked = Limits(**limits)
+    except ConfigError as exc:
+        # Limits names the bare field; name the layer that set it instead.
+        origin = origins.get(f"limits.{exc.key}", _Origin(f"limits.{exc.key}"))
+        raise ConfigError(origin.key, exc.message + origin.where) from None
+    kwargs: dict[str, Any] = {"listeners": tuple(listeners), "limits": checked}
+    for key, name in _CONFIG_FIELDS.items():
+        if key in values:
+            kwargs[name] = values[key]
+    # What Config itself still checks is "at least one listener" (key "listeners").
+    return Config(**kwargs)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _apply_toml(
+    path: Path,
+    values: dict[str, Any],
+    origins: dict[str, _Origin],
+    listeners: list[ListenerConfig],
+) -> list[ListenerConfig]:
+    doc = _read_toml(path)
+    where = f" (in {path})"
+    _reject_unknown(doc, _TOP_KEYS, "", where)
+    for section in ("log", "limits"):
+        if section not in doc:
+            continue
+        table = doc[section]
+        if not isinstance(table, dict):
+            raise ConfigError(section, f"must be a table ([{section}]), got {table!r}{where}")
+        allowed = [k.removeprefix(f"{section}.") for k in _SCALARS if k.startswith(f"{section}.")]
+        _reject_unknown(table, allowed, f"{section}.", where)
+        for name, value in table.items():
+            key = f"{section}.{name}"
+            values[key] = _check(_SCALARS[key], value, key, where)
+            origins[key] = _Origin(key, where)
+    if "uvloop" in doc:
+        values["uvloop"] = _check("bool", doc["uvloop"], "uvloop", where)
+        origins["uvloop"] = _Origin("uvloop", where)
+    if "listeners" in doc:
+        listeners = _toml_listeners(doc["listeners"], where)
+    return listeners
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fp:
+            return tomllib.load(fp)
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        # TOML files are UTF-8 by definition.
+        raise ConfigError(str(path), f"not UTF-8: {exc}") from None
+
+
+def _toml_listeners(raw: object, where: str) -> list[ListenerConfig]:
+    if not isinstance(raw, list):
+        raise ConfigError("listeners", f"must be an array of tables ([[listeners]]){where}")
+    result: list[ListenerConfig] = []
+    for index, item in enumerate(raw):
+        prefix = f"listeners[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError(prefix, f"must be a table with url and role, got {item!r}{where}")
+        _reject_unknown(item, _LISTENER_KEYS, f"{prefix}.", where)
+        for name in _LISTENER_KEYS:
+            if name not in item:
+                raise ConfigError(f"{prefix}.{name}", f"is required{where}")
+        role = item["role"]
+        if not isinstance(role, str) or role not in _ROLES:
+            raise ConfigError(
+                f"{prefix}.role", f"must be one of {', '.join(_ROLES)}, got {role!r}{where}"
+            )
+        result.append(_listener(item["url"], ListenerRole(role), f"{prefix}.url", where))
+    return result
+
+
+def _apply_env(
+    env: Mapping[str, str],
+    values: dict[str, Any],
+    origins: dict[str, _Origin],
+    listeners: list[ListenerConfig],
+) -> list[ListenerConfig]:
+    roles_by_env = {name: role for role, name in _ROLE_ENV.items()}
+    # Sorted so that, with several bad variables, the error is always the same one.
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
+            continue
+        text = env[name]
+        if name in _SCALAR_BY_ENV:
+            key = _SCALAR_BY_ENV[name]
+            values[key] = _parse_env(_SCALARS[key], text, name)
+            origins[key] = _Origin(name)
+        elif name in roles_by_env:
+            # Empty items are skipped, so "" removes every listener of that role.
+            urls = [url.strip() for url in text.split(",") if url.strip()]
+            new = [_listener(url, roles_by_env[name], name, "") for url in urls]
+            listeners = _replace_role(listeners, roles_by_env[name], new)
+        else:
+            raise ConfigError(name, "unknown environment variable")
+    return listeners
+
+
+def _apply_overrides(
+    overrides: Mapping[str, Any],
+    values: dict[str, Any],
+    origins: dict[str, _Origin],
+    listeners: list[ListenerConfig],
+) -> list[ListenerConfig]:
+    roles_by_key = {key: role for role, key in _ROLE_OVERRIDE.items()}
+    for key, value in overrides.items():
+        if key in _SCALARS:
+            values[key] = _check(_SCALARS[key], value, key, "")
+            origins[key] = _Origin(key)
+        elif key in roles_by_key:
+            if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+                raise ConfigError(key, f"must be a sequence of URLs, got {value!r}")
+            new = [_listener(url, roles_by_key[key], key, "") for url in value]
+            listeners = _replace_role(listeners, roles_by_key[key], new)
+        else:
+            raise ConfigError(key, "unknown key")
+    return listeners
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _reject_unknown(
+    table: Mapping[str, object], allowed: Sequence[str], prefix: str, where: str
+) -> None:
+    for name in table:
+        if name not in allowed:
+            raise ConfigError(f"{prefix}{name}", f"unknown key{where}")
+
+
+def _check(kind: str, value: object, key: str, where: str) -> object:
+    """`value` as the setting `key` takes it, or ConfigError. No coercion from strings."""
+    match kind:
+        case "int":
+            # bool is an int subclass: `queue_limit = true` is a mistake, not 1.
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        case "float":
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                if math.isfinite(value):
+                    return float(value)
+        case "bool":
+            if isinstance(value, bool):
+                return value
+        case "level":
+            if isinstance(value, str) and value.lower() in _LOG_LEVELS:
+                return value.lower()
+        case "format":
+            if isinstance(value, str) and value.lower() in _FORMATS:
+                return LogFormat(value.lower())
+    raise ConfigError(key, f"must be {_KINDS_TEXT[kind]}, got {value!r}{where}")
+
+
+def _parse_env(kind: str, text: str, name: str) -> object:
+    """An environment string parsed to the setting's type, or ConfigError naming `name`."""
+    value: object = text
+    try:
+        if kind == "int":
+            value = int(text)
+        elif kind == "float":
+            value = float(text)
+    except ValueError:
+        raise ConfigError(name, f"must be {_KINDS_TEXT[kind]}, got {text!r}") from None
+    if kind == "bool":
+        lowered = text.strip().lower()
+        if lowered not in _ENV_TRUE + _ENV_FALSE:
+            raise ConfigError(name, f"must be true, false, 1 or 0, got {text!r}")
+        value = lowered in _ENV_TRUE
+    return _check(kind, value, name, "")
+
+
+def _listener(url: object, role: ListenerRole, key: str, where: str) -> ListenerConfig:
+    if not isinstance(url, str):
+        raise ConfigError(key, f"must be a URL string, got {url!r}{where}")
+    try:
+        return ListenerConfig(url, role)
+    except ConfigError as exc:
+        raise ConfigError(key, exc.message + where) from None
+
+
+def _replace_role(
+    listeners: list[ListenerConfig], role: ListenerRole, new: list[ListenerConfig]
+) -> list[ListenerConfig]:
+    """Every listener of `role` replaced by `new`, placed where the first old one was."""
+    at = next((i for i, lc in enumerate(listeners) if lc.role is role), len(listeners))
+    kept = [lc for lc in listeners[:at] if lc.role is not role]
+    rest = [lc for lc in listeners[at:] if lc.role is not role]
+    return kept + new + rest

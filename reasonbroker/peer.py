@@ -1,0 +1,251 @@
+"""Connection plumbing shared by the client and worker libraries.
+
+A `Peer` is one connection to the broker after the HELLO exchange: it frames
+and encodes outgoing packets (`protocol.encode`), decodes incoming ones
+(`protocol.PacketDecoder`), answers the broker's PING with PONG, and keeps the
+connection alive per the broker's `heartbeat_ms`. It knows nothing of jobs:
+`client.py` and `worker.py` own what packets mean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl as _ssl
+from collections.abc import AsyncIterator
+from typing import Final
+
+import structlog.typing
+
+import transports
+
+from . import protocol as p
+from .config import Limits
+from .errors import BrokerConnectionError, ConnectTimeout, RemoteProtocolError, error_for
+
+DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
+# The broker's own default frame limit: it never sends a bigger frame, so
+# anything larger is a broken stream, not a payload.
+DEFAULT_MAX_FRAME_BYTES: Final = Limits().max_frame_bytes
+# PROTOCOL.md section 6: a peer silent for 3 heartbeats is gone.
+HEARTBEAT_MISSES: Final = 3
+_READ_CHUNK: Final = 256 * 1024
+# How long close() waits for buffered bytes to flush before dropping them.
+_CLOSE_FLUSH_S: Final = 1.0
+
+
+class Peer:
+    """One HELLO'd connection to the broker. Create it with `Peer.connect`."""
+
+    def __init__(
+        self,
+        url: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        decoder: p.PacketDecoder,
+        broker_hello: p.Hello,
+        pending: list[p.Packet],
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self.url = url
+        self.broker_hello = broker_hello
+        self.log = log
+        self.close_reason: str | None = None
+        self._reader = reader
+        self._writer = writer
+        self._decoder = decoder
+        self._pending = pending  # decoded in the same read as the broker's HELLO
+        loop = asyncio.get_running_loop()
+        self._last_rx = self._last_tx = loop.time()
+        self._heartbeat: asyncio.Task[None] | None = None
+        if broker_hello.heartbeat_ms is not None and broker_hello.heartbeat_ms > 0:
+            self._heartbeat = asyncio.create_task(
+                self._keepalive(broker_hello.heartbeat_ms / 1000), name=f"heartbeat {url}"
+            )
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        hello: p.Hello,
+        *,
+        log: structlog.typing.FilteringBoundLogger,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        ssl: _ssl.SSLContext | None = None,
+    ) -> Peer:
+        """Connect, send `hello`, and wait for the broker's HELLO.
+
+        Nothing else is sent before the broker's answer (PROTOCOL.md section 6).
+        Raises ConnectTimeout, BrokerConnectionError, or Unauthorized when the
+        broker answers with RESULT UNAUTHORIZED.
+        """
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(connect_timeout):
+                try:
+                    reader, writer = await transports.connect(url, ssl=ssl)
+                except OSError as exc:  # transports names the URL in the message
+                    raise BrokerConnectionError(str(exc)) from exc
+                writer.write(p.encode(hello))
+                decoder = p.PacketDecoder(max_frame_bytes)
+                answer, pending = await _await_hello(url, reader, writer, decoder)
+        except TimeoutError:
+            if writer is not None:
+                writer.transport.abort()
+            raise ConnectTimeout(
+                f"no HELLO from the broker at {url} within {connect_timeout} s"
+            ) from None
+        except BaseException:
+            if writer is not None:
+                writer.transport.abort()
+            raise
+        return cls(url, reader, writer, decoder, answer, pending, log)
+
+    @property
+    def closed(self) -> bool:
+        return self.close_reason is not None
+
+    async def send(self, packet: p.Packet) -> None:
+        """Encode and write one packet, waiting while the broker reads slowly.
+
+        EncodeError (a value msgpack cannot carry) is raised before anything is
+        written, so the connection stays usable. BrokerConnectionError when the
+        connection is gone.
+        """
+        frame = p.encode(packet)
+        self._write(frame)
+        try:
+            await self._writer.drain()
+        except OSError as exc:
+            self.abort(f"write failed: {exc}")
+            raise BrokerConnectionError(f"connection to {self.url} lost: {exc}") from exc
+
+    def send_nowait(self, packet: p.Packet) -> None:
+        """Write one packet without waiting for the buffer to drain (best effort)."""
+        self._write(p.encode(packet))
+
+    def _write(self, frame: bytes) -> None:
+        if self.close_reason is not None or self._writer.is_closing():
+            raise BrokerConnectionError(
+                f"connection to {self.url} is closed: {self.close_reason or 'closing'}"
+            )
+        self._writer.write(frame)
+        self._last_tx = asyncio.get_running_loop().time()
+
+    async def packets(self) -> AsyncIterator[p.Packet]:
+        """Yield the broker's packets until the connection ends; PING is answered here.
+
+        Ends normally on EOF, a read error or a broken stream; `close_reason`
+        then says why.
+        """
+        pending, self._pending = self._pending, []
+        for packet in pending:
+            if self._answer_ping(packet):
+                yield packet
+        loop = asyncio.get_running_loop()
+        while self.close_reason is None:
+            try:
+                data = await self._reader.read(_READ_CHUNK)
+            except OSError as exc:
+                self.abort(f"read failed: {exc}")
+                break
+            if not data:
+                self.abort("broker closed the connection")
+                break
+            self._last_rx = loop.time()
+            try:
+                batch = self._decoder.feed(data)
+            except RemoteProtocolError as exc:
+                self.log.warning("broker_protocol_error", url=self.url, error=str(exc))
+                self.abort(f"broker broke the protocol: {exc}")
+                break
+            for packet in batch:
+                if self._answer_ping(packet):
+                    yield packet
+
+    def _answer_ping(self, packet: p.Packet) -> bool:
+        """Answer PING; True when the packet is for the caller."""
+        if isinstance(packet, p.Ping):
+            with contextlib.suppress(BrokerConnectionError):
+                self.send_nowait(p.Pong())
+            return False
+        return not isinstance(packet, p.Pong)  # PONG only proves liveness (_last_rx)
+
+    async def _keepalive(self, interval_s: float) -> None:
+        # We PING when we have sent nothing for an interval, so the broker
+        # never sees us silent; the broker PONGs, so silence for
+        # HEARTBEAT_MISSES intervals means the broker (or the path) is gone.
+        loop = asyncio.get_running_loop()
+        while self.close_reason is None:
+            now = loop.time()
+            silent = now - self._last_rx
+            if silent >= HEARTBEAT_MISSES * interval_s:
+                self.log.warning("broker_silent", url=self.url, silent_s=round(silent, 3))
+                self.abort(f"broker silent for {silent:.1f} s")
+                return
+            if now - self._last_tx >= interval_s:
+                with contextlib.suppress(BrokerConnectionError):
+                    self.send_nowait(p.Ping())
+            next_tx = self._last_tx + interval_s
+            next_rx = self._last_rx + HEARTBEAT_MISSES * interval_s
+            await asyncio.sleep(max(min(next_tx, next_rx) - loop.time(), 0.001))
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once (nothing more is sent); the reader sees it end."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        if self._heartbeat is not None and self._heartbeat is not asyncio.current_task():
+            self._heartbeat.cancel()
+        # abort(), not close(): the connection is unusable, and abort also ends
+        # a reader blocked in read() (it sees EOF).
+        self._writer.transport.abort()
+
+    async def aclose(self, reason: str = "closed locally") -> None:
+        """Flush what is buffered (briefly), then close."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        self._writer.close()
+        try:
+            async with asyncio.timeout(_CLOSE_FLUSH_S):
+                await self._writer.wait_closed()
+        except (OSError, TimeoutError):
+            self._writer.transport.abort()
+
+
+async def _await_hello(
+    url: str,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    decoder: p.PacketDecoder,
+) -> tuple[p.Hello, list[p.Packet]]:
+    """Read until the broker's first packet; it must be HELLO (or UNAUTHORIZED)."""
+    while True:
+        try:
+            data = await reader.read(_READ_CHUNK)
+        except OSError as exc:
+            raise BrokerConnectionError(f"{url}: connection lost during HELLO: {exc}") from exc
+        if not data:
+            raise BrokerConnectionError(f"{url}: broker closed the connection during HELLO")
+        try:
+            packets = decoder.feed(data)
+        except RemoteProtocolError as exc:
+            raise BrokerConnectionError(f"{url}: broker broke the protocol: {exc}") from exc
+        for i, packet in enumerate(packets):
+            match packet:
+                case p.Hello():
+                    return packet, packets[i + 1 :]
+                case p.Result(rc=p.ResultCode.UNAUTHORIZED):
+                    raise error_for(packet)
+                case p.Ping():
+                    writer.write(p.encode(p.Pong()))
+                case p.BadPacket(packet_type="RESULT", why=why):
+                    raise BrokerConnectionError(
+                        f"{url}: broker refused the HELLO with an unreadable RESULT ({why})"
+                    )
+                case _:
+                    raise BrokerConnectionError(
+                        f"{url}: broker answered HELLO with {type(packet).__name__}, not HELLO"
+                    )

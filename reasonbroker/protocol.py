@@ -1,0 +1,589 @@
+"""The wire protocol, sans-IO: framing, the two codecs, packet types and result codes.
+
+Nothing here touches a socket, a clock or a logger. Bytes go in
+(`PacketDecoder.feed`), packets come out; packets go in (`encode`), bytes come
+out. The contract is ../shared/PROTOCOL.md; docs/protocol.md records the
+decisions this module makes where the contract is silent.
+
+Cookies are carried internally as the 16 raw bytes of the UUID: that is what
+msgpack puts on the wire, so the native hot path never builds `uuid.UUID`
+objects.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+
+from .errors import EncodeError, RemoteProtocolError
+
+HEADER_BYTES: Final = 4
+# The largest RUN timeout_ms (about 24.8 days, a signed 32-bit count of ms):
+# JSON integers are unbounded, and a deadline must stay a finite float.
+MAX_TIMEOUT_MS: Final = 2**31 - 1
+_MAX_ENCODABLE: Final = 0xFFFFFFFF
+
+
+class PacketType(enum.StrEnum):
+    REGISTER = "REGISTER"
+    SHUTDOWN = "SHUTDOWN"
+    RUN = "RUN"
+    CANCEL = "CANCEL"
+    RESULT = "RESULT"
+    # reasonbroker extensions (PROTOCOL.md section 6): sent only to peers that said HELLO.
+    HELLO = "HELLO"
+    PING = "PING"
+    PONG = "PONG"
+    STARTED = "STARTED"
+    PROGRESS = "PROGRESS"
+
+
+class ResultCode(enum.StrEnum):
+    # ReasonChip's ten, in ReasonChip's order.
+    OK = "OK"
+    BAD_PACKET = "BAD_PACKET"
+    UNSUPPORTED_PACKET_TYPE = "UNSUPPORTED_PACKET_TYPE"
+    NO_CAPACITY = "NO_CAPACITY"
+    COOKIE_NOT_FOUND = "COOKIE_NOT_FOUND"
+    COOKIE_COLLISION = "COOKIE_COLLISION"
+    WORKER_WENT_AWAY = "WORKER_WENT_AWAY"
+    BROKER_WENT_AWAY = "BROKER_WENT_AWAY"
+    PROCESSOR_EXCEPTION = "PROCESSOR_EXCEPTION"
+    EXCEPTION = "EXCEPTION"
+    # reasonbroker's own: a legacy peer gets these as EXCEPTION (see `for_legacy`).
+    CANCELLED = "CANCELLED"
+    TIMEOUT = "TIMEOUT"
+    UNAUTHORIZED = "UNAUTHORIZED"
+
+
+LEGACY_RESULT_CODES: Final = frozenset(list(ResultCode)[:10])
+_RESULT_CODES: Final = {rc.value: rc for rc in ResultCode}
+
+
+class Codec(enum.Enum):
+    MSGPACK = "msgpack"
+    JSON = "json"
+
+
+class Role(enum.StrEnum):
+    CLIENT = "client"
+    WORKER = "worker"
+
+
+# ---------------------------------------------------------------------------
+# Packets: one frozen, slotted dataclass per type, in a closed union.
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    capacity: int
+    pipelines: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    cookie: bytes
+    pipeline: str
+    variables: Any = None
+    detach: bool = False
+    priority: int = 0
+    timeout_ms: int | None = None
+    max_attempts: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    cookie: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    cookie: bytes | None
+    rc: ResultCode
+    error: str | None = None
+    stacktrace: tuple[str, ...] | None = None
+    result: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    role: Role | None = None
+    token: str | None = None
+    features: tuple[str, ...] = ()
+    name: str | None = None
+    version: str | None = None
+    heartbeat_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    cookie: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    cookie: bytes
+    result: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Unsupported:
+    """A well-formed packet whose type this broker does not handle (answered, not fatal)."""
+
+    packet_type: str
+    cookie: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BadPacket:
+    """A packet of a known type with a known key of the wrong type (answered BAD_PACKET)."""
+
+    packet_type: str
+    cookie: bytes | None
+    why: str
+
+
+Packet = (
+    Register
+    | Run
+    | Cancel
+    | Result
+    | Hello
+    | Ping
+    | Pong
+    | Started
+    | Progress
+    | Shutdown
+    | Unsupported
+    | BadPacket
+)
+
+
+def for_legacy(packet: Result) -> Result:
+    """Map reasonbroker's own result codes to what ReasonChip's peers understand.
+
+    ReasonChip's client drops the whole connection on a code it does not know,
+    so CANCELLED, TIMEOUT and UNAUTHORIZED travel as EXCEPTION with the real
+    code leading `error` (PROTOCOL.md section 6).
+    """
+    if packet.rc in LEGACY_RESULT_CODES:
+        return packet
+    error = f"{packet.rc.value}: {packet.error}" if packet.error else packet.rc.value
+    return Result(packet.cookie, ResultCode.EXCEPTION, error, packet.stacktrace, packet.result)
+
+
+def new_cookie() -> bytes:
+    return uuid.uuid4().bytes
+
+
+def cookie_str(cookie: bytes | None) -> str | None:
+    """The canonical text form of a cookie, for logs and the JSON codec."""
+    return None if cookie is None else str(uuid.UUID(bytes=cookie))
+
+
+# ---------------------------------------------------------------------------
+# Framing
+
+
+class PacketDecoder:
+    """Incremental decoder for one connection: feed bytes, get packets.
+
+    The first frame fixes the connection's codec. The length limit is checked
+    as soon as the 4-byte header is in, before any of the body is buffered.
+    Any `RemoteProtocolError` is final for the connection: the caller closes it.
+    """
+
+    __slots__ = ("_buf", "_max", "codec", "error")
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        self._buf = bytearray()
+        self._max = max_frame_bytes
+        self.codec: Codec | None = None
+        # Set when a bad frame followed good ones in the same feed: those good
+        # packets are returned first (a worker's RESULT just before garbage
+        # still counts) and the error is raised by the next feed.
+        self.error: RemoteProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Packet]:
+        if self.error is not None:
+            raise self.error
+        buf = self._buf
+        buf += data
+        packets: list[Packet] = []
+        pos = 0
+        end = len(buf)
+        limit = self._max
+        try:
+            while end - pos >= HEADER_BYTES:
+                size = int.from_bytes(buf[pos : pos + HEADER_BYTES], "big")
+                if size == 0:
+                    raise RemoteProtocolError("frame length is 0")
+                if size > limit:
+                    raise RemoteProtocolError(
+                        f"frame length {size} exceeds max_frame_bytes {limit}"
+                    )
+                start = pos + HEADER_BYTES
+                if end - start < size:
+                    break
+                body = bytes(buf[start : start + size])
+                pos = start + size
+                packets.append(self._decode(body))
+        except RemoteProtocolError as exc:
+            self.error = exc
+            buf.clear()
+            if not packets:
+                raise
+            return packets
+        if pos:
+            del buf[:pos]
+        return packets
+
+    def _decode(self, body: bytes) -> Packet:
+        codec = detect_codec(body)
+        if self.codec is None:
+            self.codec = codec
+        elif codec is not self.codec:
+            raise RemoteProtocolError(f"{codec.value} frame on a {self.codec.value} connection")
+        return decode_body(body, codec)
+
+
+_MSGPACK_MAP_FIRST: Final = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
+
+
+def detect_codec(body: bytes) -> Codec:
+    first = body[0]
+    if first in _MSGPACK_MAP_FIRST:
+        return Codec.MSGPACK
+    if first == 0x7B:  # "{"
+        return Codec.JSON
+    raise RemoteProtocolError(
+        f"body is neither a msgpack map nor a JSON object (first byte 0x{first:02x})"
+    )
+
+
+def decode_body(body: bytes, codec: Codec) -> Packet:
+    """Decode one frame body. Raises RemoteProtocolError when it is not a map at all."""
+    if codec is Codec.MSGPACK:
+        try:
+            obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        except Exception as exc:  # msgpack raises several unrelated types for bad input
+            raise RemoteProtocolError(f"undecodable msgpack: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            obj = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise RemoteProtocolError(f"undecodable JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError(f"body is a {type(obj).__name__}, not a map")
+    if codec is Codec.JSON:
+        _check_json_text(obj)
+    return packet_from_map(obj, codec)
+
+
+def _check_json_text(obj: dict[Any, Any]) -> None:
+    """Refuse lone surrogates ("\\ud800"): JSON's escapes allow them, but no
+    codec can send them on, so a job carrying one could never be answered."""
+    for value in obj.values():
+        texts = value if isinstance(value, list) else (value,)
+        for text in texts:
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode()
+                except UnicodeEncodeError:
+                    raise RemoteProtocolError(
+                        "JSON string holds a lone surrogate (not valid Unicode)"
+                    ) from None
+
+
+class _Bad(Exception):
+    """Internal: a known key had the wrong type."""
+
+
+def _cookie(value: Any, codec: Codec) -> bytes:
+    if isinstance(value, bytes) and codec is Codec.MSGPACK:
+        if len(value) != 16:
+            raise _Bad(f"cookie is {len(value)} bytes, not 16")
+        return value
+    if isinstance(value, str):
+        # Only the canonical 8-4-4-4-12 form: uuid.UUID() alone would also
+        # take braces, "urn:" and hyphens anywhere.
+        try:
+            parsed = uuid.UUID(value)
+        except ValueError:
+            raise _Bad("cookie is not a UUID") from None
+        if len(value) != 36 or str(parsed) != value.lower():
+            raise _Bad("cookie is not a canonical UUID string")
+        return parsed.bytes
+    raise _Bad(f"cookie is a {type(value).__name__}")
+
+
+def _opt_str(d: dict[Any, Any], key: str) -> str | None:
+    v = d.get(key)
+    if v is None or isinstance(v, str):
+        return v
+    raise _Bad(f"{key} is a {type(v).__name__}, not a string")
+
+
+def _opt_int(d: dict[Any, Any], key: str) -> int | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    raise _Bad(f"{key} is a {type(v).__name__}, not an integer")
+
+
+def _opt_bool(d: dict[Any, Any], key: str) -> bool | None:
+    v = d.get(key)
+    if v is None or isinstance(v, bool):
+        return v
+    raise _Bad(f"{key} is a {type(v).__name__}, not a boolean")
+
+
+def _opt_strs(d: dict[Any, Any], key: str) -> tuple[str, ...] | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if isinstance(v, list) and all(isinstance(s, str) for s in v):
+        return tuple(v)
+    raise _Bad(f"{key} is not a list of strings")
+
+
+def _payload(d: dict[Any, Any], key: str, codec: Codec) -> Any:
+    v = d.get(key)
+    if codec is Codec.JSON and v is not None and not isinstance(v, str):
+        raise _Bad(f"{key} must be a JSON string (the payload's text), not {type(v).__name__}")
+    return v
+
+
+def packet_from_map(d: dict[Any, Any], codec: Codec) -> Packet:
+    """Build a packet from a decoded map; a known key of the wrong type gives BadPacket."""
+    ptype = d.get("packet_type")
+    if not isinstance(ptype, str):
+        return BadPacket("", _salvage_cookie(d, codec), "packet_type is missing or not a string")
+    try:
+        match ptype:
+            case "RUN":
+                pipeline = _opt_str(d, "pipeline")
+                if not pipeline:
+                    raise _Bad("pipeline is missing or empty")
+                priority = _opt_int(d, "priority") or 0
+                timeout_ms = _opt_int(d, "timeout_ms")
+                if timeout_ms is not None and not 0 < timeout_ms <= MAX_TIMEOUT_MS:
+                    raise _Bad(f"timeout_ms must be > 0 and <= {MAX_TIMEOUT_MS}")
+                max_attempts = _opt_int(d, "max_attempts")
+                if max_attempts is not None and max_attempts < 1:
+                    raise _Bad("max_attempts must be >= 1")
+                return Run(
+                    _cookie(d.get("cookie"), codec),
+                    pipeline,
+                    _payload(d, "variables", codec),
+                    bool(_opt_bool(d, "detach")),
+                    priority,
+                    timeout_ms,
+                    max_attempts,
+                )
+            case "RESULT":
+                rc_text = _opt_str(d, "rc")
+                rc = _RESULT_CODES.get(rc_text) if rc_text is not None else None
+                if rc is None:
+                    raise _Bad(f"rc {rc_text!r} is not a result code")
+                # The broker's own answers may carry no cookie (UNAUTHORIZED to
+                # a HELLO, BAD_PACKET with nothing to salvage); from a worker a
+                # cookie-less RESULT matches no job and is dropped.
+                raw_cookie = d.get("cookie")
+                return Result(
+                    None if raw_cookie is None else _cookie(raw_cookie, codec),
+                    rc,
+                    _opt_str(d, "error"),
+                    _opt_strs(d, "stacktrace"),
+                    _payload(d, "result", codec),
+                )
+            case "CANCEL":
+                return Cancel(_cookie(d.get("cookie"), codec))
+            case "REGISTER":
+                capacity = _opt_int(d, "capacity")
+                if capacity is None or capacity < 1:
+                    raise _Bad("capacity must be an integer >= 1")
+                return Register(capacity, _opt_strs(d, "pipelines"))
+            case "HELLO":
+                role_text = _opt_str(d, "role")
+                role = None
+                if role_text is not None:
+                    try:
+                        role = Role(role_text)
+                    except ValueError:
+                        raise _Bad(f"role {role_text!r} is not client or worker") from None
+                return Hello(
+                    role,
+                    _opt_str(d, "token"),
+                    _opt_strs(d, "features") or (),
+                    _opt_str(d, "name"),
+                    _opt_str(d, "version"),
+                    _opt_int(d, "heartbeat_ms"),
+                )
+            case "PING":
+                return Ping()
+            case "PONG":
+                return Pong()
+            case "STARTED":
+                return Started(_cookie(d.get("cookie"), codec))
+            case "PROGRESS":
+                return Progress(_cookie(d.get("cookie"), codec), _payload(d, "result", codec))
+            case "SHUTDOWN":
+                return Shutdown()
+            case _:
+                return Unsupported(ptype, _salvage_cookie(d, codec))
+    except _Bad as bad:
+        return BadPacket(ptype, _salvage_cookie(d, codec), str(bad))
+
+
+def _salvage_cookie(d: dict[Any, Any], codec: Codec) -> bytes | None:
+    try:
+        return _cookie(d.get("cookie"), codec)
+    except _Bad:
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Encoding
+
+
+def packet_to_map(packet: Packet) -> dict[str, Any]:
+    """The flat map for a packet; unset (None) fields are left out."""
+    match packet:
+        case Run(cookie, pipeline, variables, detach, priority, timeout_ms, max_attempts):
+            d: dict[str, Any] = {"packet_type": "RUN", "cookie": cookie, "pipeline": pipeline}
+            if variables is not None:
+                d["variables"] = variables
+            if detach:
+                d["detach"] = True
+            if priority:
+                d["priority"] = priority
+            if timeout_ms is not None:
+                d["timeout_ms"] = timeout_ms
+            if max_attempts is not None:
+                d["max_attempts"] = max_attempts
+            return d
+        case Result(cookie, rc, error, stacktrace, result):
+            d = {"packet_type": "RESULT", "cookie": cookie, "rc": rc.value}
+            if error is not None:
+                d["error"] = error
+            if stacktrace is not None:
+                d["stacktrace"] = list(stacktrace)
+            if result is not None:
+                d["result"] = result
+            return d
+        case Cancel(cookie):
+            return {"packet_type": "CANCEL", "cookie": cookie}
+        case Register(capacity, pipelines):
+            d = {"packet_type": "REGISTER", "capacity": capacity}
+            if pipelines is not None:
+                d["pipelines"] = list(pipelines)
+            return d
+        case Hello(role, token, features, name, version, heartbeat_ms):
+            d = {"packet_type": "HELLO", "features": list(features)}
+            for key, value in (
+                ("role", role.value if role is not None else None),
+                ("token", token),
+                ("name", name),
+                ("version", version),
+                ("heartbeat_ms", heartbeat_ms),
+            ):
+                if value is not None:
+                    d[key] = value
+            return d
+        case Ping():
+            return {"packet_type": "PING"}
+        case Pong():
+            return {"packet_type": "PONG"}
+        case Started(cookie):
+            return {"packet_type": "STARTED", "cookie": cookie}
+        case Progress(cookie, result):
+            return {"packet_type": "PROGRESS", "cookie": cookie, "result": result}
+        case Shutdown():
+            return {"packet_type": "SHUTDOWN"}
+        case Unsupported() | BadPacket():
+            raise EncodeError(f"{type(packet).__name__} is an inbound-only packet")
+
+
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+def encode(packet: Packet, codec: Codec = Codec.MSGPACK) -> bytes:
+    """One whole frame (header and body) for `packet` in `codec`.
+
+    Raises EncodeError when the codec cannot carry a value (bytes to JSON, a
+    non-string payload to JSON, an object msgpack cannot pack).
+    """
+    d = packet_to_map(packet)
+    if codec is Codec.MSGPACK:
+        try:
+            body: bytes = _packb(d)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EncodeError(f"msgpack cannot carry this packet: {exc}") from exc
+    else:
+        body = _json_body(d)
+    if len(body) > _MAX_ENCODABLE:
+        raise EncodeError(f"packet body of {len(body)} bytes cannot be framed")
+    return len(body).to_bytes(HEADER_BYTES, "big") + body
+
+
+_JSON_KEYS: Final = (
+    "packet_type",
+    "cookie",
+    "capacity",
+    "pipeline",
+    "variables",
+    "detach",
+    "rc",
+    "error",
+    "stacktrace",
+    "result",
+)
+
+
+def _json_body(d: dict[str, Any]) -> bytes:
+    # ReasonChip's SocketPacket dumps all ten keys with null for unset ones;
+    # we do the same so its pydantic model sees exactly what it would send.
+    out: dict[str, Any] = dict.fromkeys(_JSON_KEYS)
+    for key, value in d.items():
+        if key == "cookie":
+            out[key] = cookie_str(value)
+        elif key in ("variables", "result") and not (value is None or isinstance(value, str)):
+            raise EncodeError(f"{key} must be a string for a JSON peer, not {type(value).__name__}")
+        else:
+            out[key] = value
+    try:
+        return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise EncodeError(f"JSON cannot carry this packet: {exc}") from exc
+
+
+def can_carry(value: Any, codec: Codec) -> bool:
+    """Whether an opaque payload (variables/result) can cross to a peer using `codec`."""
+    return codec is Codec.MSGPACK or value is None or isinstance(value, str)

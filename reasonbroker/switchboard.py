@@ -1,0 +1,854 @@
+"""The switchboard, sans-IO: routes, worker slots, the queue and deadlines.
+
+It owns every routing rule of PROTOCOL.md section 5. It never awaits, reads a
+socket, logs or reads the clock: the broker passes events in
+(`connect`, `receive`, `disconnect`, `tick`, `begin_drain`, `finish`) with the
+current time, and gets back a list of actions to apply in order:
+
+- `Send(conn, packet)`: write the packet to that connection;
+- `Close(conn, why)`: flush and close that connection;
+- `Wake(at)`: call `tick(now)` no later than `at`;
+- `Log(event, conn, fields)`: a structured log line worth writing.
+
+Routing model (decisions recorded in docs/protocol.md):
+
+- A client's cookies live in that client's own namespace: two clients may use
+  the same cookie, and nothing one client sends can name another's job.
+- Each attempt of a job on a worker gets a fresh broker-made cookie, so a late
+  RESULT from an earlier attempt (or from a worker we gave up on) can never be
+  mistaken for the current one: it is dropped and counted.
+- A job holds its worker's slot until that worker answers or leaves, even
+  after the client was answered (TIMEOUT, CANCELLED): the worker is still
+  busy with it, so counting the slot free would overload the worker.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._version import __version__
+from .config import Limits, ListenerRole
+from .protocol import (
+    BadPacket,
+    Cancel,
+    Codec,
+    Hello,
+    Packet,
+    Ping,
+    Pong,
+    Progress,
+    Register,
+    Result,
+    ResultCode,
+    Role,
+    Run,
+    Shutdown,
+    Started,
+    Unsupported,
+    can_carry,
+    for_legacy,
+)
+
+FEATURES = ("started", "progress", "priority", "timeout", "attempts")
+
+
+# ---------------------------------------------------------------------------
+# Actions
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    conn: int
+    packet: Packet
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    conn: int
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    event: str
+    conn: int | None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+Action = Send | Close | Wake | Log
+
+
+# ---------------------------------------------------------------------------
+# State
+
+
+class _State(enum.Enum):
+    QUEUED = 1
+    RUNNING = 2
+    DONE = 3
+
+
+class _Conn:
+    __slots__ = (
+        "busy",
+        "capacity",
+        "closing",
+        "codec",
+        "features",
+        "hello",
+        "id",
+        "jobs",
+        "last_used",
+        "listener",
+        "name",
+        "pipelines",
+        "role",
+        "running",
+    )
+
+    def __init__(self, conn_id: int, listener: ListenerRole) -> None:
+        self.id = conn_id
+        self.listener = listener
+        self.role: Role | None = None
+        self.hello = False
+        self.features: frozenset[str] = frozenset()
+        self.name: str | None = None
+        self.codec = Codec.MSGPACK
+        self.closing = False
+        # client side: the client's live cookies
+        self.jobs: dict[bytes, _Job] = {}
+        # worker side
+        self.capacity = 0
+        self.busy = 0
+        self.pipelines: set[str] | None = None
+        self.running: dict[bytes, _Job] = {}
+        self.last_used = 0
+
+    def serves(self, pipeline: str) -> bool:
+        return self.pipelines is None or pipeline in self.pipelines
+
+
+class _Job:
+    __slots__ = (
+        "abandoned",
+        "attempts",
+        "cancel_requested",
+        "client",
+        "cookie",
+        "deadline",
+        "max_attempts",
+        "owed",
+        "run",
+        "seq",
+        "state",
+        "wcookie",
+        "worker",
+    )
+
+    def __init__(self, seq: int, client: _Conn, run: Run, max_attempts: int) -> None:
+        self.seq = seq
+        self.client: _Conn | None = client
+        self.cookie = run.cookie
+        self.run = run
+        self.max_attempts = max_attempts
+        self.attempts = 0
+        self.state = _State.QUEUED
+        self.worker: _Conn | None = None
+        self.wcookie: bytes | None = None
+        # The client is still owed its one terminal RESULT (not detached,
+        # connected, not yet answered).
+        self.owed = not run.detach
+        # Over for the broker (timed out, cancel grace passed, client gone):
+        # never re-run; if running it only holds its slot until the worker
+        # answers or leaves.
+        self.abandoned = False
+        self.cancel_requested = False
+        self.deadline: float | None = None
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters the broker exposes; tests and chaos runs check them."""
+
+    accepted: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    completed: Counter[str] = field(default_factory=Counter)
+    dispatched: int = 0
+    requeued: int = 0
+    cancels: int = 0
+    results_dropped: int = 0  # late or duplicate RESULTs from workers
+    abandoned_results: int = 0  # worker answers for jobs already ended (timeout, cancel)
+    dropped: int = 0  # non-detached jobs ended because their client left
+    bad_packets: int = 0
+
+
+class _Deadline(enum.Enum):
+    TIMEOUT = 1
+    CANCEL_GRACE = 2
+
+
+# ---------------------------------------------------------------------------
+# The switchboard
+
+
+class Switchboard:
+    def __init__(self, limits: Limits, cookie_prefix: bytes = bytes(8)) -> None:
+        if len(cookie_prefix) != 8:
+            raise ValueError("cookie_prefix must be 8 bytes")
+        self.limits = limits
+        self.stats = Stats()
+        self.draining = False
+        self._conns: dict[int, _Conn] = {}
+        self._workers: dict[int, _Conn] = {}  # registered (capacity > 0)
+        self._queues: dict[str, list[tuple[int, int, _Job]]] = {}
+        self._queued = 0  # live entries across all queues
+        self._dead_in_queues = 0  # lazily deleted heap entries
+        self._running = 0
+        self._seq = itertools.count(1)
+        self._use = itertools.count(1)
+        self._wcookie_prefix = cookie_prefix
+        self._wcookie_seq = itertools.count(1)
+        self._deadlines: list[tuple[float, int, _Deadline, _Job]] = []
+        self._wake_at: float | None = None
+
+    # -- introspection (tests, status, chaos checks) -------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queued
+
+    @property
+    def running(self) -> int:
+        """Jobs holding a worker slot."""
+        return self._running
+
+    @property
+    def live_jobs(self) -> int:
+        """Jobs the broker still tracks, queued or running (the route table's size)."""
+        return self._queued + self._running
+
+    def slots(self, conn: int) -> tuple[int, int]:
+        """(capacity, busy) of a worker connection."""
+        c = self._conns[conn]
+        return c.capacity, c.busy
+
+    def workers(self) -> list[int]:
+        return list(self._workers)
+
+    def role_of(self, conn: int) -> Role | None:
+        c = self._conns.get(conn)
+        return None if c is None else c.role
+
+    # -- connection lifecycle -----------------------------------------------
+
+    def connect(self, conn: int, listener: ListenerRole) -> None:
+        if conn in self._conns:
+            raise ValueError(f"connection {conn} is already known")
+        self._conns[conn] = _Conn(conn, listener)
+
+    def set_codec(self, conn: int, codec: Codec) -> None:
+        self._conns[conn].codec = codec
+
+    def disconnect(self, conn: int, now: float) -> list[Action]:
+        c = self._conns.pop(conn, None)
+        if c is None:
+            return []
+        out: list[Action] = []
+        if c.role is Role.WORKER:
+            self._worker_gone(c, now, out)
+        elif c.role is Role.CLIENT:
+            self._client_gone(c, out)
+        return out
+
+    # -- packets --------------------------------------------------------------
+
+    def receive(self, conn: int, packet: Packet, now: float) -> list[Action]:
+        c = self._conns[conn]
+        if c.closing:
+            return []  # closed by us: what it sent after that is not acted on
+        out: list[Action] = []
+        if c.role is None and not self._assign_role(c, packet, out):
+            return out
+        match packet:
+            case Run():
+                if c.role is Role.CLIENT:
+                    self._run(c, packet, now, out)
+                else:
+                    self._wrong_role(c, "RUN", out)
+            case Result():
+                if c.role is Role.WORKER:
+                    self._worker_result(c, packet, now, out)
+                else:
+                    self._wrong_role(c, "RESULT", out)
+            case Cancel(cookie):
+                if c.role is Role.CLIENT:
+                    self._cancel(c, cookie, now, out)
+                else:
+                    self._wrong_role(c, "CANCEL", out)
+            case Register():
+                if c.role is Role.WORKER:
+                    self._register(c, packet, out)
+                else:
+                    self._wrong_role(c, "REGISTER", out)
+            case Hello():
+                # The first HELLO was consumed by _assign_role.
+                self._answer(
+                    c, Result(None, ResultCode.BAD_PACKET, "HELLO must be the first packet"), out
+                )
+            case Ping():
+                if c.hello:
+                    out.append(Send(c.id, Pong()))
+            case Pong():
+                pass  # liveness is tracked by the broker from any traffic
+            case Started(cookie) | Progress(cookie):
+                if c.role is Role.WORKER:
+                    self._forward_progress(c, cookie, packet, out)
+                else:
+                    self._wrong_role(c, type(packet).__name__.upper(), out)
+            case Shutdown():
+                self._unsupported(c, "SHUTDOWN", None, out)
+            case Unsupported(ptype, cookie):
+                self._unsupported(c, ptype, cookie, out)
+            case BadPacket():
+                self._bad_packet(c, packet, now, out)
+        return out
+
+    def _assign_role(self, c: _Conn, packet: Packet, out: list[Action]) -> bool:
+        """The first packet fixes a connection's role (PROTOCOL.md section 5, Roles)."""
+        if isinstance(packet, Hello):
+            role = packet.role or Role.CLIENT
+        elif isinstance(packet, Register) or (
+            isinstance(packet, BadPacket) and packet.packet_type == "REGISTER"
+        ):
+            role = Role.WORKER  # a malformed REGISTER still says "I am a worker"
+        else:
+            role = Role.CLIENT
+        allowed = c.listener is ListenerRole.BOTH or (
+            (c.listener is ListenerRole.WORKERS) == (role is Role.WORKER)
+        )
+        if isinstance(packet, Hello):
+            c.hello = True
+            c.features = frozenset(packet.features)
+            c.name = packet.name
+        c.role = role
+        if not allowed:
+            why = f"{role.value}s are not accepted on this {c.listener.value} listener"
+            self._answer(
+                c, Result(_cookie_of(packet), ResultCode.UNAUTHORIZED, why), out, force=True
+            )
+            self._close(c, why, out)
+            out.append(
+                Log("role_refused", c.id, {"role": role.value, "listener": c.listener.value})
+            )
+            return False
+        out.append(
+            Log("peer_identified", c.id, {"role": role.value, "hello": c.hello, "name": c.name})
+        )
+        if isinstance(packet, Hello):
+            out.append(
+                Send(
+                    c.id,
+                    Hello(
+                        role=role,
+                        features=FEATURES,
+                        version=__version__,
+                        heartbeat_ms=self.limits.heartbeat_ms,
+                    ),
+                )
+            )
+            return False  # the HELLO is fully handled
+        return True
+
+    # -- answering ------------------------------------------------------------
+
+    def _answer(self, c: _Conn, result: Result, out: list[Action], force: bool = False) -> None:
+        """Send a RESULT to a peer, in a form that peer understands.
+
+        A legacy worker is never sent a RESULT (ReasonChip's worker treats it
+        as fatal), unless `force` (we are closing it anyway).
+        """
+        if c.role is Role.WORKER and not c.hello and not force:
+            return
+        if not c.hello:
+            result = for_legacy(result)
+        if not can_carry(result.result, c.codec):
+            result = Result(
+                result.cookie,
+                ResultCode.BAD_PACKET,
+                f"the result cannot be carried to this {c.codec.value} peer "
+                f"({type(result.result).__name__})",
+            )
+        out.append(Send(c.id, result))
+
+    def _close(self, c: _Conn, why: str, out: list[Action]) -> None:
+        c.closing = True
+        out.append(Close(c.id, why))
+
+    def _wrong_role(self, c: _Conn, what: str, out: list[Action]) -> None:
+        why = f"{what} is not allowed from a {c.role.value if c.role else 'new'} connection"
+        self.stats.bad_packets += 1
+        out.append(Log("packet_refused", c.id, {"why": why}))
+        if c.role is Role.WORKER and not c.hello:
+            self._close(c, why, out)
+        else:
+            self._answer(c, Result(None, ResultCode.BAD_PACKET, why), out)
+
+    def _unsupported(self, c: _Conn, ptype: str, cookie: bytes | None, out: list[Action]) -> None:
+        out.append(Log("packet_unsupported", c.id, {"packet_type": ptype}))
+        self._answer(
+            c,
+            Result(
+                cookie,
+                ResultCode.UNSUPPORTED_PACKET_TYPE,
+                f"packet type {ptype!r} is not supported",
+            ),
+            out,
+        )
+
+    def _bad_packet(self, c: _Conn, bad: BadPacket, now: float, out: list[Action]) -> None:
+        self.stats.bad_packets += 1
+        out.append(Log("bad_packet", c.id, {"packet_type": bad.packet_type, "why": bad.why}))
+        if c.role is Role.WORKER:
+            # A malformed RESULT still ends its job, so the client is answered
+            # and the slot is freed; the worker is told only if it said HELLO.
+            job = c.running.get(bad.cookie) if bad.cookie is not None else None
+            if job is not None and bad.packet_type == "RESULT":
+                why = f"the worker sent a malformed RESULT: {bad.why}"
+                self._worker_result(c, Result(bad.cookie, ResultCode.BAD_PACKET, why), now, out)
+            self._answer(c, Result(bad.cookie, ResultCode.BAD_PACKET, bad.why), out)
+            return
+        if bad.cookie is None and not c.hello:
+            # ReasonChip's client hangs on a RESULT with no cookie; a closed
+            # connection at least fails its calls.
+            self._close(c, f"malformed {bad.packet_type or 'packet'}: {bad.why}", out)
+            return
+        self._answer(c, Result(bad.cookie, ResultCode.BAD_PACKET, bad.why), out)
+
+    # -- clients ----------------------------------------------------------------
+
+    def _reject(self, c: _Conn, run: Run, rc: ResultCode, why: str, out: list[Action]) -> None:
+        self.stats.rejected[rc.value] += 1
+        self._answer(c, Result(run.cookie, rc, why), out)
+
+    def _run(self, c: _Conn, run: Run, now: float, out: list[Action]) -> None:
+        if self.draining:
+            self._reject(c, run, ResultCode.BROKER_WENT_AWAY, "the broker is shutting down", out)
+            return
+        if run.cookie in c.jobs:
+            self._reject(c, run, ResultCode.COOKIE_COLLISION, "cookie is already in use", out)
+            return
+        if len(c.jobs) >= self.limits.max_inflight_per_client:
+            self._reject(
+                c,
+                run,
+                ResultCode.NO_CAPACITY,
+                f"max_inflight_per_client ({self.limits.max_inflight_per_client}) reached",
+                out,
+            )
+            return
+        worker, served = self._pick_worker(run.pipeline)
+        if not served:
+            self._reject(
+                c, run, ResultCode.NO_CAPACITY, f"no worker serves pipeline {run.pipeline!r}", out
+            )
+            return
+        if worker is None and self._queued >= self.limits.queue_limit:
+            why = "no free worker slot" if self.limits.queue_limit == 0 else "the queue is full"
+            self._reject(c, run, ResultCode.NO_CAPACITY, why, out)
+            return
+        attempts = min(
+            run.max_attempts or self.limits.default_max_attempts, self.limits.max_attempts_limit
+        )
+        job = _Job(next(self._seq), c, run, attempts)
+        c.jobs[run.cookie] = job
+        self.stats.accepted += 1
+        if run.timeout_ms is not None:
+            job.deadline = now + run.timeout_ms / 1000.0
+            self._add_deadline(job.deadline, _Deadline.TIMEOUT, job, out)
+        if worker is not None:
+            self._dispatch(job, worker, out)
+        else:
+            self._enqueue(job)
+
+    def _cancel(self, c: _Conn, cookie: bytes, now: float, out: list[Action]) -> None:
+        job = c.jobs.get(cookie)
+        if job is None:
+            self._answer(
+                c, Result(cookie, ResultCode.COOKIE_NOT_FOUND, "no live job with this cookie"), out
+            )
+            return
+        self.stats.cancels += 1
+        if job.state is _State.QUEUED:
+            self._unqueue(job)
+            self._end_for_client(job, ResultCode.CANCELLED, "cancelled by client", out)
+        elif not job.cancel_requested:
+            self._cancel_on_worker(job, out)
+            self._add_deadline(
+                now + self.limits.cancel_grace_ms / 1000.0, _Deadline.CANCEL_GRACE, job, out
+            )
+
+    def _client_gone(self, c: _Conn, out: list[Action]) -> None:
+        """Queued jobs are dropped, running ones cancelled; detached jobs run on."""
+        for job in c.jobs.values():
+            job.client = None
+            job.owed = False
+            if job.run.detach:
+                continue
+            self.stats.dropped += 1
+            if job.state is _State.QUEUED:
+                self._unqueue(job)
+            elif job.state is _State.RUNNING:
+                job.abandoned = True
+                if not job.cancel_requested:
+                    self._cancel_on_worker(job, out)
+        c.jobs.clear()
+
+    # -- workers ------------------------------------------------------------------
+
+    def _register(self, c: _Conn, reg: Register, out: list[Action]) -> None:
+        limit = self.limits.max_worker_capacity
+        capacity = c.capacity + reg.capacity
+        if capacity > limit:
+            out.append(Log("capacity_clamped", c.id, {"asked": capacity, "limit": limit}))
+            capacity = limit
+        c.capacity = capacity
+        narrowed = False
+        if reg.pipelines is not None:
+            # A worker serves all pipelines until it names some; from then on
+            # it serves the union of the names it has given.
+            narrowed = c.pipelines is None and c.id in self._workers
+            c.pipelines = (c.pipelines or set()) | set(reg.pipelines)
+        self._workers[c.id] = c
+        out.append(
+            Log(
+                "worker_registered",
+                c.id,
+                {
+                    "capacity": c.capacity,
+                    "pipelines": sorted(c.pipelines) if c.pipelines is not None else None,
+                },
+            )
+        )
+        self._fill(c, out)
+        if narrowed:
+            self._fail_unserved(out)  # jobs only this worker served must not wait forever
+
+    def _worker_result(self, w: _Conn, res: Result, now: float, out: list[Action]) -> None:
+        job = w.running.pop(res.cookie, None) if res.cookie is not None else None
+        if job is None:
+            # Late (an attempt we gave up on) or duplicate: never delivered.
+            self.stats.results_dropped += 1
+            out.append(Log("result_dropped", w.id, {"reason": "unknown cookie"}))
+            return
+        self._release_slot(w, job)
+        if job.abandoned:
+            self.stats.abandoned_results += 1
+        else:
+            self.stats.completed[res.rc.value] += 1
+            self._deliver(
+                job, Result(job.cookie, res.rc, res.error, res.stacktrace, res.result), out
+            )
+        self._forget(job)
+        self._fill(w, out)
+
+    def _forward_progress(
+        self, w: _Conn, wcookie: bytes, packet: Started | Progress, out: list[Action]
+    ) -> None:
+        job = w.running.get(wcookie)
+        if job is None or not job.owed or job.client is None or not job.client.hello:
+            return
+        client = job.client
+        if isinstance(packet, Started):
+            if "started" in client.features:
+                out.append(Send(client.id, Started(job.cookie)))
+        elif "progress" in client.features and can_carry(packet.result, client.codec):
+            out.append(Send(client.id, Progress(job.cookie, packet.result)))
+
+    def _worker_gone(self, w: _Conn, now: float, out: list[Action]) -> None:
+        """Each job re-queued while attempts allow, else WORKER_WENT_AWAY (section 5)."""
+        self._workers.pop(w.id, None)
+        jobs = sorted(w.running.values(), key=lambda j: j.seq)
+        w.running.clear()
+        for job in jobs:
+            self._release_slot(w, job)
+            if job.abandoned:
+                self._forget(job)  # over already (timed out, client gone)
+            elif job.cancel_requested:
+                # Cancelled jobs are never re-run; ReasonChip's worker exits on
+                # CANCEL, which lands here.
+                self._end_for_client(job, ResultCode.CANCELLED, "cancelled by client", out)
+            elif self.draining:
+                self._end_for_client(
+                    job, ResultCode.BROKER_WENT_AWAY, "the broker is shutting down", out
+                )
+            elif job.attempts < job.max_attempts and self._pick_worker(job.run.pipeline)[1]:
+                self.stats.requeued += 1
+                out.append(
+                    Log(
+                        "job_requeued",
+                        w.id,
+                        {"attempt": job.attempts, "max_attempts": job.max_attempts},
+                    )
+                )
+                worker, _ = self._pick_worker(job.run.pipeline)
+                if worker is not None:
+                    self._dispatch(job, worker, out)
+                else:
+                    self._enqueue(job)  # accepted work: may exceed queue_limit
+            else:
+                self._end_for_client(
+                    job,
+                    ResultCode.WORKER_WENT_AWAY,
+                    f"the worker went away (attempt {job.attempts} of {job.max_attempts})",
+                    out,
+                )
+        self._fail_unserved(out)
+
+    def _fail_unserved(self, out: list[Action]) -> None:
+        """Queued jobs whose pipeline no connected worker serves any more get NO_CAPACITY.
+
+        The contract answers a new RUN for such a pipeline NO_CAPACITY at once;
+        jobs already waiting get the same answer rather than waiting forever.
+        """
+        for pipeline in list(self._queues):
+            if self._pick_worker(pipeline)[1]:
+                continue
+            heap = self._queues.pop(pipeline)
+            for _, _, job in sorted(heap):
+                if job.state is not _State.QUEUED:
+                    self._dead_in_queues -= 1
+                    continue
+                self._queued -= 1
+                job.state = _State.DONE
+                self._end_for_client(
+                    job,
+                    ResultCode.NO_CAPACITY,
+                    f"no worker serves pipeline {pipeline!r} any more",
+                    out,
+                )
+
+    # -- dispatch and queue ------------------------------------------------------
+
+    def _pick_worker(self, pipeline: str) -> tuple[_Conn | None, bool]:
+        """The least-loaded worker with a free slot serving `pipeline`, and whether any serves it.
+
+        Load is busy/capacity; among equals the least recently used wins,
+        which is round robin.
+        """
+        best: _Conn | None = None
+        served = False
+        for w in self._workers.values():
+            if not w.serves(pipeline):
+                continue
+            served = True
+            if w.busy >= w.capacity:
+                continue
+            if best is None:
+                best = w
+                continue
+            lhs = w.busy * best.capacity
+            rhs = best.busy * w.capacity
+            if lhs < rhs or (lhs == rhs and w.last_used < best.last_used):
+                best = w
+        return best, served
+
+    def _dispatch(self, job: _Job, w: _Conn, out: list[Action]) -> None:
+        if not can_carry(job.run.variables, w.codec):
+            self._end_for_client(
+                job,
+                ResultCode.BAD_PACKET,
+                f"the variables cannot be carried to a {w.codec.value} worker "
+                f"({type(job.run.variables).__name__})",
+                out,
+            )
+            return
+        wcookie = self._wcookie_prefix + next(self._wcookie_seq).to_bytes(8, "big")
+        job.state = _State.RUNNING
+        job.worker = w
+        job.wcookie = wcookie
+        job.attempts += 1
+        w.running[wcookie] = job
+        w.busy += 1
+        w.last_used = next(self._use)
+        self._running += 1
+        self.stats.dispatched += 1
+        out.append(Send(w.id, Run(wcookie, job.run.pipeline, job.run.variables)))
+
+    def _release_slot(self, w: _Conn, job: _Job) -> None:
+        w.busy -= 1
+        self._running -= 1
+        job.worker = None
+        job.wcookie = None
+        job.state = _State.DONE
+
+    def _enqueue(self, job: _Job) -> None:
+        job.state = _State.QUEUED
+        heap = self._queues.setdefault(job.run.pipeline, [])
+        heapq.heappush(heap, (-job.run.priority, job.seq, job))
+        self._queued += 1
+
+    def _unqueue(self, job: _Job) -> None:
+        """Remove a queued job lazily: its heap entry is skipped when reached."""
+        job.state = _State.DONE
+        self._queued -= 1
+        self._dead_in_queues += 1
+        if self._dead_in_queues > 1024 and self._dead_in_queues > self._queued:
+            self._compact_queues()
+
+    def _compact_queues(self) -> None:
+        for pipeline, heap in list(self._queues.items()):
+            live = [e for e in heap if e[2].state is _State.QUEUED]
+            if live:
+                heapq.heapify(live)
+                self._queues[pipeline] = live
+            else:
+                del self._queues[pipeline]
+        self._dead_in_queues = 0
+
+    def _fill(self, w: _Conn, out: list[Action]) -> None:
+        """Give a worker with free slots the best queued jobs it serves."""
+        if not self._queued:
+            return
+        while w.busy < w.capacity and self._queued:
+            best_heap: list[tuple[int, int, _Job]] | None = None
+            names = self._queues.keys() if w.pipelines is None else w.pipelines
+            for name in list(names):
+                heap = self._queues.get(name)
+                if heap is None:
+                    continue
+                while heap and heap[0][2].state is not _State.QUEUED:
+                    heapq.heappop(heap)
+                    self._dead_in_queues -= 1
+                if not heap:
+                    del self._queues[name]
+                    continue
+                if best_heap is None or heap[0] < best_heap[0]:
+                    best_heap = heap
+            if best_heap is None:
+                return
+            _, _, job = heapq.heappop(best_heap)
+            if not best_heap:
+                del self._queues[job.run.pipeline]
+            self._queued -= 1
+            self._dispatch(job, w, out)
+
+    # -- endings ------------------------------------------------------------------
+
+    def _end_for_client(self, job: _Job, rc: ResultCode, why: str, out: list[Action]) -> None:
+        """End a job that holds no slot, answering its client if it is owed an answer."""
+        job.state = _State.DONE
+        self.stats.completed[rc.value] += 1
+        self._deliver(job, Result(job.cookie, rc, why), out)
+        self._forget(job)
+
+    def _deliver(self, job: _Job, result: Result, out: list[Action]) -> None:
+        """The one place a job's terminal RESULT goes to its client."""
+        if job.owed and job.client is not None:
+            job.owed = False
+            self._answer(job.client, result, out)
+
+    def _forget(self, job: _Job) -> None:
+        if job.client is not None and job.client.jobs.get(job.cookie) is job:
+            del job.client.jobs[job.cookie]
+
+    def _cancel_on_worker(self, job: _Job, out: list[Action]) -> None:
+        job.cancel_requested = True
+        if job.worker is not None and job.wcookie is not None:
+            out.append(Send(job.worker.id, Cancel(job.wcookie)))
+
+    # -- time -----------------------------------------------------------------------
+
+    def _add_deadline(self, at: float, kind: _Deadline, job: _Job, out: list[Action]) -> None:
+        heapq.heappush(self._deadlines, (at, next(self._seq), kind, job))
+        if self._wake_at is None or at < self._wake_at:
+            self._wake_at = at
+            out.append(Wake(at))
+
+    def tick(self, now: float) -> list[Action]:
+        """Fire every deadline that has passed; Wake for the next one."""
+        out: list[Action] = []
+        dl = self._deadlines
+        while dl and dl[0][0] <= now:
+            _, _, kind, job = heapq.heappop(dl)
+            if job.state is _State.DONE or job.abandoned:
+                continue
+            if kind is _Deadline.TIMEOUT:
+                self._timeout(job, out)
+            elif job.state is _State.RUNNING:
+                # The worker has not answered the CANCEL in time: answer for
+                # it. It keeps the slot until it answers or leaves.
+                job.abandoned = True
+                self.stats.completed[ResultCode.CANCELLED.value] += 1
+                self._deliver(
+                    job, Result(job.cookie, ResultCode.CANCELLED, "cancelled by client"), out
+                )
+                self._forget(job)
+        self._wake_at = dl[0][0] if dl else None
+        if self._wake_at is not None:
+            out.append(Wake(self._wake_at))
+        return out
+
+    def _timeout(self, job: _Job, out: list[Action]) -> None:
+        why = f"timed out after {job.run.timeout_ms} ms"
+        if job.state is _State.QUEUED:
+            self._unqueue(job)
+            self._end_for_client(job, ResultCode.TIMEOUT, why, out)
+            return
+        # Running: answer now, tell the worker; the slot stays busy until it answers.
+        job.abandoned = True
+        self.stats.completed[ResultCode.TIMEOUT.value] += 1
+        self._deliver(job, Result(job.cookie, ResultCode.TIMEOUT, why), out)
+        self._forget(job)
+        if not job.cancel_requested:
+            self._cancel_on_worker(job, out)
+
+    # -- shutdown ---------------------------------------------------------------------
+
+    def begin_drain(self) -> list[Action]:
+        """Stop accepting: queued jobs are answered BROKER_WENT_AWAY, running ones go on."""
+        self.draining = True
+        out: list[Action] = []
+        for heap in self._queues.values():
+            for _, _, job in sorted(heap):
+                if job.state is _State.QUEUED:
+                    job.state = _State.DONE
+                    self._end_for_client(
+                        job, ResultCode.BROKER_WENT_AWAY, "the broker is shutting down", out
+                    )
+        self._queues.clear()
+        self._queued = 0
+        self._dead_in_queues = 0
+        return out
+
+    def finish(self) -> list[Action]:
+        """End the drain: every job still running is answered BROKER_WENT_AWAY, all close."""
+        out: list[Action] = []
+        if not self.draining:
+            out.extend(self.begin_drain())
+        for w in list(self._workers.values()):
+            for job in sorted(w.running.values(), key=lambda j: j.seq):
+                self._release_slot(w, job)
+                if job.abandoned:
+                    self._forget(job)
+                else:
+                    self._end_for_client(
+                        job, ResultCode.BROKER_WENT_AWAY, "the broker is shutting down", out
+                    )
+            w.running.clear()
+        for conn in list(self._conns):
+            out.append(Close(conn, "broker shutdown"))
+        return out
+
+
+def _cookie_of(packet: Packet) -> bytes | None:
+    return getattr(packet, "cookie", None)

@@ -1,0 +1,394 @@
+"""The asyncio worker library: serve pipelines for the broker.
+
+A `Worker` registers its handlers' pipeline names and capacity, runs each RUN
+in its own asyncio task (at most `capacity` at once) and answers exactly one
+RESULT per RUN, echoing the RUN's cookie untouched (the broker assigns one per
+attempt). It reconnects with capped exponential backoff when the broker goes
+away. Connection plumbing lives in `peer.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl as _ssl
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Self
+
+import structlog
+import structlog.typing
+
+from . import protocol as p
+from .errors import BrokerConnectionError, EncodeError
+from .peer import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_MAX_FRAME_BYTES, Peer
+
+__all__ = ["Handler", "Worker", "progress", "reconnect_delay"]
+
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger("reasonbroker.worker")
+
+# async def handler(variables: Any) -> Any
+Handler = Callable[[Any], Awaitable[Any]]
+
+RECONNECT_FIRST_S: Final = 0.1
+RECONNECT_MAX_S: Final = 5.0
+_STOPPED: Final = "worker stopped"
+
+
+def reconnect_delay(
+    attempt: int, first_s: float = RECONNECT_FIRST_S, cap_s: float = RECONNECT_MAX_S
+) -> float:
+    """Capped exponential backoff: first_s, 2*first_s, 4*first_s, ... at most cap_s."""
+    return min(first_s * 2.0 ** min(attempt, 32), cap_s)
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    cookie: bytes
+    pipeline: str
+    peer: Peer
+    task: asyncio.Task[None] | None = None
+    # The broker sent CANCEL: answer CANCELLED if the handler does not finish.
+    cancel_requested: bool = False
+    # The connection is gone (or the worker is being torn down): answer nothing.
+    abandoned: bool = False
+    answered: bool = False
+
+
+_current_job: ContextVar[_Job | None] = ContextVar("reasonbroker_current_job", default=None)
+
+
+async def progress(result: Any) -> None:
+    """Send a partial result for the job whose handler calls this (PROGRESS).
+
+    The broker forwards it to the job's client if that client asked for
+    progress; `result` must be something msgpack can carry.
+    """
+    job = _current_job.get()
+    if job is None:
+        raise RuntimeError("progress() must be called from inside a worker handler")
+    if job.answered or job.abandoned:
+        return
+    with contextlib.suppress(BrokerConnectionError):  # the handler is about to be cancelled
+        await job.peer.send(p.Progress(job.cookie, result))
+
+
+class Worker:
+    """Serves `handlers` (pipeline name -> async handler) for the broker at `url`.
+
+    ``await worker.run()`` serves until `stop()`; or ``async with Worker(...)``
+    runs it in a background task and stops it on exit. A Worker runs once.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        handlers: Mapping[str, Handler],
+        capacity: int = 1,
+        name: str | None = None,
+        token: str | None = None,
+        reconnect: bool = True,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        ssl: _ssl.SSLContext | None = None,
+        send_started: bool = False,
+    ) -> None:
+        if not handlers:
+            # A REGISTER naming no pipelines means "serves all" to the broker.
+            raise ValueError("a Worker needs at least one handler")
+        if any(not isinstance(n, str) or not n for n in handlers):
+            raise ValueError("pipeline names must be non-empty strings")
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.url = url
+        self.name = name
+        self.capacity = capacity
+        self.reconnect = reconnect
+        # STARTED is one more packet per job through the broker; only workers
+        # whose clients watch for it should pay for it.
+        self.send_started = send_started
+        self._handlers = dict(handlers)
+        self._token = token
+        self._connect_timeout = connect_timeout
+        self._max_frame_bytes = max_frame_bytes
+        self._ssl = ssl  # for TLS transports (tls:// URLs); plaintext schemes refuse one
+        self._jobs: dict[bytes, _Job] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = asyncio.Event()
+        self._started = False
+        self._task: asyncio.Task[None] | None = None
+        # Set while registered with a broker; cleared when the connection ends.
+        self.registered = asyncio.Event()
+        self._log = log.bind(url=url, worker=name)
+
+    @property
+    def running_jobs(self) -> int:
+        return len(self._jobs)
+
+    def stop(self) -> None:
+        """Graceful stop: take no new jobs, let running ones finish, close; run() returns.
+
+        RUNs that arrive meanwhile are not started; closing hands them back to
+        the broker, which treats them as on any worker loss.
+        """
+        self._stopping.set()
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self.run(), name=f"worker {self.url}")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        if self._task is not None:
+            await self._task  # being cancelled here cancels run(): a hard stop
+
+    async def run(self) -> None:
+        """Connect, register and serve until `stop()`.
+
+        Raises Unauthorized when the broker refuses our token, and
+        BrokerConnectionError when the broker is unreachable or goes away
+        and `reconnect` is False.
+        """
+        if self._started:
+            raise RuntimeError("a Worker runs once")
+        self._started = True
+        failures = 0  # consecutive failed sessions, for the backoff
+        while not self._stopping.is_set():
+            if failures:
+                delay = reconnect_delay(failures - 1)
+                self._log.info("worker_reconnecting", delay_s=delay, attempt=failures)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._stopping.wait()
+                if self._stopping.is_set():
+                    break
+            try:
+                peer = await self._connect()
+            except BrokerConnectionError as exc:
+                if not self.reconnect:
+                    raise
+                failures += 1
+                self._log.warning("worker_connect_failed", error=str(exc))
+                continue
+            reason = await self._serve(peer)
+            if reason is None or self._stopping.is_set():
+                break
+            if not self.reconnect:
+                raise BrokerConnectionError(f"broker at {self.url} went away: {reason}")
+            failures = 1
+        self._log.info("worker_stopped")
+
+    async def _connect(self) -> Peer:
+        hello = p.Hello(role=p.Role.WORKER, token=self._token, name=self.name)
+        return await Peer.connect(
+            self.url,
+            hello,
+            log=self._log,
+            connect_timeout=self._connect_timeout,
+            max_frame_bytes=self._max_frame_bytes,
+            ssl=self._ssl,
+        )
+
+    async def _serve(self, peer: Peer) -> str | None:
+        """One session. None after a graceful stop, else why the connection ended."""
+        drainer = asyncio.create_task(self._drain_on_stop(peer), name=f"drain {self.url}")
+        try:
+            await peer.send(p.Register(self.capacity, tuple(self._handlers)))
+            self.registered.set()
+            self._log.info(
+                "worker_registered",
+                capacity=self.capacity,
+                pipelines=list(self._handlers),
+                broker_version=peer.broker_hello.version,
+            )
+            async for packet in peer.packets():
+                self._dispatch(peer, packet)
+        except BrokerConnectionError:
+            pass  # REGISTER failed: the connection is gone, close_reason says why
+        finally:
+            self.registered.clear()
+            await self._abandon_jobs()  # none are left after a graceful drain
+            drainer.cancel()
+            await asyncio.wait([drainer])  # never raises the drainer's CancelledError
+            if not peer.closed:
+                await peer.aclose(_STOPPED)
+        if peer.close_reason == _STOPPED:
+            return None
+        reason = peer.close_reason or "connection closed"
+        self._log.warning("worker_disconnected", reason=reason)
+        return reason
+
+    async def _drain_on_stop(self, peer: Peer) -> None:
+        await self._stopping.wait()
+        self._log.info("worker_draining", running=len(self._jobs))
+        await self._idle.wait()
+        # aclose() flushes the last RESULTs before the connection ends.
+        await peer.aclose(_STOPPED)
+
+    async def _abandon_jobs(self) -> None:
+        # The connection is gone: nobody can receive our RESULTs, and the broker
+        # re-queues or fails these jobs itself.
+        jobs = list(self._jobs.values())
+        for job in jobs:
+            job.abandoned = True
+            if job.task is not None:
+                job.task.cancel()
+        tasks = [job.task for job in jobs if job.task is not None]
+        if tasks:
+            self._log.warning("jobs_abandoned", count=len(tasks))
+            # Wait, so the next session never runs more than `capacity` handlers.
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._jobs.clear()
+        self._idle.set()
+
+    def _dispatch(self, peer: Peer, packet: p.Packet) -> None:
+        match packet:
+            case p.Run():
+                self._on_run(peer, packet)
+            case p.Cancel(cookie=cookie):
+                job = self._jobs.get(cookie)
+                if job is None:
+                    # Already answered; the broker drops the late CANCEL's effect.
+                    self._log.debug("cancel_for_unknown_job", cookie=p.cookie_str(cookie))
+                elif not job.cancel_requested and job.task is not None:
+                    job.cancel_requested = True
+                    job.task.cancel()
+            case p.Result(rc=rc, error=error):
+                # The broker rejecting something we sent (BAD_PACKET, ...).
+                self._log.warning(
+                    "broker_rejected_packet",
+                    rc=rc.value,
+                    error=error,
+                    cookie=p.cookie_str(packet.cookie),
+                )
+            case _:
+                self._log.debug("packet_ignored", packet_type=type(packet).__name__)
+
+    def _on_run(self, peer: Peer, run: p.Run) -> None:
+        cookie = run.cookie
+        if self._stopping.is_set():
+            # Draining: not started and not answered; when we close, the broker
+            # handles it as on any worker loss.
+            self._log.info("run_refused_draining", cookie=p.cookie_str(cookie))
+            return
+        if cookie in self._jobs:
+            # Per-attempt cookies come from the broker; a live duplicate is its
+            # bug. The running job will answer for this cookie exactly once.
+            self._log.error("duplicate_run_cookie", cookie=p.cookie_str(cookie))
+            return
+        if len(self._jobs) >= self.capacity:
+            self._reply(
+                peer,
+                p.Result(
+                    cookie,
+                    p.ResultCode.NO_CAPACITY,
+                    f"worker is at capacity ({self.capacity} jobs running)",
+                ),
+            )
+            return
+        handler = self._handlers.get(run.pipeline)
+        if handler is None:
+            served = ", ".join(repr(n) for n in self._handlers)
+            self._reply(
+                peer,
+                p.Result(
+                    cookie,
+                    p.ResultCode.EXCEPTION,
+                    f"no handler for pipeline {run.pipeline!r} on this worker (it serves {served})",
+                ),
+            )
+            return
+        job = _Job(cookie, run.pipeline, peer)
+        job.task = asyncio.create_task(
+            self._run_job(job, handler, run.variables),
+            name=f"job {run.pipeline} {p.cookie_str(cookie)}",
+        )
+        job.task.add_done_callback(lambda task: self._job_done(job, task))
+        self._jobs[cookie] = job
+        self._idle.clear()
+
+    async def _run_job(self, job: _Job, handler: Handler, variables: Any) -> None:
+        _current_job.set(job)  # this task's own context: seen by progress()
+        if self.send_started:
+            with contextlib.suppress(BrokerConnectionError):
+                await job.peer.send(p.Started(job.cookie))
+        try:
+            value = await handler(variables)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if job.cancel_requested or job.abandoned or (task is not None and task.cancelling()):
+                raise  # our own cancellation: _job_done answers CANCELLED if due
+            answer = self._exception_result(job, exc)  # the handler raised it itself
+        except Exception as exc:
+            answer = self._exception_result(job, exc)
+        else:
+            answer = p.Result(job.cookie, p.ResultCode.OK, result=value)
+        await self._answer(job, answer)
+
+    def _exception_result(self, job: _Job, exc: BaseException) -> p.Result:
+        self._log.info(
+            "job_failed", pipeline=job.pipeline, cookie=p.cookie_str(job.cookie), error=repr(exc)
+        )
+        return p.Result(
+            job.cookie,
+            p.ResultCode.PROCESSOR_EXCEPTION,
+            f"{type(exc).__name__}: {exc}",
+            tuple(traceback.format_exception(exc)),
+        )
+
+    async def _answer(self, job: _Job, result: p.Result) -> None:
+        if job.abandoned:
+            return
+        job.answered = True
+        try:
+            await job.peer.send(result)
+        except EncodeError as exc:
+            # Nothing was written: answer in a form that can always be sent.
+            self._log.warning(
+                "job_result_unencodable", pipeline=job.pipeline, cookie=p.cookie_str(job.cookie)
+            )
+            fallback = p.Result(
+                job.cookie,
+                p.ResultCode.PROCESSOR_EXCEPTION,
+                f"the result of pipeline {job.pipeline!r} cannot be sent: {exc}",
+            )
+            try:
+                await job.peer.send(fallback)
+            except EncodeError:
+                await job.peer.send(
+                    p.Result(job.cookie, p.ResultCode.PROCESSOR_EXCEPTION, "unencodable result")
+                )
+        except BrokerConnectionError:
+            pass  # the broker re-queues or fails the job itself
+
+    def _job_done(self, job: _Job, task: asyncio.Task[None]) -> None:
+        if self._jobs.get(job.cookie) is job:
+            del self._jobs[job.cookie]
+        if not self._jobs:
+            self._idle.set()
+        if job.answered or job.abandoned:
+            return
+        # Every RUN gets exactly one RESULT: the task ended without answering,
+        # because it was cancelled (possibly before it ever ran) or broke.
+        if task.cancelled() and job.cancel_requested:
+            result = p.Result(job.cookie, p.ResultCode.CANCELLED, "cancelled by the broker")
+        else:
+            exc = None if task.cancelled() else task.exception()
+            self._log.error("job_task_failed", pipeline=job.pipeline, error=repr(exc), exc_info=exc)
+            result = p.Result(job.cookie, p.ResultCode.EXCEPTION, f"worker failed: {exc!r}")
+        job.answered = True
+        self._reply(job.peer, result)
+
+    def _reply(self, peer: Peer, result: p.Result) -> None:
+        with contextlib.suppress(BrokerConnectionError):
+            peer.send_nowait(result)

@@ -1,0 +1,687 @@
+"""The client and worker libraries against a fake broker on loopback.
+
+The fake speaks the protocol with protocol.PacketDecoder/encode, answers
+HELLO, and routes RUN from clients to the one worker (respecting its
+capacity) and RESULT, STARTED and PROGRESS back. With `route=False` it only
+records, and the test drives the conversation itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import tempfile
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgpack
+import pytest
+
+from reasonbroker import errors
+from reasonbroker.client import Client
+from reasonbroker.errors import (
+    BrokerConnectionError,
+    BrokerWentAway,
+    Cancelled,
+    ConnectTimeout,
+    JobError,
+    JobException,
+    JobTimeout,
+    ProcessorException,
+    Unauthorized,
+    error_for,
+)
+from reasonbroker.protocol import (
+    Cancel,
+    Hello,
+    Packet,
+    PacketDecoder,
+    Ping,
+    Pong,
+    Progress,
+    Register,
+    Result,
+    ResultCode,
+    Role,
+    Run,
+    Started,
+    encode,
+    new_cookie,
+)
+from reasonbroker.worker import Handler, Worker, progress, reconnect_delay
+
+pytestmark = pytest.mark.timeout(20)
+
+P = TypeVar("P")
+T = TypeVar("T")
+
+FAKE_HELLO = Hello(version="fake-1", features=("started", "progress"), heartbeat_ms=None)
+
+
+@dataclass(eq=False)
+class Conn:
+    writer: asyncio.StreamWriter
+    decoder: PacketDecoder = field(default_factory=lambda: PacketDecoder(1 << 20))
+    role: Role | None = None
+    capacity: int = 0
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def send(self, packet: Packet) -> None:
+        self.writer.write(encode(packet))
+
+    def drop(self) -> None:
+        self.writer.transport.abort()
+
+
+class FakeBroker:
+    def __init__(
+        self,
+        *,
+        hello_answer: Packet | None = FAKE_HELLO,
+        answer_ping: bool = True,
+        route: bool = True,
+        unix_path: str | None = None,
+    ) -> None:
+        self.unix_path = unix_path
+        self.hello_answer = hello_answer
+        self.answer_ping = answer_ping
+        self.route = route
+        self.received: list[tuple[Conn, Packet]] = []
+        self.conns: list[Conn] = []
+        self._changed = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        # routing state (route=True)
+        self.worker: Conn | None = None
+        self.queue: deque[tuple[Conn, Run]] = deque()
+        self.running: dict[bytes, tuple[Conn, Run]] = {}
+
+    async def start(self) -> None:
+        if self.unix_path is not None:
+            self._server = await asyncio.start_unix_server(self._serve, self.unix_path)
+        else:
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        if self.unix_path is not None:
+            return f"unix://{self.unix_path}"
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return f"tcp://{host}:{port}"
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for conn in self.conns:
+            conn.drop()
+        if self._handlers:
+            await asyncio.wait(self._handlers)
+        await self._server.wait_closed()
+
+    # -- observation -----------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for(self, predicate: Callable[[], T | None]) -> T:
+        """Wait until `predicate()` returns something other than None/False/empty."""
+        while True:
+            changed = self._changed
+            value = predicate()
+            if value:
+                return value
+            await changed.wait()
+
+    def seen(self, kind: type[P], role: Role | None = None) -> list[P]:
+        return [
+            pkt
+            for conn, pkt in self.received
+            if isinstance(pkt, kind) and (role is None or conn.role is role)
+        ]
+
+    def seen_on(self, kind: type[P], conn: Conn) -> list[P]:
+        return [pkt for c, pkt in self.received if c is conn and isinstance(pkt, kind)]
+
+    def conns_of(self, role: Role) -> list[Conn]:
+        return [c for c in self.conns if c.role is role]
+
+    # -- the server ------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        conn = Conn(writer)
+        self.conns.append(conn)
+        try:
+            while data := await reader.read(65536):
+                for packet in conn.decoder.feed(data):
+                    self.received.append((conn, packet))
+                    self._on_packet(conn, packet)
+                    self._notify()
+        except ConnectionError:
+            pass
+        finally:
+            self._handlers.discard(task)
+            writer.transport.abort()
+            self._gone(conn)
+            conn.closed.set()
+            self._notify()
+
+    def _on_packet(self, conn: Conn, packet: Packet) -> None:
+        match packet:
+            case Hello(role=role):
+                conn.role = role
+                if self.hello_answer is not None:
+                    conn.send(self.hello_answer)
+                    if isinstance(self.hello_answer, Result):
+                        conn.writer.close()
+            case Ping() if self.answer_ping:
+                conn.send(Pong())
+            case _ if not self.route:
+                pass
+            case Register(capacity=capacity):
+                conn.capacity += capacity
+                self.worker = conn
+                self._pump()
+            case Run():
+                self.queue.append((conn, packet))
+                self._pump()
+            case Cancel(cookie=cookie) if cookie in self.running and self.worker is not None:
+                self.worker.send(packet)
+            case Result(cookie=cookie) if cookie in self.running:
+                client, run = self.running.pop(cookie)
+                if not run.detach:
+                    client.send(packet)
+                self._pump()
+            case Started(cookie=cookie) | Progress(cookie=cookie) if cookie in self.running:
+                self.running[cookie][0].send(packet)
+
+    def _pump(self) -> None:
+        worker = self.worker
+        while worker is not None and self.queue and len(self.running) < worker.capacity:
+            client, run = self.queue.popleft()
+            self.running[run.cookie] = (client, run)
+            worker.send(run)
+
+    def _gone(self, conn: Conn) -> None:
+        if conn is self.worker:
+            self.worker = None
+            for cookie, (client, run) in list(self.running.items()):
+                del self.running[cookie]
+                if not run.detach and not client.closed.is_set():
+                    client.send(Result(cookie, ResultCode.WORKER_WENT_AWAY, "worker gone"))
+        else:
+            # A client is gone: drop its queued jobs and cancel its running ones.
+            self.queue = deque((c, run) for c, run in self.queue if c is not conn)
+            for cookie, (client, _run) in list(self.running.items()):
+                if client is conn and self.worker is not None:
+                    self.worker.send(Cancel(cookie))
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeBroker]:
+    broker = FakeBroker()
+    await broker.start()
+    yield broker
+    await broker.close()
+
+
+@pytest.fixture
+async def raw_fake() -> AsyncIterator[FakeBroker]:
+    broker = FakeBroker(route=False)
+    await broker.start()
+    yield broker
+    await broker.close()
+
+
+async def echo(variables: Any) -> Any:
+    return variables
+
+
+class Blocker:
+    """A handler that blocks until released, recording entry and cancellation."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.saw_cancel = asyncio.Event()
+        self.release = asyncio.Event()
+        self.count = 0
+
+    async def __call__(self, variables: Any) -> Any:
+        self.count += 1
+        self.entered.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.saw_cancel.set()
+            raise
+        return variables
+
+
+# ---------------------------------------------------------------------------
+# Client and worker together, through the routing fake
+
+
+async def test_run_returns_the_echo_and_both_sides_say_hello(fake: FakeBroker) -> None:
+    async with (
+        Worker(fake.url, handlers={"echo": echo}, capacity=2, name="w1"),
+        Client(fake.url, name="c1") as client,
+    ):
+        payload = {"a": [1, 2.5, None], "b": b"\x00\xff", "c": "text"}
+        assert await client.run("echo", payload) == payload
+        assert client.broker_hello.version == "fake-1"
+        assert client.in_flight == 0
+    [client_hello] = fake.seen(Hello, Role.CLIENT)
+    assert client_hello.features == ("started", "progress")
+    assert client_hello.name == "c1"
+    [worker_hello] = fake.seen(Hello, Role.WORKER)
+    assert worker_hello.name == "w1"
+
+
+async def test_many_concurrent_jobs_on_one_connection_demultiplex(fake: FakeBroker) -> None:
+    finished: list[int] = []
+
+    async def uneven(variables: Any) -> Any:
+        for _ in range(variables["i"] % 7):  # finish out of submission order
+            await asyncio.sleep(0)
+        finished.append(variables["i"])
+        return {"i": variables["i"], "square": variables["i"] ** 2}
+
+    async with (
+        Worker(fake.url, handlers={"uneven": uneven}, capacity=16),
+        Client(fake.url) as client,
+    ):
+        handles = [await client.submit("uneven", {"i": i}) for i in range(200)]
+        assert len({h.cookie for h in handles}) == 200
+        results = await asyncio.gather(*handles)
+        assert results == [{"i": i, "square": i * i} for i in range(200)]
+        assert client.in_flight == 0
+    assert finished != sorted(finished), "results should have arrived out of order"
+
+
+async def test_client_and_worker_over_a_unix_socket() -> None:
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="rb") as short:  # sun_path is short
+        broker = FakeBroker(unix_path=os.path.join(short, "b.sock"))
+        await broker.start()
+        try:
+            async with (
+                Worker(broker.url, handlers={"echo": echo}),
+                Client(broker.url) as client,
+            ):
+                assert broker.url.startswith("unix:///")
+                assert await client.run("echo", "over unix") == "over unix"
+        finally:
+            await broker.close()
+
+
+async def test_handler_exception_raises_processor_exception(fake: FakeBroker) -> None:
+    async def boom_handler(variables: Any) -> Any:
+        raise ValueError("boom")
+
+    async with (
+        Worker(fake.url, handlers={"boom": boom_handler}),
+        Client(fake.url) as client,
+    ):
+        with pytest.raises(ProcessorException) as info:
+            await client.run("boom", None)
+    exc = info.value
+    assert str(exc) == "PROCESSOR_EXCEPTION: ValueError: boom"
+    assert exc.rc is ResultCode.PROCESSOR_EXCEPTION
+    assert exc.error == "ValueError: boom"
+    assert exc.stacktrace is not None
+    assert any("boom_handler" in line for line in exc.stacktrace)
+    [run] = fake.seen(Run)
+    assert exc.cookie == uuid.UUID(bytes=run.cookie)
+
+
+async def test_handle_cancel_cancels_the_running_handler(fake: FakeBroker) -> None:
+    block = Blocker()
+    async with (
+        Worker(fake.url, handlers={"block": block}, send_started=True),
+        Client(fake.url) as client,
+    ):
+        handle = await client.submit("block", 1)
+        await handle.started.wait()  # the worker's STARTED, forwarded
+        await block.entered.wait()
+        await handle.cancel()
+        with pytest.raises(Cancelled) as info:
+            await handle
+        assert block.saw_cancel.is_set()
+        assert info.value.cookie == handle.cookie
+    [cancel] = fake.seen(Cancel, Role.CLIENT)
+    assert cancel.cookie == handle.cookie.bytes
+    [answer] = fake.seen(Result, Role.WORKER)
+    assert answer.rc is ResultCode.CANCELLED
+
+
+async def test_cancel_after_the_result_returns_the_result(fake: FakeBroker) -> None:
+    async with Worker(fake.url, handlers={"echo": echo}), Client(fake.url) as client:
+        handle = await client.submit("echo", 42)
+        assert await handle == 42
+        await handle.cancel()
+        assert await handle == 42
+    assert fake.seen(Cancel) == []
+
+
+async def test_cancelling_the_awaiting_task_sends_cancel(fake: FakeBroker) -> None:
+    block = Blocker()
+    async with Worker(fake.url, handlers={"block": block}), Client(fake.url) as client:
+        task = asyncio.create_task(client.run("block", 1))
+        await block.entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        cancels = await fake.wait_for(lambda: fake.seen(Cancel, Role.CLIENT))
+        [run] = fake.seen(Run)
+        assert [c.cookie for c in cancels] == [run.cookie]
+        await block.saw_cancel.wait()  # forwarded to the worker, which cancelled the handler
+        # The late CANCELLED result is dropped quietly by the client.
+        await fake.wait_for(lambda: fake.seen(Result, Role.WORKER))
+
+
+async def test_connection_drop_fails_pending_jobs_with_broker_went_away(
+    fake: FakeBroker,
+) -> None:
+    block = Blocker()
+    async with Worker(fake.url, handlers={"block": block}), Client(fake.url) as client:
+        handles = [await client.submit("block", i) for i in range(3)]
+        await block.entered.wait()
+        for conn in fake.conns_of(Role.CLIENT):
+            conn.drop()
+        for handle in handles:
+            with pytest.raises(BrokerWentAway) as info:
+                await handle
+            assert info.value.cookie == handle.cookie
+        assert client.in_flight == 0
+        with pytest.raises(BrokerWentAway):
+            await client.submit("block", 99)
+        await block.saw_cancel.wait()  # the fake cancelled the orphaned job
+
+
+async def test_progress_and_started_reach_the_client(fake: FakeBroker) -> None:
+    async def steps(variables: Any) -> Any:
+        for i in range(variables):
+            await progress({"step": i})
+        return "done"
+
+    seen: list[Any] = []
+    async with (
+        Worker(fake.url, handlers={"steps": steps}, send_started=True),
+        Client(fake.url) as client,
+    ):
+        handle = await client.submit("steps", 3, on_progress=seen.append)
+        assert await handle == "done"
+        assert handle.started.is_set()
+    assert seen == [{"step": 0}, {"step": 1}, {"step": 2}]
+
+
+async def test_progress_outside_a_handler_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="inside a worker handler"):
+        await progress(1)
+
+
+async def test_unpackable_result_is_a_processor_exception_and_the_worker_survives(
+    fake: FakeBroker,
+) -> None:
+    async def bad(variables: Any) -> Any:
+        return object()
+
+    async with (
+        Worker(fake.url, handlers={"bad": bad, "echo": echo}),
+        Client(fake.url) as client,
+    ):
+        with pytest.raises(ProcessorException, match="cannot be sent"):
+            await client.run("bad", None)
+        assert await client.run("echo", "still alive") == "still alive"
+
+
+async def test_unknown_pipeline_is_a_job_exception(fake: FakeBroker) -> None:
+    async with Worker(fake.url, handlers={"echo": echo}), Client(fake.url) as client:
+        with pytest.raises(JobException, match="no handler for pipeline 'nope'"):
+            await client.run("nope", None)
+
+
+async def test_worker_reconnects_after_the_broker_drops_it(fake: FakeBroker) -> None:
+    block = Blocker()
+    async with Worker(fake.url, handlers={"block": block}) as worker:
+        await fake.wait_for(lambda: fake.seen(Register))
+        async with Client(fake.url) as client:
+            handle = await client.submit("block", 1)
+            await block.entered.wait()
+            [first] = fake.conns_of(Role.WORKER)
+            first.drop()
+            with pytest.raises(errors.WorkerWentAway):
+                await handle
+            await block.saw_cancel.wait()  # connection loss cancels running handlers
+            await fake.wait_for(lambda: len(fake.seen(Register)) == 2)
+            assert worker.running_jobs == 0
+            second = fake.conns_of(Role.WORKER)[-1]
+            assert second is not first
+            assert [type(pkt) for pkt in fake.seen_on(object, second)][:2] == [Hello, Register]
+            block.release.set()
+            assert await client.run("block", "again") == "again"
+
+
+async def test_worker_without_reconnect_raises_when_the_broker_goes_away(
+    fake: FakeBroker,
+) -> None:
+    worker = Worker(fake.url, handlers={"echo": echo}, reconnect=False)
+    task = asyncio.create_task(worker.run())
+    await fake.wait_for(lambda: fake.seen(Register))
+    fake.conns_of(Role.WORKER)[0].drop()
+    with pytest.raises(BrokerConnectionError, match="went away"):
+        await task
+
+
+async def test_graceful_stop_finishes_running_jobs_and_starts_no_new_ones(
+    raw_fake: FakeBroker,
+) -> None:
+    block = Blocker()
+    worker = Worker(raw_fake.url, handlers={"block": block}, capacity=2)
+    task = asyncio.create_task(worker.run())
+    await raw_fake.wait_for(lambda: raw_fake.seen(Register))
+    [conn] = raw_fake.conns_of(Role.WORKER)
+    first, second = new_cookie(), new_cookie()
+    conn.send(Run(first, "block", "one"))
+    await block.entered.wait()
+    worker.stop()
+    conn.send(Run(second, "block", "two"))  # arrives while draining
+    conn.send(Ping())  # answered only after the RUN before it was dispatched
+    await raw_fake.wait_for(lambda: raw_fake.seen(Pong))
+    assert not task.done()
+    block.release.set()
+    await task
+    await conn.closed.wait()  # closed once the last RESULT was out
+    results = raw_fake.seen(Result)
+    assert [(r.cookie, r.rc, r.result) for r in results] == [(first, ResultCode.OK, "one")]
+    assert block.count == 1
+
+
+async def test_register_carries_capacity_and_pipelines_and_capacity_is_enforced(
+    raw_fake: FakeBroker,
+) -> None:
+    block = Blocker()
+    handlers: dict[str, Handler] = {"block": block, "echo": echo}
+    async with Worker(raw_fake.url, handlers=handlers, capacity=2, name="w"):
+        [register] = await raw_fake.wait_for(lambda: raw_fake.seen(Register))
+        assert register == Register(2, ("block", "echo"))
+        [hello] = raw_fake.seen(Hello)
+        assert (hello.role, hello.name) == (Role.WORKER, "w")
+        [conn] = raw_fake.conns_of(Role.WORKER)
+        cookies = [new_cookie() for _ in range(3)]
+        for cookie in cookies:  # one more than the capacity
+            conn.send(Run(cookie, "block", None))
+        [refused] = await raw_fake.wait_for(lambda: raw_fake.seen(Result))
+        assert (refused.cookie, refused.rc) == (cookies[2], ResultCode.NO_CAPACITY)
+        assert block.count == 2
+        for cookie in cookies[:2]:
+            conn.send(Cancel(cookie))
+        await raw_fake.wait_for(lambda: len(raw_fake.seen(Result)) == 3)
+        answers = {r.cookie: r.rc for r in raw_fake.seen(Result)[1:]}
+        assert answers == dict.fromkeys(cookies[:2], ResultCode.CANCELLED)
+
+
+async def test_worker_echoes_the_run_cookie_exactly(raw_fake: FakeBroker) -> None:
+    async with Worker(raw_fake.url, handlers={"echo": echo}, send_started=True):
+        await raw_fake.wait_for(lambda: raw_fake.seen(Register))
+        [conn] = raw_fake.conns_of(Role.WORKER)
+        cookie = new_cookie()
+        conn.send(Run(cookie, "echo", [1, 2]))
+        [result] = await raw_fake.wait_for(lambda: raw_fake.seen(Result))
+        [started] = raw_fake.seen(Started)
+    assert result == Result(cookie, ResultCode.OK, result=[1, 2])
+    assert started.cookie == cookie
+
+
+# ---------------------------------------------------------------------------
+# Client details, against the recording fake
+
+
+async def test_submit_fields_and_detach(raw_fake: FakeBroker) -> None:
+    async with Client(raw_fake.url) as client:
+        handle = await client.submit("p", 1, timeout=1.5, priority=3, max_attempts=2)
+        detached = await client.submit("p", 2, detach=True)
+        assert detached.done()
+        assert await detached is None
+        await raw_fake.wait_for(lambda: len(raw_fake.seen(Run)) == 2)
+        runs = raw_fake.seen(Run)
+        assert runs[0] == Run(handle.cookie.bytes, "p", 1, False, 3, 1500, 2)
+        assert runs[1] == Run(detached.cookie.bytes, "p", 2, True)
+        assert client.in_flight == 1  # a detached job expects no RESULT
+        with pytest.raises(ValueError, match="timeout"):
+            await client.submit("p", 1, timeout=0)
+
+
+async def test_broker_timeout_raises_job_timeout(raw_fake: FakeBroker) -> None:
+    async with Client(raw_fake.url) as client:
+        handle = await client.submit("p", None, timeout=0.5)
+        [run] = await raw_fake.wait_for(lambda: raw_fake.seen(Run))
+        raw_fake.conns_of(Role.CLIENT)[0].send(
+            Result(run.cookie, ResultCode.TIMEOUT, "deadline passed")
+        )
+        with pytest.raises(JobTimeout, match="TIMEOUT: deadline passed"):
+            await handle
+
+
+async def test_ping_is_answered_and_unknown_packets_are_ignored(raw_fake: FakeBroker) -> None:
+    async with Client(raw_fake.url) as client:
+        handle = await client.submit("p", None)
+        [run] = await raw_fake.wait_for(lambda: raw_fake.seen(Run))
+        conn = raw_fake.conns_of(Role.CLIENT)[0]
+        body = msgpack.packb({"packet_type": "FROM_THE_FUTURE", "x": 1})
+        conn.writer.write(len(body).to_bytes(4, "big") + body)
+        conn.send(Ping())
+        await raw_fake.wait_for(lambda: raw_fake.seen(Pong))
+        conn.send(Result(run.cookie, ResultCode.OK, result="fine"))
+        assert await handle == "fine"
+
+
+async def test_silent_broker_is_detected_by_the_heartbeat() -> None:
+    broker = FakeBroker(
+        hello_answer=Hello(version="fake", heartbeat_ms=30), answer_ping=False, route=False
+    )
+    await broker.start()
+    try:
+        async with Client(broker.url) as client:
+            handle = await client.submit("p", None)
+            await broker.wait_for(lambda: broker.seen(Ping))  # we keep ourselves alive
+            with pytest.raises(BrokerWentAway, match="silent"):
+                await handle
+    finally:
+        await broker.close()
+
+
+async def test_unauthorized_hello_raises_unauthorized() -> None:
+    # protocol.py cannot decode a RESULT without a cookie, so the refusal carries
+    # the nil UUID.
+    refusal = Result(bytes(16), ResultCode.UNAUTHORIZED, "bad token")
+    broker = FakeBroker(hello_answer=refusal)
+    await broker.start()
+    try:
+        with pytest.raises(Unauthorized, match="bad token"):
+            async with Client(broker.url, token="wrong"):
+                pass
+        [hello] = broker.seen(Hello)
+        assert hello.token == "wrong"
+        worker = Worker(broker.url, handlers={"echo": echo}, token="wrong")
+        async with asyncio.timeout(5):  # not retried
+            with pytest.raises(Unauthorized):
+                await worker.run()
+    finally:
+        await broker.close()
+
+
+async def test_no_hello_answer_raises_connect_timeout() -> None:
+    broker = FakeBroker(hello_answer=None)
+    await broker.start()
+    try:
+        with pytest.raises(ConnectTimeout) as info:
+            await Client(broker.url, connect_timeout=0.05).connect()
+        assert isinstance(info.value, ConnectionError)
+    finally:
+        await broker.close()
+
+
+async def test_connection_refused_raises_broker_connection_error() -> None:
+    broker = FakeBroker()
+    await broker.start()
+    url = broker.url
+    await broker.close()
+    with pytest.raises(BrokerConnectionError, match="cannot connect"):
+        await Client(url).connect()
+
+
+# ---------------------------------------------------------------------------
+# Pure: error mapping and backoff
+
+EXPECTED_ERRORS: dict[ResultCode, type[JobError]] = {
+    ResultCode.BAD_PACKET: errors.BadPacket,
+    ResultCode.UNSUPPORTED_PACKET_TYPE: errors.UnsupportedPacketType,
+    ResultCode.NO_CAPACITY: errors.NoCapacity,
+    ResultCode.COOKIE_NOT_FOUND: errors.CookieNotFound,
+    ResultCode.COOKIE_COLLISION: errors.CookieCollision,
+    ResultCode.WORKER_WENT_AWAY: errors.WorkerWentAway,
+    ResultCode.BROKER_WENT_AWAY: errors.BrokerWentAway,
+    ResultCode.PROCESSOR_EXCEPTION: errors.ProcessorException,
+    ResultCode.EXCEPTION: errors.JobException,
+    ResultCode.CANCELLED: errors.Cancelled,
+    ResultCode.TIMEOUT: errors.JobTimeout,
+    ResultCode.UNAUTHORIZED: errors.Unauthorized,
+}
+
+
+@pytest.mark.parametrize("rc", [rc for rc in ResultCode if rc is not ResultCode.OK])
+def test_error_for_maps_each_result_code_to_its_class(rc: ResultCode) -> None:
+    cookie = new_cookie()
+    exc = error_for(Result(cookie, rc, "why", ("line 1\n", "line 2\n")))
+    assert type(exc) is EXPECTED_ERRORS[rc]
+    assert exc.rc is rc
+    assert (exc.error, exc.stacktrace) == ("why", ["line 1\n", "line 2\n"])
+    assert exc.cookie == uuid.UUID(bytes=cookie)
+    assert str(exc) == f"{rc.value}: why"
+    again = pickle.loads(pickle.dumps(exc))
+    assert (type(again), str(again), again.cookie) == (type(exc), str(exc), exc.cookie)
+
+
+def test_error_without_text_or_cookie_reads_as_its_code() -> None:
+    exc = error_for(Result(None, ResultCode.CANCELLED))
+    assert (str(exc), exc.cookie, exc.stacktrace) == ("CANCELLED", None, None)
+    assert not isinstance(exc, asyncio.CancelledError)
+
+
+def test_error_for_refuses_ok() -> None:
+    with pytest.raises(ValueError):
+        error_for(Result(new_cookie(), ResultCode.OK))
+
+
+def test_reconnect_delay_is_capped_exponential() -> None:
+    delays = [reconnect_delay(n) for n in range(8)]
+    assert delays == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0])
+    assert reconnect_delay(10_000) == 5.0
