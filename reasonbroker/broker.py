@@ -34,7 +34,7 @@ from transports import Listener, Stream
 
 from .config import Config, ListenerRole
 from .errors import EncodeError, RemoteProtocolError
-from .protocol import Codec, PacketDecoder, Result, ResultCode, encode
+from .protocol import Codec, PacketDecoder, Ping, Result, ResultCode, encode
 from .switchboard import Action, Close, Log, Send, Switchboard, Wake
 
 _log = structlog.get_logger("reasonbroker.broker")
@@ -52,9 +52,12 @@ class _Connection:
         "codec",
         "decoder",
         "id",
+        "last_rx",
         "listener_role",
         "log",
+        "opened_at",
         "outbox",
+        "spoke",
         "stream",
     )
 
@@ -68,6 +71,9 @@ class _Connection:
         self.outbox: list[bytes] = []
         self.closed = False
         self.log = _log.bind(conn=conn_id, peer=stream.peer, role=role.value)
+        # Liveness: when the peer last sent bytes, and whether it ever sent a whole packet.
+        self.opened_at = self.last_rx = broker.loop.time()
+        self.spoke = False
 
     # StreamHandler
 
@@ -75,6 +81,7 @@ class _Connection:
         broker = self.broker
         if self.closed:
             return
+        self.last_rx = broker.loop.time()
         try:
             try:
                 packets = self.decoder.feed(data)
@@ -85,8 +92,9 @@ class _Connection:
                 self.codec = self.decoder.codec
                 broker.board.set_codec(self.id, self.codec)
             if packets:
+                self.spoke = True
                 board = broker.board
-                now = broker.loop.time()
+                now = self.last_rx
                 for packet in packets:
                     broker.apply(board.receive(self.id, packet, now))
                     if self.closed:
@@ -130,7 +138,9 @@ class Broker:
         self._idle: asyncio.Event | None = None
         self._draining = False
         self._closed_all: asyncio.Event | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
         self.protocol_errors = 0
+        self.dead_peers = 0
         self.slow_consumers = 0
         self.refused_connections = 0
 
@@ -156,6 +166,7 @@ class Broker:
         except BaseException:
             await self._close_listeners()
             raise
+        self._schedule_sweep()
         return self
 
     async def __aexit__(
@@ -171,6 +182,9 @@ class Broker:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     @property
     def addresses(self) -> list[tuple[str, str]]:
@@ -380,6 +394,48 @@ class Broker:
         self._timer = None
         self._timer_at = None
         self.apply(self.board.tick(self.loop.time()))
+
+    # -- liveness ----------------------------------------------------------------
+
+    def _schedule_sweep(self) -> None:
+        limits = self.config.limits
+        # Half the shortest interval, so a peer is judged at most half a beat late.
+        every_s = min(limits.heartbeat_ms, limits.idle_timeout_ms) / 2000.0
+        self._sweeper = self.loop.call_later(every_s, self._sweep)
+
+    def _sweep(self) -> None:
+        """PING quiet HELLO'd peers, drop silent ones, close connections that never spoke."""
+        limits = self.config.limits
+        now = self.loop.time()
+        beat_s = limits.heartbeat_ms / 1000.0
+        idle_s = limits.idle_timeout_ms / 1000.0
+        board = self.board
+        try:
+            for conn in list(self._conns.values()):
+                if conn.closed:
+                    continue
+                if not conn.spoke:
+                    if now - conn.opened_at >= idle_s:
+                        self._drop(
+                            conn, "idle_timeout", f"no packet within {limits.idle_timeout_ms} ms"
+                        )
+                    continue
+                if not board.said_hello(conn.id):
+                    continue  # legacy peers are never sent PING; TCP keepalive covers them
+                silent_s = now - conn.last_rx
+                if silent_s >= 3 * beat_s:
+                    self._drop(conn, "peer_silent", f"silent for {silent_s:.1f} s (3 heartbeats)")
+                elif silent_s >= beat_s:
+                    self.apply([Send(conn.id, Ping())])
+        finally:
+            self._schedule_sweep()
+
+    def _drop(self, conn: _Connection, event: str, why: str) -> None:
+        self.dead_peers += 1
+        conn.log.warning(event, why=why)
+        conn.outbox.clear()
+        conn.stream.abort()  # a dead peer will not read what we would flush
+        self.close_connection(conn, why)
 
     def _check_idle(self) -> None:
         if self.board.running == 0 and self._idle is not None:

@@ -72,8 +72,17 @@ class Limits:
     max_connections: int = 20_000
     # Jobs one client may have accepted and not yet ended; more get NO_CAPACITY.
     max_inflight_per_client: int = 100_000
-    # Liveness interval offered to HELLO'd peers.
+    # Liveness for peers that said HELLO: one silent for a beat is sent PING,
+    # one silent for 3 beats is gone (its jobs handled as on disconnect).
     heartbeat_ms: int = 5_000
+    # A slot that a worker without HELLO frees with a RESULT is reused only
+    # after this rest: ReasonChip's worker drops the finished task from its own
+    # table a few loop turns after sending the RESULT, and shuts down if a new
+    # RUN arrives first. 0 reuses slots at once.
+    legacy_slot_reuse_ms: int = 50
+    # A connection that has not sent one whole packet this long after it
+    # opened is closed: it holds a file descriptor and says nothing.
+    idle_timeout_ms: int = 30_000
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -85,12 +94,14 @@ class Limits:
                 raise ConfigError(f.name, f"must be {kind}, got {value!r}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f.name, f"must be finite, got {value!r}")
-        positive = [f.name for f in fields(self) if f.name != "queue_limit"]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(name, f"must be > 0, got {getattr(self, name)!r}")
-        if self.queue_limit < 0:
-            raise ConfigError("queue_limit", f"must be >= 0, got {self.queue_limit!r}")
+        may_be_zero = ("queue_limit", "legacy_slot_reuse_ms")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in may_be_zero:
+                if value < 0:
+                    raise ConfigError(f.name, f"must be >= 0, got {value!r}")
+            elif value <= 0:
+                raise ConfigError(f.name, f"must be > 0, got {value!r}")
         if self.max_frame_bytes > 0xFFFFFFFF:
             raise ConfigError("max_frame_bytes", "must fit the 4-byte length header")
         if self.outbox_high_water_bytes < self.max_frame_bytes:

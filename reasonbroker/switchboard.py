@@ -112,6 +112,7 @@ class _Conn:
         "listener",
         "name",
         "pipelines",
+        "resting",
         "role",
         "running",
     )
@@ -133,6 +134,9 @@ class _Conn:
         self.pipelines: set[str] | None = None
         self.running: dict[bytes, _Job] = {}
         self.last_used = 0
+        # Slots a legacy worker freed with a RESULT but may not have let go of
+        # yet (see Limits.legacy_slot_reuse_ms); not usable until they rest.
+        self.resting = 0
 
     def serves(self, pipeline: str) -> bool:
         return self.pipelines is None or pipeline in self.pipelines
@@ -146,6 +150,7 @@ class _Job:
         "client",
         "cookie",
         "deadline",
+        "deadlines",
         "max_attempts",
         "owed",
         "run",
@@ -174,6 +179,8 @@ class _Job:
         self.abandoned = False
         self.cancel_requested = False
         self.deadline: float | None = None
+        # Entries in the switchboard's deadline heap that name this job.
+        self.deadlines = 0
 
 
 @dataclass(slots=True)
@@ -193,8 +200,9 @@ class Stats:
 
 
 class _Deadline(enum.Enum):
-    TIMEOUT = 1
-    CANCEL_GRACE = 2
+    TIMEOUT = 1  # target: the job
+    CANCEL_GRACE = 2  # target: the job
+    SLOT_REUSE = 3  # target: the worker whose slot rests
 
 
 # ---------------------------------------------------------------------------
@@ -213,12 +221,13 @@ class Switchboard:
         self._queues: dict[str, list[tuple[int, int, _Job]]] = {}
         self._queued = 0  # live entries across all queues
         self._dead_in_queues = 0  # lazily deleted heap entries
+        self._dead_deadlines = 0  # deadline heap entries whose job has ended
         self._running = 0
         self._seq = itertools.count(1)
         self._use = itertools.count(1)
         self._wcookie_prefix = cookie_prefix
         self._wcookie_seq = itertools.count(1)
-        self._deadlines: list[tuple[float, int, _Deadline, _Job]] = []
+        self._deadlines: list[tuple[float, int, _Deadline, _Job | _Conn]] = []
         self._wake_at: float | None = None
 
     # -- introspection (tests, status, chaos checks) -------------------------
@@ -249,6 +258,10 @@ class Switchboard:
         c = self._conns.get(conn)
         return None if c is None else c.role
 
+    def said_hello(self, conn: int) -> bool:
+        c = self._conns.get(conn)
+        return c is not None and c.hello
+
     # -- connection lifecycle -----------------------------------------------
 
     def connect(self, conn: int, listener: ListenerRole) -> None:
@@ -260,12 +273,13 @@ class Switchboard:
         self._conns[conn].codec = codec
 
     def disconnect(self, conn: int, now: float) -> list[Action]:
+        """The peer is gone; `now` is taken like every event's, though no rule needs it yet."""
         c = self._conns.pop(conn, None)
         if c is None:
             return []
         out: list[Action] = []
         if c.role is Role.WORKER:
-            self._worker_gone(c, now, out)
+            self._worker_gone(c, out)
         elif c.role is Role.CLIENT:
             self._client_gone(c, out)
         return out
@@ -273,8 +287,8 @@ class Switchboard:
     # -- packets --------------------------------------------------------------
 
     def receive(self, conn: int, packet: Packet, now: float) -> list[Action]:
-        c = self._conns[conn]
-        if c.closing:
+        c = self._conns.get(conn)
+        if c is None or c.closing:
             return []  # closed by us: what it sent after that is not acted on
         out: list[Action] = []
         if c.role is None and not self._assign_role(c, packet, out):
@@ -380,6 +394,11 @@ class Switchboard:
         if c.role is Role.WORKER and not c.hello and not force:
             return
         if not c.hello:
+            if result.cookie is None and c.role is not Role.WORKER:
+                # ReasonChip's client hangs on a RESULT with no cookie; a
+                # closed connection at least fails its calls.
+                self._close(c, f"{result.rc.value} with no cookie to answer: {result.error}", out)
+                return
             result = for_legacy(result)
         if not can_carry(result.result, c.codec):
             result = Result(
@@ -391,8 +410,13 @@ class Switchboard:
         out.append(Send(c.id, result))
 
     def _close(self, c: _Conn, why: str, out: list[Action]) -> None:
+        """Close a connection and treat it as gone at once: nothing more is
+        routed to or through it while the broker gets round to closing it."""
+        if c.closing:
+            return
         c.closing = True
         out.append(Close(c.id, why))
+        out.extend(self.disconnect(c.id, 0.0))
 
     def _wrong_role(self, c: _Conn, what: str, out: list[Action]) -> None:
         why = f"{what} is not allowed from a {c.role.value if c.role else 'new'} connection"
@@ -426,11 +450,6 @@ class Switchboard:
                 why = f"the worker sent a malformed RESULT: {bad.why}"
                 self._worker_result(c, Result(bad.cookie, ResultCode.BAD_PACKET, why), now, out)
             self._answer(c, Result(bad.cookie, ResultCode.BAD_PACKET, bad.why), out)
-            return
-        if bad.cookie is None and not c.hello:
-            # ReasonChip's client hangs on a RESULT with no cookie; a closed
-            # connection at least fails its calls.
-            self._close(c, f"malformed {bad.packet_type or 'packet'}: {bad.why}", out)
             return
         self._answer(c, Result(bad.cookie, ResultCode.BAD_PACKET, bad.why), out)
 
@@ -551,6 +570,7 @@ class Switchboard:
             out.append(Log("result_dropped", w.id, {"reason": "unknown cookie"}))
             return
         self._release_slot(w, job)
+        self._set_done(job)
         if job.abandoned:
             self.stats.abandoned_results += 1
         else:
@@ -559,6 +579,13 @@ class Switchboard:
                 job, Result(job.cookie, res.rc, res.error, res.stacktrace, res.result), out
             )
         self._forget(job)
+        rest_ms = self.limits.legacy_slot_reuse_ms
+        if not w.hello and rest_ms > 0:
+            # ReasonChip's worker sends its RESULT a few loop turns before it
+            # drops the finished task from its own table, and shuts down on a
+            # RUN that arrives in between (docs/protocol.md, Legacy workers).
+            w.resting += 1
+            self._add_deadline(now + rest_ms / 1000.0, _Deadline.SLOT_REUSE, w, out)
         self._fill(w, out)
 
     def _forward_progress(
@@ -574,7 +601,7 @@ class Switchboard:
         elif "progress" in client.features and can_carry(packet.result, client.codec):
             out.append(Send(client.id, Progress(job.cookie, packet.result)))
 
-    def _worker_gone(self, w: _Conn, now: float, out: list[Action]) -> None:
+    def _worker_gone(self, w: _Conn, out: list[Action]) -> None:
         """Each job re-queued while attempts allow, else WORKER_WENT_AWAY (section 5)."""
         self._workers.pop(w.id, None)
         jobs = sorted(w.running.values(), key=lambda j: j.seq)
@@ -582,6 +609,7 @@ class Switchboard:
         for job in jobs:
             self._release_slot(w, job)
             if job.abandoned:
+                self._set_done(job)
                 self._forget(job)  # over already (timed out, client gone)
             elif job.cancel_requested:
                 # Cancelled jobs are never re-run; ReasonChip's worker exits on
@@ -629,7 +657,7 @@ class Switchboard:
                     self._dead_in_queues -= 1
                     continue
                 self._queued -= 1
-                job.state = _State.DONE
+                self._set_done(job)
                 self._end_for_client(
                     job,
                     ResultCode.NO_CAPACITY,
@@ -651,13 +679,13 @@ class Switchboard:
             if not w.serves(pipeline):
                 continue
             served = True
-            if w.busy >= w.capacity:
+            if w.busy + w.resting >= w.capacity:
                 continue
             if best is None:
                 best = w
                 continue
-            lhs = w.busy * best.capacity
-            rhs = best.busy * w.capacity
+            lhs = (w.busy + w.resting) * best.capacity
+            rhs = (best.busy + best.resting) * w.capacity
             if lhs < rhs or (lhs == rhs and w.last_used < best.last_used):
                 best = w
         return best, served
@@ -689,7 +717,6 @@ class Switchboard:
         self._running -= 1
         job.worker = None
         job.wcookie = None
-        job.state = _State.DONE
 
     def _enqueue(self, job: _Job) -> None:
         job.state = _State.QUEUED
@@ -698,11 +725,20 @@ class Switchboard:
         self._queued += 1
 
     def _unqueue(self, job: _Job) -> None:
-        """Remove a queued job lazily: its heap entry is skipped when reached."""
-        job.state = _State.DONE
+        """Remove a queued job lazily: its heap entry is skipped when reached.
+
+        Dead entries hold their job's variables, so they are not left to pile
+        up: an empty queue drops every heap, and a queue with more dead entries
+        than live ones (past a small floor) is rebuilt, which is amortised O(1).
+        """
+        self._set_done(job)
         self._queued -= 1
+        if not self._queued:
+            self._queues.clear()
+            self._dead_in_queues = 0
+            return
         self._dead_in_queues += 1
-        if self._dead_in_queues > 1024 and self._dead_in_queues > self._queued:
+        if self._dead_in_queues > self._queued:
             self._compact_queues()
 
     def _compact_queues(self) -> None:
@@ -719,7 +755,7 @@ class Switchboard:
         """Give a worker with free slots the best queued jobs it serves."""
         if not self._queued:
             return
-        while w.busy < w.capacity and self._queued:
+        while w.busy + w.resting < w.capacity and self._queued:
             best_heap: list[tuple[int, int, _Job]] | None = None
             names = self._queues.keys() if w.pipelines is None else w.pipelines
             for name in list(names):
@@ -746,7 +782,7 @@ class Switchboard:
 
     def _end_for_client(self, job: _Job, rc: ResultCode, why: str, out: list[Action]) -> None:
         """End a job that holds no slot, answering its client if it is owed an answer."""
-        job.state = _State.DONE
+        self._set_done(job)
         self.stats.completed[rc.value] += 1
         self._deliver(job, Result(job.cookie, rc, why), out)
         self._forget(job)
@@ -768,8 +804,12 @@ class Switchboard:
 
     # -- time -----------------------------------------------------------------------
 
-    def _add_deadline(self, at: float, kind: _Deadline, job: _Job, out: list[Action]) -> None:
-        heapq.heappush(self._deadlines, (at, next(self._seq), kind, job))
+    def _add_deadline(
+        self, at: float, kind: _Deadline, target: _Job | _Conn, out: list[Action]
+    ) -> None:
+        heapq.heappush(self._deadlines, (at, next(self._seq), kind, target))
+        if isinstance(target, _Job):
+            target.deadlines += 1
         if self._wake_at is None or at < self._wake_at:
             self._wake_at = at
             out.append(Wake(at))
@@ -779,8 +819,18 @@ class Switchboard:
         out: list[Action] = []
         dl = self._deadlines
         while dl and dl[0][0] <= now:
-            _, _, kind, job = heapq.heappop(dl)
-            if job.state is _State.DONE or job.abandoned:
+            _, _, kind, target = heapq.heappop(dl)
+            if isinstance(target, _Conn):
+                if self._workers.get(target.id) is target:  # still connected
+                    target.resting -= 1
+                    self._fill(target, out)
+                continue
+            job = target
+            if job.state is _State.DONE:
+                self._dead_deadlines -= 1
+                continue
+            job.deadlines -= 1
+            if job.abandoned:
                 continue
             if kind is _Deadline.TIMEOUT:
                 self._timeout(job, out)
@@ -793,10 +843,37 @@ class Switchboard:
                     job, Result(job.cookie, ResultCode.CANCELLED, "cancelled by client"), out
                 )
                 self._forget(job)
+        if dl and 2 * self._dead_deadlines > len(dl):
+            self._compact_deadlines()
         self._wake_at = dl[0][0] if dl else None
         if self._wake_at is not None:
             out.append(Wake(self._wake_at))
         return out
+
+    def _set_done(self, job: _Job) -> None:
+        """A job has ended: its deadline entries are dead (see _compact_deadlines)."""
+        job.state = _State.DONE
+        if job.deadlines:
+            self._dead_deadlines += job.deadlines
+            job.deadlines = 0
+            if 2 * self._dead_deadlines > len(self._deadlines):
+                # More dead entries than live ones: rebuilding costs O(heap)
+                # once per heap/2 endings, so O(1) amortised per job.
+                self._compact_deadlines()
+
+    def _compact_deadlines(self) -> None:
+        """Drop the entries of ended jobs: a job that finishes well before its
+        timeout must not stay in memory (with its variables) until then.
+
+        In place, so a caller iterating the heap (tick) keeps a valid list.
+        """
+        dl = self._deadlines
+        if self._dead_deadlines == len(dl):
+            dl.clear()
+        else:
+            dl[:] = [e for e in dl if not (isinstance(e[3], _Job) and e[3].state is _State.DONE)]
+            heapq.heapify(dl)
+        self._dead_deadlines = 0
 
     def _timeout(self, job: _Job, out: list[Action]) -> None:
         why = f"timed out after {job.run.timeout_ms} ms"
@@ -821,7 +898,7 @@ class Switchboard:
         for heap in self._queues.values():
             for _, _, job in sorted(heap):
                 if job.state is _State.QUEUED:
-                    job.state = _State.DONE
+                    self._set_done(job)
                     self._end_for_client(
                         job, ResultCode.BROKER_WENT_AWAY, "the broker is shutting down", out
                     )
@@ -839,6 +916,7 @@ class Switchboard:
             for job in sorted(w.running.values(), key=lambda j: j.seq):
                 self._release_slot(w, job)
                 if job.abandoned:
+                    self._set_done(job)
                     self._forget(job)
                 else:
                     self._end_for_client(

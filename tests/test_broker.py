@@ -15,6 +15,7 @@ import msgpack
 import pytest
 
 from reasonbroker.broker import Broker
+from reasonbroker.client import Client
 from reasonbroker.config import Config, Limits, ListenerConfig, ListenerRole
 from reasonbroker.protocol import (
     Cancel,
@@ -29,6 +30,7 @@ from reasonbroker.protocol import (
     Run,
     new_cookie,
 )
+from reasonbroker.worker import Worker
 from tests import rawpeer
 from tests.rawpeer import WAIT_S, RawPeer
 
@@ -352,3 +354,44 @@ async def test_json_peer_is_answered_in_json(broker: Broker) -> None:
     w.send(Result(run.cookie, ResultCode.OK, result='"v"'))
     res = await c.recv_type(Result)
     assert (res.cookie, res.rc, res.result) == (cookie, ResultCode.OK, '"v"')
+
+
+async def test_silent_hello_peer_is_dropped_and_its_jobs_requeued() -> None:
+    async def echo(variables: object) -> object:
+        return variables
+
+    async with Broker(_config(heartbeat_ms=40)) as b:
+        # A raw worker that stops reading and answering, like a SIGSTOPped
+        # process; the client and the healthy worker are the real libraries,
+        # which answer the broker's PINGs.
+        frozen = await hello_worker(b)
+        async with Client(b.address("client")) as client:
+            handle = await client.submit("echo", "x", max_attempts=2)
+            await frozen.recv_type(Run)
+            async with Worker(b.address("worker"), handlers={"echo": echo}):
+                assert await handle == "x"  # the second attempt, on the healthy worker
+        assert b.dead_peers == 1
+        assert b.board.stats.requeued == 1
+
+
+async def test_legacy_peer_is_never_pinged() -> None:
+    async with Broker(_config(heartbeat_ms=20)) as b:
+        legacy = await RawPeer.connect(b.address("worker"))
+        legacy.send(Register(1))
+        await until(lambda: bool(b.board.workers()))
+        watcher = await hello_client(b)  # a HELLO'd peer that never answers PING
+        await until(lambda: b.dead_peers == 1)  # three beats have passed: it was dropped
+        assert await watcher.closed_by_peer()
+        assert Ping() in watcher.inbox
+        assert b.board.workers()  # the equally silent legacy worker is still served
+        b.shutdown()
+        await b.serve()
+        assert await legacy.closed_by_peer()
+        assert legacy.inbox == []  # everything it was ever sent: no PING
+
+
+async def test_connection_that_never_speaks_is_closed() -> None:
+    async with Broker(_config(idle_timeout_ms=50)) as b:
+        mute = await RawPeer.connect(b.address("client"))
+        assert await mute.closed_by_peer()
+        assert b.dead_peers == 1
