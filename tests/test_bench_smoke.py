@@ -1,0 +1,77 @@
+"""A tiny run of scripts/bench, so the benchmark can never rot.
+
+It runs the bench end to end against reasonbroker in both codecs (its own
+brokers, worker processes and load generator) and checks the JSON report's
+shape and that jobs flowed. It never asserts timings, and it never needs
+gearmand or nats-server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "scripts" / "bench"
+SYSTEMS = ("reasonbroker", "reasonbroker-json")
+RESULT_KEYS = {
+    "jobs_per_s",
+    "p50_us",
+    "p99_us",
+    "broker_cpu_us_per_job",
+    "broker_peak_rss_kib",
+    "jobs",
+    "errors",
+    "unanswered",
+    "error",
+}
+CELL_KEYS = {"id", "label", "mode", "inflight", "workers", "payload_bytes", "results", "ratios"}
+
+
+def test_bench_is_an_executable_python_script() -> None:
+    assert os.access(BENCH, os.X_OK)
+    assert BENCH.read_text().startswith("#!/usr/bin/env python3\n")
+
+
+def test_bench_smoke_run_writes_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--smoke",
+            "--systems",
+            ",".join(SYSTEMS),
+            "--no-install",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=28,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "jobs/s" in proc.stdout  # the table
+
+    report: dict[str, Any] = json.loads(out.read_text())
+    assert {"meta", "systems", "cells"} <= set(report)
+    for system in SYSTEMS:
+        assert report["systems"][system]["available"] is True
+    cells = report["cells"]
+    assert {cell["mode"] for cell in cells} == {"closed", "open"}
+    for cell in cells:
+        assert CELL_KEYS <= set(cell), cell["id"]
+        assert cell["ratios"] == {}  # no peers in this run
+        for system in SYSTEMS:
+            result = cell["results"][system]
+            assert RESULT_KEYS <= set(result), (cell["id"], system)
+            assert result["error"] is None, (cell["id"], system, result["error"])
+            assert result["jobs"] > 0 and result["jobs_per_s"] > 0, (cell["id"], system)
+            assert result["errors"] == 0 and result["unanswered"] == 0, (cell["id"], system)
