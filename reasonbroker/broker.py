@@ -159,7 +159,14 @@ class Broker:
         self._closed_all = asyncio.Event()
         try:
             for lc in self.config.listeners:
-                listener = transports.listener_for(lc.url)
+                context = None
+                if lc.is_tls and lc.certfile is not None and lc.keyfile is not None:
+                    # ListenerConfig guarantees both for tls://; a missing file
+                    # or a key that does not match fails here, before serving.
+                    context = transports.server_context(
+                        lc.certfile, lc.keyfile, lc.cafile, lc.verify_client
+                    )
+                listener = transports.listener_for(lc.url, ssl=context)
                 await listener.start(self._acceptor(lc.role))
                 self._listeners.append((lc.role, listener))
                 _log.info("listening", url=listener.address, role=lc.role.value)

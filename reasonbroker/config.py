@@ -8,7 +8,8 @@ status 2. config.example.toml mirrors every key here with its default.
 Key names, as they appear in a `ConfigError`:
 
 - TOML: dotted paths, `uvloop`, `log.level`, `log.format`, `limits.<field>`,
-  `listeners[<0-based index>].url` / `.role`; a file that cannot be read or
+  `listeners[<0-based index>].url` / `.role` / `.certfile` / `.keyfile` /
+  `.cafile` / `.verify_client`; a file that cannot be read or
   parsed is named by its path.
 - environment: the variable, `REASONBROKER_<LIMITS FIELD UPPERCASE>`,
   `REASONBROKER_LOG_LEVEL`, `REASONBROKER_LOG_FORMAT`, `REASONBROKER_UVLOOP`,
@@ -114,12 +115,49 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
+    """One listening socket. The TLS fields are for tls:// URLs only, where certfile
+    and keyfile are required; `verify_client` demands a client certificate signed
+    by a CA in `cafile` (mutual TLS)."""
+
     url: str
     role: ListenerRole
+    certfile: str | None = None
+    keyfile: str | None = None
+    cafile: str | None = None
+    verify_client: bool = False
+
+    @property
+    def is_tls(self) -> bool:
+        return self.url.lower().startswith("tls://")
 
     def __post_init__(self) -> None:
         if "://" not in self.url:
             raise ConfigError("listeners.url", f"{self.url!r} is not a URL (tcp://host:port)")
+        if not self.is_tls:
+            # A certificate on a plaintext listener means the operator believes
+            # that traffic is encrypted: say it is not rather than ignore it.
+            for name in _TLS_KEYS:
+                if getattr(self, name) not in (None, False):
+                    raise ConfigError(
+                        f"listeners.{name}", f"is only for tls:// listeners, not {self.url!r}"
+                    )
+            return
+        for name in ("certfile", "keyfile"):
+            if getattr(self, name) is None:
+                raise ConfigError(
+                    f"listeners.{name}",
+                    f"a tls:// listener ({self.url}) needs certfile and keyfile "
+                    "(TLS listeners are configured in the TOML file)",
+                )
+        if self.verify_client and self.cafile is None:
+            raise ConfigError(
+                "listeners.cafile",
+                "verify_client needs cafile: the CAs that sign client certificates",
+            )
+
+
+# The ListenerConfig fields that only a tls:// listener takes.
+_TLS_KEYS = ("certfile", "keyfile", "cafile", "verify_client")
 
 
 DEFAULT_LISTENERS = (
@@ -168,7 +206,8 @@ _CONFIG_FIELDS = {"uvloop": "uvloop", "log.level": "log_level", "log.format": "l
 _TOP_KEYS = ("uvloop", "log", "limits", "listeners")
 _ROLES = tuple(role.value for role in ListenerRole)
 _FORMATS = tuple(fmt.value for fmt in LogFormat)
-_LISTENER_KEYS = ("url", "role")
+_LISTENER_KEYS = ("url", "role", *_TLS_KEYS)
+_REQUIRED_LISTENER_KEYS = ("url", "role")
 _ROLE_ENV = {
     ListenerRole.CLIENTS: "REASONBROKER_CLIENT",
     ListenerRole.WORKERS: "REASONBROKER_WORKER",
@@ -289,7 +328,7 @@ def _toml_listeners(raw: object, where: str) -> list[ListenerConfig]:
         if not isinstance(item, dict):
             raise ConfigError(prefix, f"must be a table with url and role, got {item!r}{where}")
         _reject_unknown(item, _LISTENER_KEYS, f"{prefix}.", where)
-        for name in _LISTENER_KEYS:
+        for name in _REQUIRED_LISTENER_KEYS:
             if name not in item:
                 raise ConfigError(f"{prefix}.{name}", f"is required{where}")
         role = item["role"]
@@ -297,8 +336,36 @@ def _toml_listeners(raw: object, where: str) -> list[ListenerConfig]:
             raise ConfigError(
                 f"{prefix}.role", f"must be one of {', '.join(_ROLES)}, got {role!r}{where}"
             )
-        result.append(_listener(item["url"], ListenerRole(role), f"{prefix}.url", where))
+        url = item["url"]
+        if isinstance(url, str) and not url.lower().startswith("tls://"):
+            # Even `verify_client = false`: TLS settings on a plaintext
+            # listener say the operator thinks it is encrypted.
+            for name in _TLS_KEYS:
+                if name in item:
+                    raise ConfigError(
+                        f"{prefix}.{name}", f"is only for tls:// listeners, not {url!r}{where}"
+                    )
+        tls: dict[str, Any] = {
+            name: _tls_value(item, name, f"{prefix}.{name}", where) for name in _TLS_KEYS
+        }
+        result.append(_listener(url, ListenerRole(role), prefix, where, **tls))
     return result
+
+
+def _tls_value(item: Mapping[str, object], name: str, key: str, where: str) -> object:
+    """A listener's TLS setting from TOML: a file that exists, or verify_client's bool."""
+    if name == "verify_client":
+        return _check("bool", item.get(name, False), key, where)
+    value = item.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"must be a file path, got {value!r}{where}")
+    # Checked now so that a typo is a configuration error (exit status 2)
+    # naming the key, not a failed listener at startup.
+    if not Path(value).is_file():
+        raise ConfigError(key, f"no such file: {value!r}{where}")
+    return value
 
 
 def _apply_env(
@@ -320,7 +387,7 @@ def _apply_env(
         elif name in roles_by_env:
             # Empty items are skipped, so "" removes every listener of that role.
             urls = [url.strip() for url in text.split(",") if url.strip()]
-            new = [_listener(url, roles_by_env[name], name, "") for url in urls]
+            new = [_listener(url, roles_by_env[name], "", "", key=name) for url in urls]
             listeners = _replace_role(listeners, roles_by_env[name], new)
         else:
             raise ConfigError(name, "unknown environment variable")
@@ -341,7 +408,7 @@ def _apply_overrides(
         elif key in roles_by_key:
             if isinstance(value, str | bytes) or not isinstance(value, Sequence):
                 raise ConfigError(key, f"must be a sequence of URLs, got {value!r}")
-            new = [_listener(url, roles_by_key[key], key, "") for url in value]
+            new = [_listener(url, roles_by_key[key], "", "", key=key) for url in value]
             listeners = _replace_role(listeners, roles_by_key[key], new)
         else:
             raise ConfigError(key, "unknown key")
@@ -400,13 +467,24 @@ def _parse_env(kind: str, text: str, name: str) -> object:
     return _check(kind, value, name, "")
 
 
-def _listener(url: object, role: ListenerRole, key: str, where: str) -> ListenerConfig:
+def _listener(
+    url: object,
+    role: ListenerRole,
+    prefix: str,
+    where: str,
+    *,
+    key: str | None = None,
+    **tls: Any,
+) -> ListenerConfig:
+    """A ListenerConfig whose errors name `key` (an environment variable or a
+    flag, which set the URL only) or else `prefix`.<field> (a TOML table)."""
     if not isinstance(url, str):
-        raise ConfigError(key, f"must be a URL string, got {url!r}{where}")
+        raise ConfigError(key or f"{prefix}.url", f"must be a URL string, got {url!r}{where}")
     try:
-        return ListenerConfig(url, role)
+        return ListenerConfig(url, role, **tls)
     except ConfigError as exc:
-        raise ConfigError(key, exc.message + where) from None
+        field_key = prefix + exc.key.removeprefix("listeners")
+        raise ConfigError(key or field_key, exc.message + where) from None
 
 
 def _replace_role(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import json
+import struct
 import uuid
 from dataclasses import dataclass
 from typing import Any, Final
@@ -23,6 +24,7 @@ import msgpack
 from .errors import EncodeError, RemoteProtocolError
 
 HEADER_BYTES: Final = 4
+_unpack_length = struct.Struct(">I").unpack_from
 # The largest RUN timeout_ms (about 24.8 days, a signed 32-bit count of ms):
 # JSON integers are unbounded, and a deadline must stay a finite float.
 MAX_TIMEOUT_MS: Final = 2**31 - 1
@@ -213,11 +215,14 @@ class PacketDecoder:
     Any `RemoteProtocolError` is final for the connection: the caller closes it.
     """
 
-    __slots__ = ("_buf", "_max", "codec", "error")
+    __slots__ = ("_buf", "_max", "_need", "codec", "error")
 
     def __init__(self, max_frame_bytes: int) -> None:
         self._buf = bytearray()
         self._max = max_frame_bytes
+        # Bytes the buffer must hold before a whole frame can be in it: a
+        # large frame arriving in many reads is appended, not re-scanned.
+        self._need = 0
         self.codec: Codec | None = None
         # Set when a bad frame followed good ones in the same feed: those good
         # packets are returned first (a worker's RESULT just before garbage
@@ -232,14 +237,24 @@ class PacketDecoder:
         if self.error is not None:
             raise self.error
         buf = self._buf
-        buf += data
+        view: bytes | bytearray
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                return []
+            view = buf
+        else:
+            view = data  # the common case: whole frames, decoded without copying
         packets: list[Packet] = []
         pos = 0
-        end = len(buf)
+        end = len(view)
         limit = self._max
+        # Zero-copy slices only over immutable bytes: a view into the buffer
+        # would pin it (a bytearray with exports cannot be resized).
+        mv = None if view is buf else memoryview(view)
         try:
             while end - pos >= HEADER_BYTES:
-                size = int.from_bytes(buf[pos : pos + HEADER_BYTES], "big")
+                size = _unpack_length(view, pos)[0]
                 if size == 0:
                     raise RemoteProtocolError("frame length is 0")
                 if size > limit:
@@ -247,22 +262,32 @@ class PacketDecoder:
                         f"frame length {size} exceeds max_frame_bytes {limit}"
                     )
                 start = pos + HEADER_BYTES
-                if end - start < size:
+                stop = start + size
+                if stop > end:
+                    self._need = stop - pos
                     break
-                body = bytes(buf[start : start + size])
-                pos = start + size
-                packets.append(self._decode(body))
+                pos = stop
+                body = mv[start:stop] if mv is not None else bytes(buf[start:stop])
+                if self.codec is Codec.MSGPACK and body[0] in _MSGPACK_MAP_FIRST:
+                    # The hot path, inlined: a msgpack connection's next map.
+                    packets.append(packet_from_map(_unpack_map(body), Codec.MSGPACK))
+                else:
+                    packets.append(self._decode(body))
+            else:
+                self._need = 0
         except RemoteProtocolError as exc:
             self.error = exc
             buf.clear()
             if not packets:
                 raise
             return packets
-        if pos:
+        if view is buf:
             del buf[:pos]
+        elif pos < end:
+            buf += view[pos:]
         return packets
 
-    def _decode(self, body: bytes) -> Packet:
+    def _decode(self, body: bytes | memoryview) -> Packet:
         codec = detect_codec(body)
         if self.codec is None:
             self.codec = codec
@@ -274,7 +299,7 @@ class PacketDecoder:
 _MSGPACK_MAP_FIRST: Final = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
 
 
-def detect_codec(body: bytes) -> Codec:
+def detect_codec(body: bytes | memoryview) -> Codec:
     first = body[0]
     if first in _MSGPACK_MAP_FIRST:
         return Codec.MSGPACK
@@ -285,22 +310,17 @@ def detect_codec(body: bytes) -> Codec:
     )
 
 
-def decode_body(body: bytes, codec: Codec) -> Packet:
+def decode_body(body: bytes | memoryview, codec: Codec) -> Packet:
     """Decode one frame body. Raises RemoteProtocolError when it is not a map at all."""
     if codec is Codec.MSGPACK:
-        try:
-            obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
-        except Exception as exc:  # msgpack raises several unrelated types for bad input
-            raise RemoteProtocolError(f"undecodable msgpack: {type(exc).__name__}: {exc}") from exc
-    else:
-        try:
-            obj = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise RemoteProtocolError(f"undecodable JSON: {exc}") from exc
+        return packet_from_map(_unpack_map(body), codec)
+    try:
+        obj = json.loads(bytes(body) if isinstance(body, memoryview) else body)
+    except (ValueError, RecursionError) as exc:
+        raise RemoteProtocolError(f"undecodable JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise RemoteProtocolError(f"body is a {type(obj).__name__}, not a map")
-    if codec is Codec.JSON:
-        _check_json_text(obj)
+    _check_json_text(obj)
     return packet_from_map(obj, codec)
 
 
@@ -317,6 +337,16 @@ def _check_json_text(obj: dict[Any, Any]) -> None:
                     raise RemoteProtocolError(
                         "JSON string holds a lone surrogate (not valid Unicode)"
                     ) from None
+
+
+def _unpack_map(body: bytes | memoryview) -> dict[Any, Any]:
+    try:
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise RemoteProtocolError(f"undecodable msgpack: {type(exc).__name__}: {exc}") from exc
+    if type(obj) is not dict:
+        raise RemoteProtocolError(f"body is a {type(obj).__name__}, not a map")
+    return obj
 
 
 class _Bad(Exception):
@@ -383,6 +413,21 @@ def _payload(d: dict[Any, Any], key: str, codec: Codec) -> Any:
 def packet_from_map(d: dict[Any, Any], codec: Codec) -> Packet:
     """Build a packet from a decoded map; a known key of the wrong type gives BadPacket."""
     ptype = d.get("packet_type")
+    if codec is Codec.MSGPACK:
+        # Fast paths for the two packets every job carries, in their plain
+        # shape; anything else (extension fields, odd values) takes the full
+        # path below, which gives the same packet or the precise complaint.
+        cookie = d.get("cookie")
+        if type(cookie) is bytes and len(cookie) == 16:
+            if ptype == "RUN" and len(d) <= 4:
+                pipeline = d.get("pipeline")
+                if type(pipeline) is str and pipeline and (len(d) == 3 or "variables" in d):
+                    return Run(cookie, pipeline, d.get("variables"))
+            elif ptype == "RESULT" and len(d) <= 4:
+                rc_text = d.get("rc")
+                rc = _RESULT_CODES.get(rc_text) if type(rc_text) is str else None
+                if rc is not None and (len(d) == 3 or "result" in d):
+                    return Result(cookie, rc, None, None, d.get("result"))
     if not isinstance(ptype, str):
         return BadPacket("", _salvage_cookie(d, codec), "packet_type is missing or not a string")
     try:
@@ -540,7 +585,25 @@ def encode(packet: Packet, codec: Codec = Codec.MSGPACK) -> bytes:
     Raises EncodeError when the codec cannot carry a value (bytes to JSON, a
     non-string payload to JSON, an object msgpack cannot pack).
     """
-    d = packet_to_map(packet)
+    # The per-job packets in their plain shape build their map directly (no
+    # match dispatch); the map is the one packet_to_map gives.
+    d: dict[str, Any]
+    if (
+        isinstance(packet, Run)
+        and not (packet.detach or packet.priority)
+        and packet.timeout_ms is None
+        and packet.max_attempts is None
+    ):
+        d = {"packet_type": "RUN", "cookie": packet.cookie, "pipeline": packet.pipeline}
+        if packet.variables is not None:
+            d["variables"] = packet.variables
+    elif isinstance(packet, Result) and packet.error is None and packet.stacktrace is None:
+        # rc is a StrEnum: msgpack and json write it as its text.
+        d = {"packet_type": "RESULT", "cookie": packet.cookie, "rc": packet.rc}
+        if packet.result is not None:
+            d["result"] = packet.result
+    else:
+        d = packet_to_map(packet)
     if codec is Codec.MSGPACK:
         try:
             body: bytes = _packb(d)

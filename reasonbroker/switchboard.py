@@ -59,26 +59,31 @@ FEATURES = ("started", "progress", "priority", "timeout", "attempts")
 
 # ---------------------------------------------------------------------------
 # Actions
+#
+# Plain slotted classes rather than frozen ones: two are made for every job,
+# and a frozen dataclass costs about three times as much to build. An action
+# lives from the switchboard's return to the broker's apply, and nothing
+# changes it on the way.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Send:
     conn: int
     packet: Packet
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Close:
     conn: int
     why: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Wake:
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Log:
     event: str
     conn: int | None
@@ -391,6 +396,9 @@ class Switchboard:
         A legacy worker is never sent a RESULT (ReasonChip's worker treats it
         as fatal), unless `force` (we are closing it anyway).
         """
+        if c.hello and c.codec is Codec.MSGPACK:
+            out.append(Send(c.id, result))  # the common case: nothing to adapt
+            return
         if c.role is Role.WORKER and not c.hello and not force:
             return
         if not c.hello:
@@ -574,7 +582,7 @@ class Switchboard:
         if job.abandoned:
             self.stats.abandoned_results += 1
         else:
-            self.stats.completed[res.rc.value] += 1
+            self.stats.completed[res.rc] += 1  # a StrEnum: the same key as its text
             self._deliver(
                 job, Result(job.cookie, res.rc, res.error, res.stacktrace, res.result), out
             )
@@ -691,7 +699,7 @@ class Switchboard:
         return best, served
 
     def _dispatch(self, job: _Job, w: _Conn, out: list[Action]) -> None:
-        if not can_carry(job.run.variables, w.codec):
+        if w.codec is not Codec.MSGPACK and not can_carry(job.run.variables, w.codec):
             self._end_for_client(
                 job,
                 ResultCode.BAD_PACKET,
@@ -783,7 +791,7 @@ class Switchboard:
     def _end_for_client(self, job: _Job, rc: ResultCode, why: str, out: list[Action]) -> None:
         """End a job that holds no slot, answering its client if it is owed an answer."""
         self._set_done(job)
-        self.stats.completed[rc.value] += 1
+        self.stats.completed[rc] += 1
         self._deliver(job, Result(job.cookie, rc, why), out)
         self._forget(job)
 

@@ -269,7 +269,7 @@ async def test_plaintext_schemes_refuse_an_ssl_context(url: str) -> None:
 
 
 def test_registry_is_one_dict_of_schemes() -> None:
-    assert set(SCHEMES) == {"tcp", "unix"}
+    assert set(SCHEMES) == {"tcp", "unix", "tls"}
 
 
 def test_address_before_start_is_an_error() -> None:
