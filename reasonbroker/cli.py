@@ -1,16 +1,22 @@
-"""The command line: `reasonbroker serve`. It owns the process.
+"""The command line: `reasonbroker serve`, `submit` and `worker`. It owns the process.
 
 This is the one place that reads the real environment, configures logging,
 picks the event loop, installs signal handlers and chooses the exit status:
 0 after a clean shutdown, 1 when a listener cannot be bound, 2 on a
-configuration error (and on a usage error, as click does).
+configuration error (and on a usage error, as click does). `submit` exits
+with a status per result code (`SUBMIT_EXIT`); the shell worker's
+per-job logic lives in `cmdworker.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
+import shutil
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, NoReturn, Protocol
@@ -21,6 +27,7 @@ from ._version import __version__
 from .config import LOG_LEVELS, Config, LogFormat, load_config
 from .errors import ConfigError
 from .log import configure, get_logger
+from .protocol import ResultCode
 
 EXIT_OK: Final = 0
 EXIT_LISTEN_FAILED: Final = 1
@@ -203,6 +210,374 @@ def _install_signal_handlers(broker: _Stoppable) -> Callable[[], None]:
             # Windows, or not the main thread: Ctrl-C still raises KeyboardInterrupt.
             log.warning("signal_handler_unavailable", signal=sig.name, error=str(exc))
         else:
+            installed.append(sig)
+
+    def remove() -> None:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+    return remove
+
+
+# --------------------------------------------------------------------------- submit
+
+DEFAULT_CLIENT_URL: Final = "tcp://127.0.0.1:51500"
+DEFAULT_WORKER_URL: Final = "tcp://127.0.0.1:51510"
+
+# `submit`'s exit status: 0 for OK, one status per common non-OK result code,
+# EXIT_CONNECT_FAILED when the broker cannot be reached, EXIT_OTHER_RESULT for
+# the remaining codes. 1 stays "generic error" and 2 "usage error" (click's).
+SUBMIT_EXIT: Final[dict[ResultCode, int]] = {
+    ResultCode.OK: EXIT_OK,
+    ResultCode.PROCESSOR_EXCEPTION: 3,
+    ResultCode.TIMEOUT: 4,
+    ResultCode.CANCELLED: 5,
+    ResultCode.NO_CAPACITY: 6,
+    ResultCode.WORKER_WENT_AWAY: 7,
+    ResultCode.BROKER_WENT_AWAY: 8,
+}
+EXIT_CONNECT_FAILED: Final = 9
+EXIT_OTHER_RESULT: Final = 10
+EXIT_GENERIC: Final = 1
+
+_LOG_FORMATS: Final = [fmt.value for fmt in LogFormat]
+
+
+def _parse_vars(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """--vars: JSON text, or @FILE holding JSON (@- reads stdin)."""
+    if value is None:
+        return None
+    if value.startswith("@"):
+        name = value[1:]
+        try:
+            text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(f"cannot read {name!r}: {exc}") from exc
+        where = f" in {name!r}"
+    else:
+        text, where = value, ""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON{where}: {exc}") from exc
+
+
+def _render(value: Any) -> str:
+    """JSON text when `value` is JSON-serialisable, else its repr."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
+
+
+@main.command()
+@click.argument("pipeline")
+@click.option(
+    "--broker",
+    "url",
+    default=DEFAULT_CLIENT_URL,
+    show_default=True,
+    metavar="URL",
+    help="The broker's client address.",
+)
+@click.option(
+    "--vars",
+    "variables",
+    callback=_parse_vars,
+    metavar="JSON|@FILE",
+    help="The job's variables: JSON text, or @FILE to read it from FILE (@- for stdin).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Deadline, enforced by the broker (result TIMEOUT).",
+)
+@click.option("--detach", is_flag=True, help="Do not wait: exit 0 once the broker has the job.")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher runs sooner.")
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Attempts if workers go away mid-job (default: the broker's).",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print a JSON object {rc, result, error, cookie}."
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="warning",
+    show_default=True,
+)
+@click.option("--log-format", type=click.Choice(_LOG_FORMATS, case_sensitive=False), default="auto")
+@click.pass_context
+def submit(
+    ctx: click.Context,
+    pipeline: str,
+    url: str,
+    variables: Any,
+    timeout: float | None,
+    detach: bool,
+    priority: int,
+    max_attempts: int | None,
+    as_json: bool,
+    log_level: str,
+    log_format: str,
+) -> None:
+    """Run one job of PIPELINE and print its result.
+
+    PROGRESS values go to stderr, one per line; the result goes to stdout as
+    JSON (repr when it is not JSON-serialisable). The exit status tells the
+    result code: 0 OK, 3 PROCESSOR_EXCEPTION, 4 TIMEOUT, 5 CANCELLED,
+    6 NO_CAPACITY, 7 WORKER_WENT_AWAY, 8 BROKER_WENT_AWAY, 9 broker
+    unreachable, 10 any other code. Ctrl-C cancels the job.
+    """
+    if not pipeline:
+        raise click.BadParameter("must not be empty", param_hint="PIPELINE")
+    configure(log_level, LogFormat(log_format))
+    job = _SubmitJob(url, pipeline, variables, timeout, detach, priority, max_attempts, as_json)
+    ctx.exit(asyncio.run(job.main()))
+
+
+class _SubmitJob:
+    def __init__(
+        self,
+        url: str,
+        pipeline: str,
+        variables: Any,
+        timeout: float | None,
+        detach: bool,
+        priority: int,
+        max_attempts: int | None,
+        as_json: bool,
+    ) -> None:
+        self.url = url
+        self.pipeline = pipeline
+        self.variables = variables
+        self.timeout = timeout
+        self.detach = detach
+        self.priority = priority
+        self.max_attempts = max_attempts
+        self.as_json = as_json
+        self.cookie: str | None = None
+
+    async def main(self) -> int:
+        """Run the job; SIGINT/SIGTERM cancel it (the client sends CANCEL)."""
+        task = asyncio.current_task()
+        assert task is not None
+        received: list[signal.Signals] = []
+
+        def on_signal(sig: signal.Signals) -> None:
+            received.append(sig)
+            if len(received) == 1:
+                task.cancel()
+
+        remove = _add_signal_handlers(on_signal)
+        try:
+            return await self._run()
+        except asyncio.CancelledError:
+            if not received:
+                raise
+            task.uncancel()
+            click.echo(f"reasonbroker: {received[0].name}: job cancelled", err=True)
+            return 128 + received[0].value
+        finally:
+            remove()
+
+    async def _run(self) -> int:
+        from .client import Client
+        from .errors import BrokerConnectionError, EncodeError, JobError
+
+        client = Client(self.url, name="reasonbroker submit")
+        try:
+            try:
+                await client.connect()
+            except BrokerConnectionError as exc:
+                return self._fail(None, f"cannot connect: {exc}", EXIT_CONNECT_FAILED)
+            handle = await client.submit(
+                self.pipeline,
+                self.variables,
+                timeout=self.timeout,
+                priority=self.priority,
+                max_attempts=self.max_attempts,
+                detach=self.detach,
+                on_progress=self._progress,
+            )
+            self.cookie = str(handle.cookie)
+            try:
+                value = await handle
+            except asyncio.CancelledError:
+                await handle.cancel()  # Ctrl-C: the job is not wanted any more
+                raise
+        except JobError as exc:
+            status = SUBMIT_EXIT.get(exc.rc, EXIT_OTHER_RESULT)
+            return self._fail(exc.rc, str(exc), status, exc.error)
+        except EncodeError as exc:
+            return self._fail(None, f"cannot send the variables: {exc}", EXIT_GENERIC)
+        finally:
+            await client.close()
+        if self.as_json:
+            out = {"rc": "OK", "result": _jsonable(value), "error": None, "cookie": self.cookie}
+            click.echo(json.dumps(out, ensure_ascii=False))
+        elif not self.detach:
+            click.echo(_render(value))
+        return EXIT_OK
+
+    def _progress(self, value: Any) -> None:
+        click.echo(_render(value), err=True)
+
+    def _fail(self, rc: ResultCode | None, message: str, status: int, error: Any = None) -> int:
+        if self.as_json:
+            out = {
+                "rc": None if rc is None else rc.value,
+                "result": None,
+                "error": message if rc is None else error,
+                "cookie": self.cookie,
+            }
+            click.echo(json.dumps(out, ensure_ascii=False))
+        click.echo(f"reasonbroker: {message}", err=True)
+        return status
+
+
+# --------------------------------------------------------------------------- worker
+
+
+@main.command()
+@click.option(
+    "--pipeline",
+    "pipelines",
+    multiple=True,
+    required=True,
+    metavar="NAME",
+    help="A pipeline to serve (repeatable).",
+)
+@click.option(
+    "--capacity",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Commands run at once.",
+)
+@click.option(
+    "--broker",
+    "url",
+    default=DEFAULT_WORKER_URL,
+    show_default=True,
+    metavar="URL",
+    help="The broker's worker address.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Kill a command running longer (its job ends PROCESSOR_EXCEPTION).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="info",
+    show_default=True,
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(_LOG_FORMATS, case_sensitive=False),
+    default="auto",
+    help="auto (the default): console on a terminal, JSON otherwise.",
+)
+@click.argument("command", nargs=-1, required=True)
+@click.pass_context
+def worker(
+    ctx: click.Context,
+    pipelines: tuple[str, ...],
+    capacity: int,
+    url: str,
+    timeout: float | None,
+    log_level: str,
+    log_format: str,
+    command: tuple[str, ...],
+) -> None:
+    """Serve pipelines by running COMMAND once per job (like `gearman -w -f NAME -- CMD`).
+
+    The job's variables go to stdin (a string as is, bytes raw, else JSON);
+    stdout, less one trailing newline, is the result. A non-zero exit is
+    PROCESSOR_EXCEPTION with the status and stderr's tail. The command sees
+    REASONBROKER_PIPELINE and REASONBROKER_COOKIE. A cancelled job's process
+    group gets SIGTERM, then SIGKILL. SIGTERM/SIGINT: stop taking jobs, let
+    running ones finish, exit 0; a second signal exits at once.
+    """
+    if any(not name for name in pipelines):
+        raise click.BadParameter("must not be empty", param_hint="--pipeline")
+    program = command[0]
+    if os.sep not in program and shutil.which(program) is None:
+        raise click.BadParameter(f"{program!r} not found on PATH", param_hint="COMMAND")
+    configure(log_level, LogFormat(log_format))
+    ctx.exit(asyncio.run(_serve_commands(url, pipelines, capacity, command, timeout)))
+
+
+async def _serve_commands(
+    url: str,
+    pipelines: tuple[str, ...],
+    capacity: int,
+    command: tuple[str, ...],
+    timeout: float | None,  # noqa: ASYNC109 (per command, passed on)
+) -> int:
+    from .cmdworker import CommandHandler
+    from .errors import JobError
+    from .worker import Worker
+
+    log = get_logger()
+    handlers = {name: CommandHandler(command, name, timeout=timeout) for name in pipelines}
+    serving = Worker(
+        url, handlers=handlers, capacity=capacity, name=f"reasonbroker worker {command[0]}"
+    )
+    task = asyncio.current_task()
+    assert task is not None
+    received = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal received
+        received += 1
+        if received == 1:
+            log.info("stop_requested", signal=sig.name, running=serving.running_jobs)
+            serving.stop()
+        elif received == 2:
+            log.warning("stop_forced", signal=sig.name, running=serving.running_jobs)
+            task.cancel()  # cancels the running jobs: their process groups are killed
+
+    remove = _add_signal_handlers(on_signal)
+    try:
+        await serving.run()
+    except asyncio.CancelledError:
+        if received < 2:
+            raise
+        task.uncancel()
+        return EXIT_INTERRUPTED
+    except JobError as exc:  # Unauthorized
+        click.echo(f"reasonbroker: {exc}", err=True)
+        return EXIT_GENERIC
+    finally:
+        remove()
+    return EXIT_OK
+
+
+def _add_signal_handlers(
+    on_signal: Callable[[signal.Signals], None],
+) -> Callable[[], None]:
+    """Route SIGTERM and SIGINT to `on_signal` on the running loop; returns the undo."""
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal, sig)
             installed.append(sig)
 
     def remove() -> None:
