@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import signal
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -115,9 +114,9 @@ class CommandHandler:
     def environment(self) -> dict[str, str]:
         env = dict(self._env)
         env["REASONBROKER_PIPELINE"] = self.pipeline
-        job = _worker._current_job.get()  # set by Worker for its handler's task
-        if job is not None:
-            env["REASONBROKER_COOKIE"] = str(uuid.UUID(bytes=job.cookie))
+        cookie = _worker.current_cookie()
+        if cookie is not None:
+            env["REASONBROKER_COOKIE"] = str(cookie)
         return env
 
     async def __call__(self, variables: Any) -> str:

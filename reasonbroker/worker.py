@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ssl as _ssl
 import traceback
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from . import protocol as p
 from .errors import BrokerConnectionError, EncodeError
 from .peer import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_MAX_FRAME_BYTES, Peer
 
-__all__ = ["Handler", "Worker", "progress", "reconnect_delay"]
+__all__ = ["Handler", "Worker", "current_cookie", "progress", "reconnect_delay"]
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger("reasonbroker.worker")
 
@@ -59,6 +60,13 @@ class _Job:
 
 
 _current_job: ContextVar[_Job | None] = ContextVar("reasonbroker_current_job", default=None)
+
+
+def current_cookie() -> uuid.UUID | None:
+    """The cookie of the job whose handler calls this (the broker's cookie for
+    this attempt, not the client's), or None outside a handler."""
+    job = _current_job.get()
+    return None if job is None else uuid.UUID(bytes=job.cookie)
 
 
 async def progress(result: Any) -> None:
