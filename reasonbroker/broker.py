@@ -34,6 +34,7 @@ from transports import Listener, Stream
 
 from .config import Config, ListenerRole
 from .errors import EncodeError, RemoteProtocolError
+from .metrics import MetricsServer, registry_for
 from .protocol import Codec, PacketDecoder, Ping, Result, ResultCode, encode
 from .switchboard import Action, Close, Log, Send, Switchboard, Wake
 
@@ -55,6 +56,7 @@ class _Connection:
         "last_rx",
         "listener_role",
         "log",
+        "needs_auth",
         "opened_at",
         "outbox",
         "spoke",
@@ -74,6 +76,8 @@ class _Connection:
         # Liveness: when the peer last sent bytes, and whether it ever sent a whole packet.
         self.opened_at = self.last_rx = broker.loop.time()
         self.spoke = False
+        # On a listener with a token, until the switchboard has accepted its HELLO.
+        self.needs_auth = False
 
     # StreamHandler
 
@@ -110,6 +114,7 @@ class _Connection:
     def connection_lost(self, exc: BaseException | None) -> None:
         why = "peer closed" if exc is None else f"connection lost: {exc}"
         self.broker.close_connection(self, why)
+        self.broker.stream_lost(self)
 
 
 class Broker:
@@ -137,12 +142,18 @@ class Broker:
         self._force: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._draining = False
-        self._closed_all: asyncio.Event | None = None
+        self._closed_all: asyncio.Event | None = None  # set when _streams is empty
+        # Connections whose transport has not reported connection_lost yet.
+        self._streams: dict[int, _Connection] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self.protocol_errors = 0
         self.dead_peers = 0
         self.slow_consumers = 0
         self.refused_connections = 0
+        # Read at scrape time only; the server exists when metrics_address is set.
+        self.metrics_registry = registry_for(self)
+        self._metrics: MetricsServer | None = None
+        self._started_at: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -157,6 +168,7 @@ class Broker:
         self._force = asyncio.Event()
         self._idle = asyncio.Event()
         self._closed_all = asyncio.Event()
+        self._started_at = self._loop.time()
         try:
             for lc in self.config.listeners:
                 context = None
@@ -166,12 +178,20 @@ class Broker:
                     context = transports.server_context(
                         lc.certfile, lc.keyfile, lc.cafile, lc.verify_client
                     )
-                listener = transports.listener_for(lc.url, ssl=context)
-                await listener.start(self._acceptor(lc.role))
+                listener = transports.listener_for(lc.url, ssl=context, unix_mode=lc.mode)
+                token = lc.required_token
+                await listener.start(
+                    self._acceptor(lc.role, None if token is None else token.encode("utf-8"))
+                )
                 self._listeners.append((lc.role, listener))
                 _log.info("listening", url=listener.address, role=lc.role.value)
+            if self.config.metrics_address is not None:
+                self._metrics = MetricsServer(self.metrics_registry, self.config.metrics_address)
+                await self._metrics.start()
+                _log.info("metrics_listening", address=self._metrics.address)
         except BaseException:
             await self._close_listeners()
+            await self._close_metrics()
             raise
         self._schedule_sweep()
         return self
@@ -183,7 +203,8 @@ class Broker:
         tb: TracebackType | None,
     ) -> None:
         await self._close_listeners()
-        for conn in list(self._conns.values()):
+        await self._close_metrics()
+        for conn in list(self._streams.values()):
             conn.stream.abort()
             self.close_connection(conn, "broker exit")
         if self._timer is not None:
@@ -208,6 +229,24 @@ class Broker:
     @property
     def connections(self) -> int:
         return len(self._conns)
+
+    def connections_by_role(self) -> dict[str, int]:
+        """Open connections by role: "client", "worker", or "unidentified" (no packet yet)."""
+        counts = {"client": 0, "worker": 0, "unidentified": 0}
+        role_of = self.board.role_of
+        for conn_id in self._conns:
+            role = role_of(conn_id)
+            counts["unidentified" if role is None else role.value] += 1
+        return counts
+
+    @property
+    def metrics_address(self) -> str | None:
+        """The bound "host:port" of the /metrics endpoint, None when metrics are off."""
+        return None if self._metrics is None else self._metrics.address
+
+    @property
+    def uptime_s(self) -> float:
+        return 0.0 if self._started_at is None else self.loop.time() - self._started_at
 
     def shutdown(self, force: bool = False) -> None:
         """Begin the graceful drain; `force=True` also ends it now."""
@@ -234,7 +273,7 @@ class Broker:
         await self._close_listeners()
         _log.info("shutdown_listeners_closed")
         self._draining = True
-        self.apply(self.board.begin_drain())
+        self.apply(self.board.begin_drain(self.loop.time()))
         self._check_idle()
         if not self._idle.is_set():
             _log.info(
@@ -252,16 +291,23 @@ class Broker:
                 idle.cancel()
                 force.cancel()
         _log.info("shutdown_finishing", unfinished=self.board.running)
-        self.apply(self.board.finish())
+        self.apply(self.board.finish(self.loop.time()))
         self._flush()
-        if self._conns:
+        # Closed streams flush what is queued before the transport lets go:
+        # wait for that (bounded), so the last answers are not lost at exit.
+        if self._streams:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_CLOSE_FLUSH_S):
                     await self._closed_all.wait()
-            for conn in list(self._conns.values()):
+            for conn in list(self._streams.values()):
+                _log.warning("shutdown_unflushed", conn=conn.id, peer=conn.stream.peer)
                 conn.stream.abort()
-                self.close_connection(conn, "shutdown: not flushed in time")
         _log.info("shutdown_complete", stats=_stats_fields(self))
+
+    async def _close_metrics(self) -> None:
+        if self._metrics is not None:
+            metrics, self._metrics = self._metrics, None
+            await metrics.close()
 
     async def _close_listeners(self) -> None:
         while self._listeners:
@@ -271,7 +317,7 @@ class Broker:
 
     # -- connections -------------------------------------------------------------
 
-    def _acceptor(self, role: ListenerRole) -> transports.OnStream:
+    def _acceptor(self, role: ListenerRole, token: bytes | None = None) -> transports.OnStream:
         def on_stream(stream: Stream) -> None:
             if self._draining or len(self._conns) >= self.config.limits.max_connections:
                 self.refused_connections += 1
@@ -286,7 +332,9 @@ class Broker:
             conn = _Connection(self, next(self._ids), stream, role)
             stream.set_handler(conn)
             self._conns[conn.id] = conn
-            self.board.connect(conn.id, role)
+            self._streams[conn.id] = conn
+            self.board.connect(conn.id, role, token)
+            conn.needs_auth = token is not None
             if self._closed_all is not None:
                 self._closed_all.clear()
             conn.log.info("connection_opened")
@@ -304,7 +352,11 @@ class Broker:
         del self._conns[conn.id]
         conn.log.info("connection_closed", why=why)
         self.apply(self.board.disconnect(conn.id, self.loop.time()))
-        if not self._conns and self._closed_all is not None:
+
+    def stream_lost(self, conn: _Connection) -> None:
+        """The transport has let go of a connection (after flushing, if closed by us)."""
+        self._streams.pop(conn.id, None)
+        if not self._streams and self._closed_all is not None:
             self._closed_all.set()
 
     def protocol_error(self, conn: _Connection, exc: RemoteProtocolError) -> None:
@@ -407,7 +459,7 @@ class Broker:
     def _schedule_sweep(self) -> None:
         limits = self.config.limits
         # Half the shortest interval, so a peer is judged at most half a beat late.
-        every_s = min(limits.heartbeat_ms, limits.idle_timeout_ms) / 2000.0
+        every_s = min(limits.heartbeat_ms, limits.idle_timeout_ms, limits.auth_timeout_ms) / 2000.0
         self._sweeper = self.loop.call_later(every_s, self._sweep)
 
     def _sweep(self) -> None:
@@ -416,11 +468,22 @@ class Broker:
         now = self.loop.time()
         beat_s = limits.heartbeat_ms / 1000.0
         idle_s = limits.idle_timeout_ms / 1000.0
+        auth_s = limits.auth_timeout_ms / 1000.0
         board = self.board
         try:
             for conn in list(self._conns.values()):
                 if conn.closed:
                     continue
+                if conn.needs_auth:
+                    if board.role_of(conn.id) is not None:
+                        conn.needs_auth = False  # authenticated
+                    elif now - conn.opened_at >= auth_s:
+                        self._drop(
+                            conn,
+                            "auth_timeout",
+                            f"not authenticated within {limits.auth_timeout_ms} ms",
+                        )
+                        continue
                 if not conn.spoke:
                     if now - conn.opened_at >= idle_s:
                         self._drop(
