@@ -44,6 +44,7 @@ _FLAG_OF_KEY = {
     "log.level": "--log-level",
     "log.format": "--log-format",
     "uvloop": "--no-uvloop",
+    "metrics_address": "--metrics",
 }
 
 
@@ -99,6 +100,12 @@ def main() -> None:
 @click.option(
     "--no-uvloop", is_flag=True, help="Use asyncio's own event loop even if uvloop is installed."
 )
+@click.option(
+    "--metrics",
+    "metrics_address",
+    metavar="ADDRESS",
+    help='Serve Prometheus metrics at host:port (IPv6 "[::1]:9464"), GET /metrics. Default: off.',
+)
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -109,6 +116,7 @@ def serve(
     log_level: str | None,
     log_format: str | None,
     no_uvloop: bool,
+    metrics_address: str | None,
 ) -> None:
     """Run the broker until SIGTERM or SIGINT (a second one ends the drain at once)."""
     overrides: dict[str, Any] = {}
@@ -125,6 +133,8 @@ def serve(
         overrides["log.format"] = log_format
     if no_uvloop:
         overrides["uvloop"] = False
+    if metrics_address is not None:
+        overrides["metrics_address"] = metrics_address
     try:
         config = load_config(config_path, os.environ, overrides)
         configure(config.log_level, config.log_format)

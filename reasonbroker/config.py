@@ -7,15 +7,18 @@ status 2. config.example.toml mirrors every key here with its default.
 
 Key names, as they appear in a `ConfigError`:
 
-- TOML: dotted paths, `uvloop`, `log.level`, `log.format`, `limits.<field>`,
+- TOML: dotted paths, `uvloop`, `metrics_address`, `log.level`, `log.format`, `limits.<field>`,
   `listeners[<0-based index>].url` / `.role` / `.certfile` / `.keyfile` /
-  `.cafile` / `.verify_client`; a file that cannot be read or
-  parsed is named by its path.
+  `.cafile` / `.verify_client` / `.token` / `.token_file` / `.mode`; a file
+  that cannot be read or parsed is named by its path.
 - environment: the variable, `REASONBROKER_<LIMITS FIELD UPPERCASE>`,
   `REASONBROKER_LOG_LEVEL`, `REASONBROKER_LOG_FORMAT`, `REASONBROKER_UVLOOP`,
+  `REASONBROKER_METRICS_ADDRESS`,
   `REASONBROKER_CLIENT` / `_WORKER` / `_BOTH` (comma-separated URLs that
-  replace the listeners of that role), `REASONBROKER_CONFIG` (the TOML file
-  when no path is given).
+  replace the listeners of that role), `REASONBROKER_CLIENT_TOKEN` /
+  `_WORKER_TOKEN` / `_BOTH_TOKEN` (the token of every listener of that role,
+  applied after every layer), `REASONBROKER_CONFIG` (the TOML file when no
+  path is given).
 - overrides (flags): the same dotted keys as TOML, plus `listeners.clients`,
   `listeners.workers`, `listeners.both` (a sequence of URLs that replaces the
   listeners of that role).
@@ -27,9 +30,10 @@ import enum
 import math
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -84,6 +88,10 @@ class Limits:
     # A connection that has not sent one whole packet this long after it
     # opened is closed: it holds a file descriptor and says nothing.
     idle_timeout_ms: int = 30_000
+    # On a listener with a token: a connection that has not authenticated
+    # (sent HELLO with the right token) this long after it opened is closed,
+    # so unauthenticated peers cannot hold file descriptors for idle_timeout_ms.
+    auth_timeout_ms: int = 5_000
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -117,7 +125,12 @@ class Limits:
 class ListenerConfig:
     """One listening socket. The TLS fields are for tls:// URLs only, where certfile
     and keyfile are required; `verify_client` demands a client certificate signed
-    by a CA in `cafile` (mutual TLS)."""
+    by a CA in `cafile` (mutual TLS).
+
+    `token` (or `token_file`, read here and stripped of its trailing newline;
+    not both) makes every peer open with HELLO carrying that token. The token
+    is never in a repr. `mode` (e.g. 0o660) sets a unix:// socket file's
+    permissions."""
 
     url: str
     role: ListenerRole
@@ -125,14 +138,38 @@ class ListenerConfig:
     keyfile: str | None = None
     cafile: str | None = None
     verify_client: bool = False
+    token: str | None = field(default=None, repr=False)
+    token_file: str | None = None
+    mode: int | None = None
+    # token_file's content, read at construction (so also by dataclasses.replace).
+    _file_token: str | None = field(default=None, init=False, repr=False)
 
     @property
     def is_tls(self) -> bool:
         return self.url.lower().startswith("tls://")
 
+    @property
+    def required_token(self) -> str | None:
+        """The token peers must send in HELLO, from `token` or `token_file`."""
+        return self.token if self.token is not None else self._file_token
+
     def __post_init__(self) -> None:
         if "://" not in self.url:
             raise ConfigError("listeners.url", f"{self.url!r} is not a URL (tcp://host:port)")
+        self._check_token()
+        if self.mode is not None:
+            if isinstance(self.mode, bool) or not isinstance(self.mode, int):
+                raise ConfigError(
+                    "listeners.mode", f"must be an integer (0o660), got {self.mode!r}"
+                )
+            if not 0 <= self.mode <= 0o777:
+                raise ConfigError(
+                    "listeners.mode", f"must be within 0o000..0o777, got {self.mode:#o}"
+                )
+            if urlsplit(self.url).scheme.lower() != "unix":
+                raise ConfigError(
+                    "listeners.mode", f"is only for unix:// listeners, not {self.url!r}"
+                )
         if not self.is_tls:
             # A certificate on a plaintext listener means the operator believes
             # that traffic is encrypted: say it is not rather than ignore it.
@@ -154,6 +191,32 @@ class ListenerConfig:
                 "listeners.cafile",
                 "verify_client needs cafile: the CAs that sign client certificates",
             )
+
+    def _check_token(self) -> None:
+        if self.token is not None:
+            if self.token_file is not None:
+                raise ConfigError("listeners.token_file", "token and token_file are exclusive")
+            if not isinstance(self.token, str) or not self.token:
+                # Never the value: it may be a mistyped secret.
+                raise ConfigError("listeners.token", "must be a non-empty string")
+            return
+        if self.token_file is None:
+            return
+        path = self.token_file
+        if not isinstance(path, str) or not path:
+            raise ConfigError("listeners.token_file", f"must be a file path, got {path!r}")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                "listeners.token_file", f"cannot read {path!r}: {exc.strerror or exc}"
+            ) from None
+        except UnicodeDecodeError:
+            raise ConfigError("listeners.token_file", f"{path!r} is not UTF-8") from None
+        text = text.rstrip("\r\n")
+        if not text:
+            raise ConfigError("listeners.token_file", f"{path!r} is empty")
+        object.__setattr__(self, "_file_token", text)
 
 
 # The ListenerConfig fields that only a tls:// listener takes.
@@ -179,16 +242,34 @@ class Config:
     log_level: str = "info"
     log_format: LogFormat = LogFormat.AUTO
     uvloop: bool = True
+    # "host:port" (IPv6 as "[::1]:9464") of the Prometheus /metrics endpoint; None = off.
+    metrics_address: str | None = None
 
     def __post_init__(self) -> None:
         if not self.listeners:
             raise ConfigError("listeners", "at least one listener is needed")
+        if self.metrics_address is not None:
+            split_host_port(self.metrics_address, "metrics_address")
         if self.log_level.lower() not in _LOG_LEVELS:
             raise ConfigError("log_level", f"{self.log_level!r} is not one of {_LOG_LEVELS}")
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_LEVELS = _LOG_LEVELS
+
+
+def split_host_port(address: str, key: str) -> tuple[str, int]:
+    """("127.0.0.1", 9464) from "127.0.0.1:9464", ("::1", 9464) from "[::1]:9464";
+    ConfigError naming `key` for anything else. Port 0 picks a free port."""
+    host, sep, port_text = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        sep = ""  # an unbracketed IPv6 address: its port is ambiguous
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(key, f"must be host:port (IPv6 as [::1]:9464), got {address!r}")
+    return host, int(port_text)
+
 
 # --------------------------------------------------------------------------- loader
 
@@ -198,21 +279,29 @@ ENV_CONFIG = "REASONBROKER_CONFIG"
 # The scalar settings by canonical (TOML dotted) key, with the kind of value each takes.
 _SCALARS: dict[str, str] = {
     "uvloop": "bool",
+    "metrics_address": "address",
     "log.level": "level",
     "log.format": "format",
     **{f"limits.{f.name}": "int" if f.type == "int" else "float" for f in fields(Limits)},
 }
-_CONFIG_FIELDS = {"uvloop": "uvloop", "log.level": "log_level", "log.format": "log_format"}
-_TOP_KEYS = ("uvloop", "log", "limits", "listeners")
+_CONFIG_FIELDS = {
+    "uvloop": "uvloop",
+    "metrics_address": "metrics_address",
+    "log.level": "log_level",
+    "log.format": "log_format",
+}
+_TOP_KEYS = ("uvloop", "metrics_address", "log", "limits", "listeners")
 _ROLES = tuple(role.value for role in ListenerRole)
 _FORMATS = tuple(fmt.value for fmt in LogFormat)
-_LISTENER_KEYS = ("url", "role", *_TLS_KEYS)
+_AUTH_KEYS = ("token", "token_file", "mode")
+_LISTENER_KEYS = ("url", "role", *_TLS_KEYS, *_AUTH_KEYS)
 _REQUIRED_LISTENER_KEYS = ("url", "role")
 _ROLE_ENV = {
     ListenerRole.CLIENTS: "REASONBROKER_CLIENT",
     ListenerRole.WORKERS: "REASONBROKER_WORKER",
     ListenerRole.BOTH: "REASONBROKER_BOTH",
 }
+_TOKEN_ENV = {role: f"{name}_TOKEN" for role, name in _ROLE_ENV.items()}
 _ROLE_OVERRIDE = {role: f"listeners.{role.value}" for role in ListenerRole}
 _KINDS_TEXT = {
     "int": "an integer",
@@ -220,6 +309,7 @@ _KINDS_TEXT = {
     "bool": "true or false",
     "level": f"one of {', '.join(_LOG_LEVELS)}",
     "format": f"one of {', '.join(_FORMATS)}",
+    "address": "host:port (IPv6 as [::1]:9464), or empty for off",
 }
 _ENV_TRUE = ("true", "1")
 _ENV_FALSE = ("false", "0")
@@ -256,8 +346,14 @@ def load_config(path: Path | None, env: Mapping[str, str], overrides: Mapping[st
         path = Path(env[ENV_CONFIG])
     if path is not None:
         listeners = _apply_toml(path, values, origins, listeners)
-    listeners = _apply_env(env, values, origins, listeners)
+    tokens: dict[ListenerRole, str] = {}
+    listeners = _apply_env(env, values, origins, listeners, tokens)
     listeners = _apply_overrides(overrides, values, origins, listeners)
+    # After every layer, so that listeners given by flags get the token too.
+    listeners = [
+        replace(lc, token=tokens[lc.role], token_file=None) if lc.role in tokens else lc
+        for lc in listeners
+    ]
 
     limits = {k.removeprefix("limits."): v for k, v in values.items() if k.startswith("limits.")}
     try:
@@ -298,9 +394,10 @@ def _apply_toml(
             key = f"{section}.{name}"
             values[key] = _check(_SCALARS[key], value, key, where)
             origins[key] = _Origin(key, where)
-    if "uvloop" in doc:
-        values["uvloop"] = _check("bool", doc["uvloop"], "uvloop", where)
-        origins["uvloop"] = _Origin("uvloop", where)
+    for key in ("uvloop", "metrics_address"):
+        if key in doc:
+            values[key] = _check(_SCALARS[key], doc[key], key, where)
+            origins[key] = _Origin(key, where)
     if "listeners" in doc:
         listeners = _toml_listeners(doc["listeners"], where)
     return listeners
@@ -348,7 +445,8 @@ def _toml_listeners(raw: object, where: str) -> list[ListenerConfig]:
         tls: dict[str, Any] = {
             name: _tls_value(item, name, f"{prefix}.{name}", where) for name in _TLS_KEYS
         }
-        result.append(_listener(url, ListenerRole(role), prefix, where, **tls))
+        auth = {name: item[name] for name in _AUTH_KEYS if name in item}
+        result.append(_listener(url, ListenerRole(role), prefix, where, **tls, **auth))
     return result
 
 
@@ -373,8 +471,11 @@ def _apply_env(
     values: dict[str, Any],
     origins: dict[str, _Origin],
     listeners: list[ListenerConfig],
+    tokens: dict[ListenerRole, str],
 ) -> list[ListenerConfig]:
+    """Apply `env`; the *_TOKEN variables go into `tokens`, by role."""
     roles_by_env = {name: role for role, name in _ROLE_ENV.items()}
+    roles_by_token_env = {name: role for role, name in _TOKEN_ENV.items()}
     # Sorted so that, with several bad variables, the error is always the same one.
     for name in sorted(env):
         if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
@@ -389,6 +490,10 @@ def _apply_env(
             urls = [url.strip() for url in text.split(",") if url.strip()]
             new = [_listener(url, roles_by_env[name], "", "", key=name) for url in urls]
             listeners = _replace_role(listeners, roles_by_env[name], new)
+        elif name in roles_by_token_env:
+            if not text:
+                raise ConfigError(name, "must not be empty")  # never echo a secret
+            tokens[roles_by_token_env[name]] = text
         else:
             raise ConfigError(name, "unknown environment variable")
     return listeners
@@ -446,6 +551,17 @@ def _check(kind: str, value: object, key: str, where: str) -> object:
         case "format":
             if isinstance(value, str) and value.lower() in _FORMATS:
                 return LogFormat(value.lower())
+        case "address":
+            # Empty turns metrics off, so a later layer can undo an earlier one.
+            if isinstance(value, str) and not value.strip():
+                return None
+            if isinstance(value, str):
+                try:
+                    split_host_port(value.strip(), key)
+                except ConfigError:
+                    pass  # the error below also says where the value came from
+                else:
+                    return value.strip()
     raise ConfigError(key, f"must be {_KINDS_TEXT[kind]}, got {value!r}{where}")
 
 

@@ -16,7 +16,7 @@ import enum
 import json
 import struct
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgpack
@@ -115,7 +115,7 @@ class Result:
 @dataclass(frozen=True, slots=True)
 class Hello:
     role: Role | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # a secret: never in a log line
     features: tuple[str, ...] = ()
     name: str | None = None
     version: str | None = None

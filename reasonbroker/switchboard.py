@@ -24,8 +24,10 @@ Routing model (decisions recorded in docs/protocol.md):
 
 from __future__ import annotations
 
+import bisect
 import enum
 import heapq
+import hmac
 import itertools
 from collections import Counter
 from dataclasses import dataclass, field
@@ -120,11 +122,15 @@ class _Conn:
         "resting",
         "role",
         "running",
+        "token",
     )
 
-    def __init__(self, conn_id: int, listener: ListenerRole) -> None:
+    def __init__(self, conn_id: int, listener: ListenerRole, token: bytes | None = None) -> None:
         self.id = conn_id
         self.listener = listener
+        # The token this peer's first packet (a HELLO) must carry; None = no
+        # authentication on its listener. Cleared once it has authenticated.
+        self.token = token
         self.role: Role | None = None
         self.hello = False
         self.features: frozenset[str] = frozenset()
@@ -150,6 +156,7 @@ class _Conn:
 class _Job:
     __slots__ = (
         "abandoned",
+        "accepted_at",
         "attempts",
         "cancel_requested",
         "client",
@@ -184,6 +191,7 @@ class _Job:
         self.abandoned = False
         self.cancel_requested = False
         self.deadline: float | None = None
+        self.accepted_at = 0.0  # set by _run: latency runs from acceptance to the terminal RESULT
         # Entries in the switchboard's deadline heap that name this job.
         self.deadlines = 0
 
@@ -204,6 +212,41 @@ class Stats:
     bad_packets: int = 0
 
 
+# Job latency bucket bounds in seconds: from a millisecond echo to a ten-minute
+# reasoning job; past the last one a job lands in the +Inf bucket only.
+LATENCY_BOUNDS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class Latency:
+    """A fixed-bucket histogram of job latency, acceptance to terminal RESULT.
+
+    `counts[i]` holds the observations in (bounds[i-1], bounds[i]]; the last
+    entry, one past the bounds, those above every bound (Prometheus' +Inf).
+    Not cumulative: the exporter sums them at scrape time.
+    """
+
+    bounds: tuple[float, ...] = LATENCY_BOUNDS_S
+    counts: list[int] = field(default_factory=list)
+    sum: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if list(self.bounds) != sorted(set(self.bounds)):
+            raise ValueError("bounds must be strictly increasing")
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, seconds: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bound's bucket (le).
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+
 class _Deadline(enum.Enum):
     TIMEOUT = 1  # target: the job
     CANCEL_GRACE = 2  # target: the job
@@ -220,6 +263,10 @@ class Switchboard:
             raise ValueError("cookie_prefix must be 8 bytes")
         self.limits = limits
         self.stats = Stats()
+        self.latency = Latency()
+        # The time of the event being handled, for the latency of jobs ended
+        # deep in a call chain that is not handed `now`.
+        self._now = 0.0
         self.draining = False
         self._conns: dict[int, _Conn] = {}
         self._workers: dict[int, _Conn] = {}  # registered (capacity > 0)
@@ -269,10 +316,11 @@ class Switchboard:
 
     # -- connection lifecycle -----------------------------------------------
 
-    def connect(self, conn: int, listener: ListenerRole) -> None:
+    def connect(self, conn: int, listener: ListenerRole, token: bytes | None = None) -> None:
+        """A new connection; `token` (UTF-8) is the one its HELLO must carry, if any."""
         if conn in self._conns:
             raise ValueError(f"connection {conn} is already known")
-        self._conns[conn] = _Conn(conn, listener)
+        self._conns[conn] = _Conn(conn, listener, token)
 
     def set_codec(self, conn: int, codec: Codec) -> None:
         self._conns[conn].codec = codec
@@ -282,6 +330,7 @@ class Switchboard:
         c = self._conns.pop(conn, None)
         if c is None:
             return []
+        self._now = now
         out: list[Action] = []
         if c.role is Role.WORKER:
             self._worker_gone(c, out)
@@ -295,6 +344,7 @@ class Switchboard:
         c = self._conns.get(conn)
         if c is None or c.closing:
             return []  # closed by us: what it sent after that is not acted on
+        self._now = now
         out: list[Action] = []
         if c.role is None and not self._assign_role(c, packet, out):
             return out
@@ -360,6 +410,8 @@ class Switchboard:
             c.features = frozenset(packet.features)
             c.name = packet.name
         c.role = role
+        if c.token is not None and not self._authenticate(c, packet, out):
+            return False
         if not allowed:
             why = f"{role.value}s are not accepted on this {c.listener.value} listener"
             self._answer(
@@ -387,6 +439,28 @@ class Switchboard:
             )
             return False  # the HELLO is fully handled
         return True
+
+    def _authenticate(self, c: _Conn, packet: Packet, out: list[Action]) -> bool:
+        """On a listener with a token, the first packet must be HELLO carrying it.
+
+        Refused: RESULT UNAUTHORIZED, then close. The token is compared in
+        constant time and never appears in an answer or a log line.
+        """
+        assert c.token is not None
+        if not isinstance(packet, Hello):
+            reason = "not HELLO"  # legacy peers cannot authenticate
+        elif packet.token is None:
+            reason = "missing"
+        elif hmac.compare_digest(packet.token.encode("utf-8", "surrogatepass"), c.token):
+            c.token = None  # authenticated; keep no copy of the secret
+            return True
+        else:
+            reason = "wrong"
+        out.append(Log("auth_failed", c.id, {"reason": reason}))
+        why = "a valid token is required on this listener"
+        self._answer(c, Result(_cookie_of(packet), ResultCode.UNAUTHORIZED, why), out, force=True)
+        self._close(c, f"unauthorized ({reason})", out)
+        return False
 
     # -- answering ------------------------------------------------------------
 
@@ -499,6 +573,7 @@ class Switchboard:
         job = _Job(next(self._seq), c, run, attempts)
         c.jobs[run.cookie] = job
         self.stats.accepted += 1
+        job.accepted_at = now
         if run.timeout_ms is not None:
             job.deadline = now + run.timeout_ms / 1000.0
             self._add_deadline(job.deadline, _Deadline.TIMEOUT, job, out)
@@ -583,6 +658,7 @@ class Switchboard:
             self.stats.abandoned_results += 1
         else:
             self.stats.completed[res.rc] += 1  # a StrEnum: the same key as its text
+            self.latency.observe(now - job.accepted_at)
             self._deliver(
                 job, Result(job.cookie, res.rc, res.error, res.stacktrace, res.result), out
             )
@@ -792,6 +868,7 @@ class Switchboard:
         """End a job that holds no slot, answering its client if it is owed an answer."""
         self._set_done(job)
         self.stats.completed[rc] += 1
+        self.latency.observe(self._now - job.accepted_at)
         self._deliver(job, Result(job.cookie, rc, why), out)
         self._forget(job)
 
@@ -824,6 +901,7 @@ class Switchboard:
 
     def tick(self, now: float) -> list[Action]:
         """Fire every deadline that has passed; Wake for the next one."""
+        self._now = now
         out: list[Action] = []
         dl = self._deadlines
         while dl and dl[0][0] <= now:
@@ -847,6 +925,7 @@ class Switchboard:
                 # it. It keeps the slot until it answers or leaves.
                 job.abandoned = True
                 self.stats.completed[ResultCode.CANCELLED.value] += 1
+                self.latency.observe(now - job.accepted_at)
                 self._deliver(
                     job, Result(job.cookie, ResultCode.CANCELLED, "cancelled by client"), out
                 )
@@ -892,6 +971,7 @@ class Switchboard:
         # Running: answer now, tell the worker; the slot stays busy until it answers.
         job.abandoned = True
         self.stats.completed[ResultCode.TIMEOUT.value] += 1
+        self.latency.observe(self._now - job.accepted_at)
         self._deliver(job, Result(job.cookie, ResultCode.TIMEOUT, why), out)
         self._forget(job)
         if not job.cancel_requested:
@@ -899,8 +979,14 @@ class Switchboard:
 
     # -- shutdown ---------------------------------------------------------------------
 
-    def begin_drain(self) -> list[Action]:
-        """Stop accepting: queued jobs are answered BROKER_WENT_AWAY, running ones go on."""
+    def begin_drain(self, now: float | None = None) -> list[Action]:
+        """Stop accepting: queued jobs are answered BROKER_WENT_AWAY, running ones go on.
+
+        `now` times those answers for the latency histogram; without it they
+        are timed at the last event the switchboard saw.
+        """
+        if now is not None:
+            self._now = now
         self.draining = True
         out: list[Action] = []
         for heap in self._queues.values():
@@ -915,11 +1001,13 @@ class Switchboard:
         self._dead_in_queues = 0
         return out
 
-    def finish(self) -> list[Action]:
+    def finish(self, now: float | None = None) -> list[Action]:
         """End the drain: every job still running is answered BROKER_WENT_AWAY, all close."""
         out: list[Action] = []
         if not self.draining:
-            out.extend(self.begin_drain())
+            out.extend(self.begin_drain(now))
+        elif now is not None:
+            self._now = now
         for w in list(self._workers.values()):
             for job in sorted(w.running.values(), key=lambda j: j.seq):
                 self._release_slot(w, job)
