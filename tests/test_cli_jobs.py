@@ -26,6 +26,7 @@ from reasonbroker.client import Client
 from reasonbroker.config import Config, Limits, ListenerConfig, ListenerRole
 from reasonbroker.errors import Cancelled, ProcessorException
 from reasonbroker.worker import Handler, Worker, progress
+from tests.handlers import Gate, echo
 from tests.rawpeer import WAIT_S
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,26 +89,6 @@ async def _wait_for(condition: Any, what: str) -> None:
 
 
 # --------------------------------------------------------------------------- submit
-
-
-class Gate:
-    def __init__(self) -> None:
-        self.entered = asyncio.Event()
-        self.release = asyncio.Event()
-        self.cancelled = asyncio.Event()
-
-    async def __call__(self, variables: Any) -> Any:
-        self.entered.set()
-        try:
-            await self.release.wait()
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
-        return variables
-
-
-async def echo(variables: Any) -> Any:
-    return variables
 
 
 async def chatty(variables: Any) -> Any:

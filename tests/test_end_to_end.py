@@ -22,6 +22,7 @@ from reasonbroker.errors import (
     WorkerWentAway,
 )
 from reasonbroker.worker import Worker
+from tests.handlers import Gate, echo
 from tests.rawpeer import WAIT_S
 
 
@@ -40,28 +41,6 @@ async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
             )
         async with Broker(Config(listeners=listeners, limits=Limits(cancel_grace_ms=1000))) as b:
             yield b
-
-
-class Gate:
-    """A handler that blocks until released, recording entry and cancellation."""
-
-    def __init__(self) -> None:
-        self.entered = asyncio.Event()
-        self.release = asyncio.Event()
-        self.cancelled = asyncio.Event()
-
-    async def __call__(self, variables: Any) -> Any:
-        self.entered.set()
-        try:
-            await self.release.wait()
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
-        return variables
-
-
-async def echo(variables: Any) -> Any:
-    return variables
 
 
 async def boom(variables: Any) -> Any:
