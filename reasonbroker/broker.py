@@ -35,7 +35,7 @@ from transports import Listener, Stream
 from .config import Config, ListenerRole
 from .errors import EncodeError, RemoteProtocolError
 from .metrics import MetricsServer, registry_for
-from .protocol import Codec, PacketDecoder, Ping, Result, ResultCode, encode
+from .protocol import Codec, PacketDecoder, Ping, Result, ResultCode, Status, encode
 from .switchboard import Action, Close, Log, Send, Switchboard, Wake
 
 _log = structlog.get_logger("reasonbroker.broker")
@@ -180,8 +180,13 @@ class Broker:
                     )
                 listener = transports.listener_for(lc.url, ssl=context, unix_mode=lc.mode)
                 token = lc.required_token
+                admin_token = lc.required_admin_token
                 await listener.start(
-                    self._acceptor(lc.role, None if token is None else token.encode("utf-8"))
+                    self._acceptor(
+                        lc.role,
+                        None if token is None else token.encode("utf-8"),
+                        None if admin_token is None else admin_token.encode("utf-8"),
+                    )
                 )
                 self._listeners.append((lc.role, listener))
                 _log.info("listening", url=listener.address, role=lc.role.value)
@@ -231,8 +236,8 @@ class Broker:
         return len(self._conns)
 
     def connections_by_role(self) -> dict[str, int]:
-        """Open connections by role: "client", "worker", or "unidentified" (no packet yet)."""
-        counts = {"client": 0, "worker": 0, "unidentified": 0}
+        """Open connections by role: client, worker, admin, or unidentified (no packet yet)."""
+        counts = {"client": 0, "worker": 0, "admin": 0, "unidentified": 0}
         role_of = self.board.role_of
         for conn_id in self._conns:
             role = role_of(conn_id)
@@ -317,7 +322,9 @@ class Broker:
 
     # -- connections -------------------------------------------------------------
 
-    def _acceptor(self, role: ListenerRole, token: bytes | None = None) -> transports.OnStream:
+    def _acceptor(
+        self, role: ListenerRole, token: bytes | None = None, admin_token: bytes | None = None
+    ) -> transports.OnStream:
         def on_stream(stream: Stream) -> None:
             if self._draining or len(self._conns) >= self.config.limits.max_connections:
                 self.refused_connections += 1
@@ -333,7 +340,7 @@ class Broker:
             stream.set_handler(conn)
             self._conns[conn.id] = conn
             self._streams[conn.id] = conn
-            self.board.connect(conn.id, role, token)
+            self.board.connect(conn.id, role, token, admin_token)
             conn.needs_auth = token is not None
             if self._closed_all is not None:
                 self._closed_all.clear()
@@ -374,6 +381,8 @@ class Broker:
                 conn = self._conns.get(action.conn)
                 if conn is None or conn.closed:
                     continue
+                if type(action.packet) is Status:
+                    action = Send(action.conn, self._enrich_status(action.packet))
                 try:
                     frame = encode(action.packet, conn.codec or Codec.MSGPACK)
                 except EncodeError as exc:
@@ -403,6 +412,19 @@ class Broker:
                 conn.log.info(action.event, **action.fields)
         if self._draining:
             self._check_idle()
+
+    def _enrich_status(self, packet: Status) -> Status:
+        """The switchboard's STATUS snapshot plus what only the broker knows:
+        each connection's address and the broker's uptime."""
+        status = dict(packet.status or {})
+        for kind in ("workers", "clients"):
+            entries = []
+            for entry in status.get(kind, ()):
+                conn = self._conns.get(entry["conn"])
+                entries.append({**entry, "address": None if conn is None else conn.stream.peer})
+            status[kind] = entries
+        status["uptime_s"] = self.uptime_s
+        return Status(status)
 
     def _encode_failed(self, conn: _Connection, action: Send, exc: EncodeError) -> bytes:
         # The switchboard checks what each codec can carry, so this is our bug;

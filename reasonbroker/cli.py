@@ -1,10 +1,10 @@
-"""The command line: `reasonbroker serve`, `submit` and `worker`. It owns the process.
+"""The command line: `reasonbroker serve`, `submit`, `status` and `worker`. It owns the process.
 
 This is the one place that reads the real environment, configures logging,
 picks the event loop, installs signal handlers and chooses the exit status:
 0 after a clean shutdown, 1 when a listener cannot be bound, 2 on a
 configuration error (and on a usage error, as click does). `submit` exits
-with a status per result code (`SUBMIT_EXIT`); the shell worker's
+with a status per result code (`SUBMIT_EXIT`), `status` with `STATUS_EXIT_*`; the shell worker's
 per-job logic lives in `cmdworker.py`.
 """
 
@@ -456,6 +456,129 @@ class _SubmitJob:
             click.echo(json.dumps(out, ensure_ascii=False))
         click.echo(f"reasonbroker: {message}", err=True)
         return status
+
+
+# --------------------------------------------------------------------------- status
+
+# `status`'s exit status besides EXIT_OK, EXIT_CONNECT_FAILED (9) and EXIT_GENERIC (1).
+EXIT_UNAUTHORIZED: Final = 11
+ENV_ADMIN_TOKEN: Final = "REASONBROKER_ADMIN_TOKEN"
+_STATUS_TIMEOUT_S: Final = 10.0
+
+
+@main.command()
+@click.option(
+    "--broker",
+    "url",
+    default=DEFAULT_CLIENT_URL,
+    show_default=True,
+    metavar="URL",
+    help="A broker listener that has an admin_token.",
+)
+@click.option(
+    "--token",
+    envvar=ENV_ADMIN_TOKEN,
+    show_envvar=True,
+    metavar="TOKEN",
+    help="The listener's admin_token.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+@click.pass_context
+def status(ctx: click.Context, url: str, token: str | None, as_json: bool) -> None:
+    """Show the broker's workers, clients, queue depth by pipeline and uptime.
+
+    Exit status: 0 shown, 9 broker unreachable, 11 unauthorized (no admin
+    token on that listener, or a wrong or missing one), 1 any other failure.
+    """
+    configure("warning", LogFormat.AUTO)
+    ctx.exit(asyncio.run(_status(url, token or None, as_json)))
+
+
+async def _status(url: str, token: str | None, as_json: bool) -> int:
+    from . import protocol as p
+    from .errors import BrokerConnectionError, Unauthorized
+    from .peer import Peer
+
+    hello = p.Hello(role=p.Role.ADMIN, token=token, name="reasonbroker status")
+    try:
+        peer = await Peer.connect(url, hello, log=get_logger(), connect_timeout=_STATUS_TIMEOUT_S)
+    except Unauthorized as exc:
+        click.echo(f"reasonbroker: unauthorized: {exc}", err=True)
+        return EXIT_UNAUTHORIZED
+    except BrokerConnectionError as exc:  # ConnectTimeout too
+        click.echo(f"reasonbroker: cannot connect: {exc}", err=True)
+        return EXIT_CONNECT_FAILED
+    answer: dict[str, Any] | None = None
+    failure = "the broker closed the connection"
+    try:
+        await peer.send(p.Status())
+        async with asyncio.timeout(_STATUS_TIMEOUT_S):
+            async for packet in peer.packets():
+                if isinstance(packet, p.Status) and packet.status is not None:
+                    answer = packet.status
+                    break
+                if isinstance(packet, p.Result):
+                    failure = f"{packet.rc.value}: {packet.error}"
+                    break
+    except TimeoutError:
+        failure = f"no STATUS within {_STATUS_TIMEOUT_S} s"
+    except BrokerConnectionError as exc:
+        failure = str(exc)
+    finally:
+        await peer.aclose()
+    if answer is None:
+        click.echo(f"reasonbroker: status failed: {failure}", err=True)
+        return EXIT_GENERIC
+    if as_json:
+        click.echo(json.dumps(answer, ensure_ascii=False, sort_keys=True))
+    else:
+        click.echo(format_status(answer))
+    return EXIT_OK
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The human form of a STATUS answer: a summary line and three tables."""
+
+    def text(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, list):
+            return ",".join(str(v) for v in value) if value else "-"
+        return str(value)
+
+    def table(title: str, headers: list[str], rows: list[list[Any]]) -> list[str]:
+        cells = [headers, *([text(v) for v in row] for row in rows)]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+        lines = [f"{title} ({len(rows)})"]
+        for row in cells:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        return lines
+
+    lines = [
+        f"uptime {float(status.get('uptime_s', 0.0)):.1f} s, "
+        f"running {status.get('running', 0)}, queued {status.get('queued', 0)}",
+        "",
+    ]
+    workers = status.get("workers", [])
+    lines += table(
+        "workers",
+        ["conn", "name", "address", "pipelines", "capacity", "busy"],
+        [
+            [w.get(k) for k in ("conn", "name", "address", "pipelines", "capacity", "busy")]
+            for w in workers
+        ],
+    )
+    lines.append("")
+    clients = status.get("clients", [])
+    lines += table(
+        "clients",
+        ["conn", "name", "address", "jobs"],
+        [[c.get(k) for k in ("conn", "name", "address", "jobs")] for c in clients],
+    )
+    lines.append("")
+    queue = status.get("queue", {})
+    lines += table("queue", ["pipeline", "queued"], [[k, v] for k, v in sorted(queue.items())])
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- worker

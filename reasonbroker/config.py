@@ -9,7 +9,8 @@ Key names, as they appear in a `ConfigError`:
 
 - TOML: dotted paths, `uvloop`, `metrics_address`, `log.level`, `log.format`, `limits.<field>`,
   `listeners[<0-based index>].url` / `.role` / `.certfile` / `.keyfile` /
-  `.cafile` / `.verify_client` / `.token` / `.token_file` / `.mode`; a file
+  `.cafile` / `.verify_client` / `.token` / `.token_file` / `.admin_token` /
+  `.admin_token_file` / `.mode`; a file
   that cannot be read or parsed is named by its path.
 - environment: the variable, `REASONBROKER_<LIMITS FIELD UPPERCASE>`,
   `REASONBROKER_LOG_LEVEL`, `REASONBROKER_LOG_FORMAT`, `REASONBROKER_UVLOOP`,
@@ -18,7 +19,8 @@ Key names, as they appear in a `ConfigError`:
   replace the listeners of that role), `REASONBROKER_CLIENT_TOKEN` /
   `_WORKER_TOKEN` / `_BOTH_TOKEN` (the token of every listener of that role,
   applied after every layer), `REASONBROKER_CONFIG` (the TOML file when no
-  path is given).
+  path is given). `REASONBROKER_ADMIN_TOKEN` is `reasonbroker status`'s, and
+  ignored here (admin tokens are set in the TOML file only).
 - overrides (flags): the same dotted keys as TOML, plus `listeners.clients`,
   `listeners.workers`, `listeners.both` (a sequence of URLs that replaces the
   listeners of that role).
@@ -129,8 +131,10 @@ class ListenerConfig:
 
     `token` (or `token_file`, read here and stripped of its trailing newline;
     not both) makes every peer open with HELLO carrying that token. The token
-    is never in a repr. `mode` (e.g. 0o660) sets a unix:// socket file's
-    permissions."""
+    is never in a repr. `admin_token` (or `admin_token_file`, same rules) lets
+    peers that open with HELLO role admin and that token ask for STATUS, in
+    addition to the listener's own role. `mode` (e.g. 0o660) sets a unix://
+    socket file's permissions."""
 
     url: str
     role: ListenerRole
@@ -141,8 +145,11 @@ class ListenerConfig:
     token: str | None = field(default=None, repr=False)
     token_file: str | None = None
     mode: int | None = None
+    admin_token: str | None = field(default=None, repr=False)
+    admin_token_file: str | None = None
     # token_file's content, read at construction (so also by dataclasses.replace).
     _file_token: str | None = field(default=None, init=False, repr=False)
+    _file_admin_token: str | None = field(default=None, init=False, repr=False)
 
     @property
     def is_tls(self) -> bool:
@@ -153,10 +160,18 @@ class ListenerConfig:
         """The token peers must send in HELLO, from `token` or `token_file`."""
         return self.token if self.token is not None else self._file_token
 
+    @property
+    def required_admin_token(self) -> str | None:
+        """The token admin peers must send in HELLO, from `admin_token` or `admin_token_file`."""
+        return self.admin_token if self.admin_token is not None else self._file_admin_token
+
     def __post_init__(self) -> None:
         if "://" not in self.url:
             raise ConfigError("listeners.url", f"{self.url!r} is not a URL (tcp://host:port)")
-        self._check_token()
+        file_token = _check_token(self.token, self.token_file, "token")
+        object.__setattr__(self, "_file_token", file_token)
+        file_admin = _check_token(self.admin_token, self.admin_token_file, "admin_token")
+        object.__setattr__(self, "_file_admin_token", file_admin)
         if self.mode is not None:
             if isinstance(self.mode, bool) or not isinstance(self.mode, int):
                 raise ConfigError(
@@ -192,31 +207,32 @@ class ListenerConfig:
                 "verify_client needs cafile: the CAs that sign client certificates",
             )
 
-    def _check_token(self) -> None:
-        if self.token is not None:
-            if self.token_file is not None:
-                raise ConfigError("listeners.token_file", "token and token_file are exclusive")
-            if not isinstance(self.token, str) or not self.token:
-                # Never the value: it may be a mistyped secret.
-                raise ConfigError("listeners.token", "must be a non-empty string")
-            return
-        if self.token_file is None:
-            return
-        path = self.token_file
-        if not isinstance(path, str) or not path:
-            raise ConfigError("listeners.token_file", f"must be a file path, got {path!r}")
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(
-                "listeners.token_file", f"cannot read {path!r}: {exc.strerror or exc}"
-            ) from None
-        except UnicodeDecodeError:
-            raise ConfigError("listeners.token_file", f"{path!r} is not UTF-8") from None
-        text = text.rstrip("\r\n")
-        if not text:
-            raise ConfigError("listeners.token_file", f"{path!r} is empty")
-        object.__setattr__(self, "_file_token", text)
+
+def _check_token(token: str | None, token_file: str | None, name: str) -> str | None:
+    """Validate a listener's `name` / `name`_file pair; the file's token, if a file is given."""
+    if token is not None:
+        if token_file is not None:
+            raise ConfigError(f"listeners.{name}_file", f"{name} and {name}_file are exclusive")
+        if not isinstance(token, str) or not token:
+            # Never the value: it may be a mistyped secret.
+            raise ConfigError(f"listeners.{name}", "must be a non-empty string")
+        return None
+    if token_file is None:
+        return None
+    path = token_file
+    key = f"listeners.{name}_file"
+    if not isinstance(path, str) or not path:
+        raise ConfigError(key, f"must be a file path, got {path!r}")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{path!r} is not UTF-8") from None
+    text = text.rstrip("\r\n")
+    if not text:
+        raise ConfigError(key, f"{path!r} is empty")
+    return text
 
 
 # The ListenerConfig fields that only a tls:// listener takes.
@@ -275,6 +291,8 @@ def split_host_port(address: str, key: str) -> tuple[str, int]:
 
 ENV_PREFIX = "REASONBROKER_"
 ENV_CONFIG = "REASONBROKER_CONFIG"
+# Read by `reasonbroker status` (the admin token it sends), not by the broker.
+ENV_ADMIN_TOKEN = "REASONBROKER_ADMIN_TOKEN"
 
 # The scalar settings by canonical (TOML dotted) key, with the kind of value each takes.
 _SCALARS: dict[str, str] = {
@@ -293,7 +311,7 @@ _CONFIG_FIELDS = {
 _TOP_KEYS = ("uvloop", "metrics_address", "log", "limits", "listeners")
 _ROLES = tuple(role.value for role in ListenerRole)
 _FORMATS = tuple(fmt.value for fmt in LogFormat)
-_AUTH_KEYS = ("token", "token_file", "mode")
+_AUTH_KEYS = ("token", "token_file", "admin_token", "admin_token_file", "mode")
 _LISTENER_KEYS = ("url", "role", *_TLS_KEYS, *_AUTH_KEYS)
 _REQUIRED_LISTENER_KEYS = ("url", "role")
 _ROLE_ENV = {
@@ -478,7 +496,7 @@ def _apply_env(
     roles_by_token_env = {name: role for role, name in _TOKEN_ENV.items()}
     # Sorted so that, with several bad variables, the error is always the same one.
     for name in sorted(env):
-        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
+        if not name.startswith(ENV_PREFIX) or name in (ENV_CONFIG, ENV_ADMIN_TOKEN):
             continue
         text = env[name]
         if name in _SCALAR_BY_ENV:

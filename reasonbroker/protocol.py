@@ -43,6 +43,7 @@ class PacketType(enum.StrEnum):
     PONG = "PONG"
     STARTED = "STARTED"
     PROGRESS = "PROGRESS"
+    STATUS = "STATUS"
 
 
 class ResultCode(enum.StrEnum):
@@ -75,6 +76,8 @@ class Codec(enum.Enum):
 class Role(enum.StrEnum):
     CLIENT = "client"
     WORKER = "worker"
+    # Asks the broker for its STATUS; only on a listener with an admin token.
+    ADMIN = "admin"
 
 
 # ---------------------------------------------------------------------------
@@ -149,6 +152,13 @@ class Shutdown:
 
 
 @dataclass(frozen=True, slots=True)
+class Status:
+    """STATUS: from an admin peer a request (`status` None), from the broker the answer."""
+
+    status: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Unsupported:
     """A well-formed packet whose type this broker does not handle (answered, not fatal)."""
 
@@ -176,6 +186,7 @@ Packet = (
     | Started
     | Progress
     | Shutdown
+    | Status
     | Unsupported
     | BadPacket
 )
@@ -482,7 +493,7 @@ def packet_from_map(d: dict[Any, Any], codec: Codec) -> Packet:
                     try:
                         role = Role(role_text)
                     except ValueError:
-                        raise _Bad(f"role {role_text!r} is not client or worker") from None
+                        raise _Bad(f"role {role_text!r} is not client, worker or admin") from None
                 return Hello(
                     role,
                     _opt_str(d, "token"),
@@ -501,6 +512,11 @@ def packet_from_map(d: dict[Any, Any], codec: Codec) -> Packet:
                 return Progress(_cookie(d.get("cookie"), codec), _payload(d, "result", codec))
             case "SHUTDOWN":
                 return Shutdown()
+            case "STATUS":
+                status = d.get("status")
+                if status is not None and not isinstance(status, dict):
+                    raise _Bad(f"status is a {type(status).__name__}, not a map")
+                return Status(status)
             case _:
                 return Unsupported(ptype, _salvage_cookie(d, codec))
     except _Bad as bad:
@@ -572,6 +588,10 @@ def packet_to_map(packet: Packet) -> dict[str, Any]:
             return {"packet_type": "PROGRESS", "cookie": cookie, "result": result}
         case Shutdown():
             return {"packet_type": "SHUTDOWN"}
+        case Status(status):
+            if status is None:
+                return {"packet_type": "STATUS"}
+            return {"packet_type": "STATUS", "status": status}
         case Unsupported() | BadPacket():
             raise EncodeError(f"{type(packet).__name__} is an inbound-only packet")
 

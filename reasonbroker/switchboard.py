@@ -51,6 +51,7 @@ from .protocol import (
     Run,
     Shutdown,
     Started,
+    Status,
     Unsupported,
     can_carry,
     for_legacy,
@@ -107,6 +108,7 @@ class _State(enum.Enum):
 
 class _Conn:
     __slots__ = (
+        "admin_token",
         "busy",
         "capacity",
         "closing",
@@ -125,12 +127,21 @@ class _Conn:
         "token",
     )
 
-    def __init__(self, conn_id: int, listener: ListenerRole, token: bytes | None = None) -> None:
+    def __init__(
+        self,
+        conn_id: int,
+        listener: ListenerRole,
+        token: bytes | None = None,
+        admin_token: bytes | None = None,
+    ) -> None:
         self.id = conn_id
         self.listener = listener
         # The token this peer's first packet (a HELLO) must carry; None = no
         # authentication on its listener. Cleared once it has authenticated.
         self.token = token
+        # The token a HELLO with role admin must carry; None = no admin on
+        # this listener. Cleared once the first packet is handled.
+        self.admin_token = admin_token
         self.role: Role | None = None
         self.hello = False
         self.features: frozenset[str] = frozenset()
@@ -316,11 +327,18 @@ class Switchboard:
 
     # -- connection lifecycle -----------------------------------------------
 
-    def connect(self, conn: int, listener: ListenerRole, token: bytes | None = None) -> None:
-        """A new connection; `token` (UTF-8) is the one its HELLO must carry, if any."""
+    def connect(
+        self,
+        conn: int,
+        listener: ListenerRole,
+        token: bytes | None = None,
+        admin_token: bytes | None = None,
+    ) -> None:
+        """A new connection; `token` (UTF-8) is the one its HELLO must carry, if any;
+        `admin_token` the one a HELLO with role admin must carry (None: no admin here)."""
         if conn in self._conns:
             raise ValueError(f"connection {conn} is already known")
-        self._conns[conn] = _Conn(conn, listener, token)
+        self._conns[conn] = _Conn(conn, listener, token, admin_token)
 
     def set_codec(self, conn: int, codec: Codec) -> None:
         self._conns[conn].codec = codec
@@ -384,6 +402,11 @@ class Switchboard:
                     self._forward_progress(c, cookie, packet, out)
                 else:
                     self._wrong_role(c, type(packet).__name__.upper(), out)
+            case Status():
+                if c.role is Role.ADMIN:
+                    self._status(c, out)
+                else:
+                    self._wrong_role(c, "STATUS", out)
             case Shutdown():
                 self._unsupported(c, "SHUTDOWN", None, out)
             case Unsupported(ptype, cookie):
@@ -394,6 +417,9 @@ class Switchboard:
 
     def _assign_role(self, c: _Conn, packet: Packet, out: list[Action]) -> bool:
         """The first packet fixes a connection's role (PROTOCOL.md section 5, Roles)."""
+        admin_token, c.admin_token = c.admin_token, None
+        if isinstance(packet, Hello) and packet.role is Role.ADMIN:
+            return self._assign_admin(c, packet, admin_token, out)
         if isinstance(packet, Hello):
             role = packet.role or Role.CLIENT
         elif isinstance(packet, Register) or (
@@ -439,6 +465,89 @@ class Switchboard:
             )
             return False  # the HELLO is fully handled
         return True
+
+    def _assign_admin(
+        self, c: _Conn, packet: Hello, admin_token: bytes | None, out: list[Action]
+    ) -> bool:
+        """A HELLO with role admin: accepted only with this listener's admin token.
+
+        Refused (no admin token here, or a wrong or missing one): RESULT
+        UNAUTHORIZED, then close; logged as auth_failed, never with the token.
+        """
+        c.hello = True
+        c.features = frozenset(packet.features)
+        c.name = packet.name
+        c.role = Role.ADMIN
+        c.token = None  # the admin token stands in for the listener's own
+        if admin_token is None:
+            reason = "no admin on this listener"
+        elif packet.token is None:
+            reason = "missing"
+        elif hmac.compare_digest(packet.token.encode("utf-8", "surrogatepass"), admin_token):
+            out.append(
+                Log("peer_identified", c.id, {"role": "admin", "hello": True, "name": c.name})
+            )
+            out.append(
+                Send(
+                    c.id,
+                    Hello(
+                        role=Role.ADMIN,
+                        features=FEATURES,
+                        version=__version__,
+                        heartbeat_ms=self.limits.heartbeat_ms,
+                    ),
+                )
+            )
+            return False  # the HELLO is fully handled
+        else:
+            reason = "wrong"
+        out.append(Log("auth_failed", c.id, {"reason": reason, "role": "admin"}))
+        why = "a valid admin token is required for an admin connection"
+        self._answer(c, Result(None, ResultCode.UNAUTHORIZED, why), out, force=True)
+        self._close(c, f"unauthorized admin ({reason})", out)
+        return False
+
+    def _status(self, c: _Conn, out: list[Action]) -> None:
+        if c.codec is not Codec.MSGPACK:
+            self._answer(c, Result(None, ResultCode.BAD_PACKET, "STATUS needs msgpack"), out)
+            return
+        out.append(Send(c.id, Status(self.status_snapshot())))
+
+    def status_snapshot(self) -> dict[str, Any]:
+        """Workers, clients and queue depth by pipeline, as plain data (for STATUS).
+
+        Connections are listed by id; the broker adds each one's address and
+        its own uptime before the answer is encoded.
+        """
+        workers: list[dict[str, Any]] = []
+        clients: list[dict[str, Any]] = []
+        for c in self._conns.values():
+            if c.closing:
+                continue
+            if c.role is Role.WORKER:
+                workers.append(
+                    {
+                        "conn": c.id,
+                        "name": c.name,
+                        "pipelines": None if c.pipelines is None else sorted(c.pipelines),
+                        "capacity": c.capacity,
+                        "busy": c.busy,
+                    }
+                )
+            elif c.role is Role.CLIENT:
+                clients.append({"conn": c.id, "name": c.name, "jobs": len(c.jobs)})
+        queue: dict[str, int] = {}
+        for pipeline, heap in sorted(self._queues.items()):
+            live = sum(1 for entry in heap if entry[2].state is _State.QUEUED)
+            if live:
+                queue[pipeline] = live
+        return {
+            "workers": workers,
+            "clients": clients,
+            "queue": queue,
+            "running": self._running,
+            "queued": self._queued,
+        }
 
     def _authenticate(self, c: _Conn, packet: Packet, out: list[Action]) -> bool:
         """On a listener with a token, the first packet must be HELLO carrying it.

@@ -461,7 +461,7 @@ BAD_FIELDS: list[tuple[str, dict[str, Any], bytes | None]] = [
     ("stacktrace str", {**RESULT_OK, "stacktrace": "line"}, C),
     ("stacktrace list of int", {**RESULT_OK, "stacktrace": ["a", 2]}, C),
     ("stacktrace map", {**RESULT_OK, "stacktrace": {"a": "b"}}, C),
-    ("hello role unknown", {"packet_type": "HELLO", "role": "admin", "cookie": C}, C),
+    ("hello role unknown", {"packet_type": "HELLO", "role": "root", "cookie": C}, C),
     ("hello role int", {"packet_type": "HELLO", "role": 1}, None),
     ("hello features str", {"packet_type": "HELLO", "features": "started"}, None),
     ("hello token int", {"packet_type": "HELLO", "token": 1}, None),
