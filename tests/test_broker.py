@@ -13,6 +13,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+import structlog
 
 from reasonbroker.broker import Broker
 from reasonbroker.client import Client
@@ -395,3 +396,31 @@ async def test_connection_that_never_speaks_is_closed() -> None:
         mute = await RawPeer.connect(b.address("client"))
         assert await mute.closed_by_peer()
         assert b.dead_peers == 1
+
+
+async def test_role_violations_are_refused_logged_and_closed(broker: Broker) -> None:
+    w = await hello_worker(broker)
+    c = await hello_client(broker)
+    with structlog.testing.capture_logs() as logs:
+        # A worker on the clients' listener: HELLO'd, so it gets UNAUTHORIZED itself.
+        wrong_worker = await RawPeer.connect(broker.address("client"))
+        wrong_worker.send(Hello(role=Role.WORKER))
+        res = await wrong_worker.recv_type(Result)
+        assert res.rc == ResultCode.UNAUTHORIZED and res.error is not None
+        assert "workers are not accepted" in res.error
+        assert await wrong_worker.closed_by_peer()
+        # A legacy client on the workers' listener: our code travels as EXCEPTION.
+        wrong_client = await RawPeer.connect(broker.address("worker"))
+        cookie = new_cookie()
+        wrong_client.send(Run(cookie, "echo", 1))
+        res = await wrong_client.recv_type(Result)
+        assert (res.cookie, res.rc) == (cookie, ResultCode.EXCEPTION)
+        assert res.error is not None and res.error.startswith("UNAUTHORIZED: ")
+        assert await wrong_client.closed_by_peer()
+    refused = [e for e in logs if e["event"] == "role_refused"]
+    assert [(e["role"], e["listener"]) for e in refused] == [
+        ("worker", "clients"),
+        ("client", "workers"),
+    ]
+    assert broker.board.stats.accepted == 0  # the refused RUN never became a job
+    await echo_once(broker, c, w, "others unaffected")
