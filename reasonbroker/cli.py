@@ -19,7 +19,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final, NoReturn, Protocol
+from typing import Any, Final, NoReturn, Protocol, TypeVar
 
 import click
 
@@ -288,6 +288,29 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _log_options(default_level: str) -> Callable[[F], F]:
+    """--log-level and --log-format for the job commands (serve's come from config layers)."""
+
+    def decorate(f: F) -> F:
+        f = click.option(
+            "--log-format",
+            type=click.Choice(_LOG_FORMATS, case_sensitive=False),
+            default="auto",
+            help="auto (the default): console on a terminal, JSON otherwise.",
+        )(f)
+        return click.option(
+            "--log-level",
+            type=click.Choice(LOG_LEVELS, case_sensitive=False),
+            default=default_level,
+            show_default=True,
+        )(f)
+
+    return decorate
+
+
 @main.command()
 @click.argument("pipeline")
 @click.option(
@@ -322,13 +345,7 @@ def _jsonable(value: Any) -> Any:
 @click.option(
     "--json", "as_json", is_flag=True, help="Print a JSON object {rc, result, error, cookie}."
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(LOG_LEVELS, case_sensitive=False),
-    default="warning",
-    show_default=True,
-)
-@click.option("--log-format", type=click.Choice(_LOG_FORMATS, case_sensitive=False), default="auto")
+@_log_options(default_level="warning")
 @click.pass_context
 def submit(
     ctx: click.Context,
@@ -614,18 +631,7 @@ def format_status(status: dict[str, Any]) -> str:
     metavar="SECONDS",
     help="Kill a command running longer (its job ends PROCESSOR_EXCEPTION).",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(LOG_LEVELS, case_sensitive=False),
-    default="info",
-    show_default=True,
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(_LOG_FORMATS, case_sensitive=False),
-    default="auto",
-    help="auto (the default): console on a terminal, JSON otherwise.",
-)
+@_log_options(default_level="info")
 @click.argument("command", nargs=-1, required=True)
 @click.pass_context
 def worker(
