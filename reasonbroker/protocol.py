@@ -17,7 +17,7 @@ import json
 import struct
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar, dataclass_transform
 
 import msgpack
 
@@ -25,6 +25,7 @@ from .errors import EncodeError, RemoteProtocolError
 
 HEADER_BYTES: Final = 4
 _unpack_length = struct.Struct(">I").unpack_from
+_pack_length = struct.Struct(">I").pack
 # The largest RUN timeout_ms (about 24.8 days, a signed 32-bit count of ms):
 # JSON integers are unbounded, and a deadline must stay a finite float.
 MAX_TIMEOUT_MS: Final = 2**31 - 1
@@ -83,14 +84,36 @@ class Role(enum.StrEnum):
 # ---------------------------------------------------------------------------
 # Packets: one frozen, slotted dataclass per type, in a closed union.
 
+_P = TypeVar("_P")
 
-@dataclass(frozen=True, slots=True)
+
+if TYPE_CHECKING:
+
+    @dataclass_transform(frozen_default=True)
+    def _packet(cls: type[_P]) -> type[_P]:
+        """A slotted dataclass that the type checker holds frozen.
+
+        Not frozen at run time: a frozen dataclass sets each field through
+        `object.__setattr__`, which made building a RUN cost 0.84 us instead of
+        0.18, and every job builds four packets. Nothing assigns to a packet's
+        field (mypy --strict refuses it), so the guarantee stays; packets keep a
+        hash by value like frozen ones (unsafe_hash).
+        """
+        ...
+
+else:
+
+    def _packet(cls):
+        return dataclass(slots=True, unsafe_hash=True)(cls)
+
+
+@_packet
 class Register:
     capacity: int
     pipelines: tuple[str, ...] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@_packet
 class Run:
     cookie: bytes
     pipeline: str
@@ -101,12 +124,12 @@ class Run:
     max_attempts: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@_packet
 class Cancel:
     cookie: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@_packet
 class Result:
     cookie: bytes | None
     rc: ResultCode
@@ -115,7 +138,7 @@ class Result:
     result: Any = None
 
 
-@dataclass(frozen=True, slots=True)
+@_packet
 class Hello:
     role: Role | None = None
     token: str | None = field(default=None, repr=False)  # a secret: never in a log line
@@ -125,40 +148,40 @@ class Hello:
     heartbeat_ms: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@_packet
 class Ping:
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@_packet
 class Pong:
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@_packet
 class Started:
     cookie: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@_packet
 class Progress:
     cookie: bytes
     result: Any = None
 
 
-@dataclass(frozen=True, slots=True)
+@_packet
 class Shutdown:
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@_packet
 class Status:
     """STATUS: from an admin peer a request (`status` None), from the broker the answer."""
 
     status: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@_packet
 class Unsupported:
     """A well-formed packet whose type this broker does not handle (answered, not fatal)."""
 
@@ -166,7 +189,7 @@ class Unsupported:
     cookie: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@_packet
 class BadPacket:
     """A packet of a known type with a known key of the wrong type (answered BAD_PACKET)."""
 
@@ -257,9 +280,11 @@ class PacketDecoder:
         else:
             view = data  # the common case: whole frames, decoded without copying
         packets: list[Packet] = []
+        append = packets.append
         pos = 0
         end = len(view)
         limit = self._max
+        native = self.codec is Codec.MSGPACK
         # Zero-copy slices only over immutable bytes: a view into the buffer
         # would pin it (a bytearray with exports cannot be resized).
         mv = None if view is buf else memoryview(view)
@@ -279,11 +304,33 @@ class PacketDecoder:
                     break
                 pos = stop
                 body = mv[start:stop] if mv is not None else bytes(buf[start:stop])
-                if self.codec is Codec.MSGPACK and body[0] in _MSGPACK_MAP_FIRST:
-                    # The hot path, inlined: a msgpack connection's next map.
-                    packets.append(packet_from_map(_unpack_map(body), Codec.MSGPACK))
-                else:
-                    packets.append(self._decode(body))
+                if not (native and body[0] in _MSGPACK_MAP_FIRST):
+                    append(self._decode(body))
+                    native = self.codec is Codec.MSGPACK
+                    continue
+                # The hot path, inlined: a msgpack connection's next map, and
+                # the two packets every job carries in their plain shape.
+                d = _unpack_map(body)
+                if len(d) <= 4:
+                    cookie = d.get("cookie")
+                    if type(cookie) is bytes and len(cookie) == 16:
+                        ptype = d.get("packet_type")
+                        if ptype == "RUN":
+                            pipeline = d.get("pipeline")
+                            if (
+                                type(pipeline) is str
+                                and pipeline
+                                and (len(d) == 3 or "variables" in d)
+                            ):
+                                append(Run(cookie, pipeline, d.get("variables")))
+                                continue
+                        elif ptype == "RESULT":
+                            rc_text = d.get("rc")
+                            rc = _RESULT_CODES.get(rc_text) if type(rc_text) is str else None
+                            if rc is not None and (len(d) == 3 or "result" in d):
+                                append(Result(cookie, rc, None, None, d.get("result")))
+                                continue
+                append(packet_from_map(d, Codec.MSGPACK))
             else:
                 self._need = 0
         except RemoteProtocolError as exc:
@@ -424,21 +471,6 @@ def _payload(d: dict[Any, Any], key: str, codec: Codec) -> Any:
 def packet_from_map(d: dict[Any, Any], codec: Codec) -> Packet:
     """Build a packet from a decoded map; a known key of the wrong type gives BadPacket."""
     ptype = d.get("packet_type")
-    if codec is Codec.MSGPACK:
-        # Fast paths for the two packets every job carries, in their plain
-        # shape; anything else (extension fields, odd values) takes the full
-        # path below, which gives the same packet or the precise complaint.
-        cookie = d.get("cookie")
-        if type(cookie) is bytes and len(cookie) == 16:
-            if ptype == "RUN" and len(d) <= 4:
-                pipeline = d.get("pipeline")
-                if type(pipeline) is str and pipeline and (len(d) == 3 or "variables" in d):
-                    return Run(cookie, pipeline, d.get("variables"))
-            elif ptype == "RESULT" and len(d) <= 4:
-                rc_text = d.get("rc")
-                rc = _RESULT_CODES.get(rc_text) if type(rc_text) is str else None
-                if rc is not None and (len(d) == 3 or "result" in d):
-                    return Result(cookie, rc, None, None, d.get("result"))
     if not isinstance(ptype, str):
         return BadPacket("", _salvage_cookie(d, codec), "packet_type is missing or not a string")
     try:
@@ -608,20 +640,28 @@ def encode(packet: Packet, codec: Codec = Codec.MSGPACK) -> bytes:
     # The per-job packets in their plain shape build their map directly (no
     # match dispatch); the map is the one packet_to_map gives.
     d: dict[str, Any]
-    if (
-        isinstance(packet, Run)
-        and not (packet.detach or packet.priority)
-        and packet.timeout_ms is None
-        and packet.max_attempts is None
-    ):
-        d = {"packet_type": "RUN", "cookie": packet.cookie, "pipeline": packet.pipeline}
-        if packet.variables is not None:
-            d["variables"] = packet.variables
-    elif isinstance(packet, Result) and packet.error is None and packet.stacktrace is None:
-        # rc is a StrEnum: msgpack and json write it as its text.
-        d = {"packet_type": "RESULT", "cookie": packet.cookie, "rc": packet.rc}
-        if packet.result is not None:
-            d["result"] = packet.result
+    if type(packet) is Run:
+        run = packet
+        if run.detach or run.priority or run.timeout_ms is not None or run.max_attempts is not None:
+            d = packet_to_map(run)
+        elif run.variables is None:
+            d = {"packet_type": "RUN", "cookie": run.cookie, "pipeline": run.pipeline}
+        else:
+            d = {
+                "packet_type": "RUN",
+                "cookie": run.cookie,
+                "pipeline": run.pipeline,
+                "variables": run.variables,
+            }
+    elif type(packet) is Result:
+        res = packet
+        if res.error is not None or res.stacktrace is not None:
+            d = packet_to_map(res)
+        elif res.result is None:
+            # rc is a StrEnum: msgpack and json write it as its text.
+            d = {"packet_type": "RESULT", "cookie": res.cookie, "rc": res.rc}
+        else:
+            d = {"packet_type": "RESULT", "cookie": res.cookie, "rc": res.rc, "result": res.result}
     else:
         d = packet_to_map(packet)
     if codec is Codec.MSGPACK:
@@ -631,9 +671,10 @@ def encode(packet: Packet, codec: Codec = Codec.MSGPACK) -> bytes:
             raise EncodeError(f"msgpack cannot carry this packet: {exc}") from exc
     else:
         body = _json_body(d)
-    if len(body) > _MAX_ENCODABLE:
-        raise EncodeError(f"packet body of {len(body)} bytes cannot be framed")
-    return len(body).to_bytes(HEADER_BYTES, "big") + body
+    size = len(body)
+    if size > _MAX_ENCODABLE:
+        raise EncodeError(f"packet body of {size} bytes cannot be framed")
+    return _pack_length(size) + body
 
 
 _JSON_KEYS: Final = (

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from reasonbroker.errors import EncodeError, RemoteProtocolError
@@ -40,6 +41,7 @@ from reasonbroker.protocol import (
     cookie_str,
     encode,
     for_legacy,
+    packet_from_map,
 )
 
 MAX = 1 << 20
@@ -991,3 +993,67 @@ def test_fuzz_json_maps_decode_and_re_encode(d: dict[str, Any]) -> None:
         if isinstance(packet, (BadPacket, Unsupported)):
             continue
         assert decode_all(encode(packet, Codec.JSON)) == [packet]
+
+
+# The decoder inlines RUN and RESULT in their plain shape; any map must still
+# give exactly the packet the general path builds (or the same complaint).
+_FAST_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.sampled_from(["", "RUN", "RESULT", "OK", "EXCEPTION", "echo", "nope"]),
+    st.binary(min_size=15, max_size=17),
+    st.lists(st.text(max_size=3), max_size=2),
+)
+_FAST_KEYS = st.sampled_from(
+    ["packet_type", "cookie", "pipeline", "variables", "rc", "result", "error", "detach", "x"]
+)
+_FAST_BASES = st.sampled_from(
+    [
+        {"packet_type": "RUN", "cookie": C, "pipeline": "echo"},
+        {"packet_type": "RUN", "cookie": C, "pipeline": "echo", "variables": "v"},
+        {"packet_type": "RESULT", "cookie": C, "rc": "OK"},
+        {"packet_type": "RESULT", "cookie": C, "rc": "OK", "result": "r"},
+    ]
+)
+# The per-job shapes with a key or two changed, added or taken away, so the
+# fast path and its near misses are both hit.
+_FAST_MAPS = st.builds(
+    lambda base, extra, drop: {k: v for k, v in {**base, **extra}.items() if k != drop},
+    _FAST_BASES,
+    st.dictionaries(_FAST_KEYS, _FAST_VALUES, max_size=2),
+    st.one_of(st.none(), _FAST_KEYS),
+)
+
+
+@settings(max_examples=400)
+@given(_FAST_MAPS)
+@example({"packet_type": "RESULT", "cookie": C, "rc": "OK", "error": "boom"})
+@example({"packet_type": "RESULT", "cookie": C, "rc": "OK", "result": "r", "error": "boom"})
+@example({"packet_type": "RESULT", "cookie": C, "rc": "NOPE"})
+@example({"packet_type": "RUN", "cookie": C, "pipeline": "echo", "detach": True})
+@example({"packet_type": "RUN", "cookie": C[:15], "pipeline": "echo"})
+@example({"packet_type": "RUN", "cookie": C, "pipeline": ""})
+def test_decoder_fast_path_agrees_with_the_general_path(d: dict[str, Any]) -> None:
+    dec = PacketDecoder(MAX)
+    assert dec.feed(mp({"packet_type": "PING"})) == [Ping()]  # fixes the codec: the fast path is on
+    assert dec.feed(mp(d)) == [packet_from_map(d, Codec.MSGPACK)]
+
+
+def test_packets_are_frozen_for_the_type_checker(tmp_path: Path) -> None:
+    # At run time packets are plain slotted dataclasses (a frozen one costs
+    # four times as much to build); mypy --strict is what keeps them immutable.
+    from mypy import api
+
+    snippet = tmp_path / "assign.py"
+    snippet.write_text(
+        "from reasonbroker.protocol import Result, ResultCode, Run\n"
+        "run = Run(b'0' * 16, 'echo')\n"
+        "run.pipeline = 'other'\n"
+        "res = Result(None, ResultCode.OK)\n"
+        "res.result = 1\n"
+    )
+    out, _, status = api.run(["--strict", "--cache-dir=/dev/null", str(snippet)])
+    assert status == 1
+    assert 'Property "pipeline" defined in "Run" is read-only' in out
+    assert 'Property "result" defined in "Result" is read-only' in out
