@@ -6,7 +6,12 @@ the CLI does that.
 
 from __future__ import annotations
 
-from ._version import __version__
-from .config import Config, Limits, load_config
+from . import _native
 
-__all__ = ["Config", "Limits", "__version__", "load_config"]
+# First, before anything imports them: compiled hot modules, or their source.
+COMPILED: bool = _native.select(__name__)
+
+from ._version import __version__  # noqa: E402
+from .config import Config, Limits, load_config  # noqa: E402
+
+__all__ = ["COMPILED", "Config", "Limits", "__version__", "load_config"]

@@ -32,12 +32,15 @@ import structlog
 import transports
 from transports import Listener, Stream
 
+from ._version import __version__
 from .config import Config, ListenerRole
 from .errors import EncodeError, RemoteProtocolError
 from .metrics import MetricsServer, registry_for
 from .protocol import Codec, PacketDecoder, Ping, Result, ResultCode, Status, encode
 from .switchboard import Action, Close, Log, Send, Switchboard, Wake
 
+# True when this module runs as mypyc-compiled code (scripts/build_native).
+COMPILED = not __file__.endswith(".py")
 _log = structlog.get_logger("reasonbroker.broker")
 
 # After the drain, how long closed connections get to flush before they are aborted.
@@ -169,6 +172,7 @@ class Broker:
         self._idle = asyncio.Event()
         self._closed_all = asyncio.Event()
         self._started_at = self._loop.time()
+        _log.info("starting", version=__version__, compiled=COMPILED)
         try:
             for lc in self.config.listeners:
                 context = None
@@ -424,6 +428,7 @@ class Broker:
                 entries.append({**entry, "address": None if conn is None else conn.stream.peer})
             status[kind] = entries
         status["uptime_s"] = self.uptime_s
+        status["compiled"] = COMPILED
         return Status(status)
 
     def _encode_failed(self, conn: _Connection, action: Send, exc: EncodeError) -> bytes:

@@ -23,6 +23,7 @@ from typing import Any, Final, NoReturn, Protocol, TypeVar
 
 import click
 
+from . import COMPILED
 from ._version import __version__
 from .config import LOG_LEVELS, Config, LogFormat, load_config
 from .errors import ConfigError
@@ -53,7 +54,11 @@ class _Stoppable(Protocol):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="reasonbroker", message="%(prog)s %(version)s")
+@click.version_option(
+    __version__,
+    prog_name="reasonbroker",
+    message="%(prog)s %(version)s" + (" (compiled)" if COMPILED else ""),
+)
 def main() -> None:
     """reasonbroker: routes jobs from clients to workers, exactly one result per job."""
 
@@ -573,7 +578,8 @@ def format_status(status: dict[str, Any]) -> str:
 
     lines = [
         f"uptime {float(status.get('uptime_s', 0.0)):.1f} s, "
-        f"running {status.get('running', 0)}, queued {status.get('queued', 0)}",
+        f"running {status.get('running', 0)}, queued {status.get('queued', 0)}"
+        + (", compiled" if status.get("compiled") else ""),
         "",
     ]
     workers = status.get("workers", [])

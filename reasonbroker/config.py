@@ -20,7 +20,8 @@ Key names, as they appear in a `ConfigError`:
   `_WORKER_TOKEN` / `_BOTH_TOKEN` (the token of every listener of that role,
   applied after every layer), `REASONBROKER_CONFIG` (the TOML file when no
   path is given). `REASONBROKER_ADMIN_TOKEN` is `reasonbroker status`'s, and
-  ignored here (admin tokens are set in the TOML file only).
+  ignored here (admin tokens are set in the TOML file only);
+  `REASONBROKER_PURE` picks the build at import (reasonbroker/_native.py).
 - overrides (flags): the same dotted keys as TOML, plus `listeners.clients`,
   `listeners.workers`, `listeners.both` (a sequence of URLs that replaces the
   listeners of that role).
@@ -293,6 +294,8 @@ ENV_PREFIX = "REASONBROKER_"
 ENV_CONFIG = "REASONBROKER_CONFIG"
 # Read by `reasonbroker status` (the admin token it sends), not by the broker.
 ENV_ADMIN_TOKEN = "REASONBROKER_ADMIN_TOKEN"
+# Read at import (reasonbroker/_native.py): run the source, not the compiled build.
+ENV_PURE = "REASONBROKER_PURE"
 
 # The scalar settings by canonical (TOML dotted) key, with the kind of value each takes.
 _SCALARS: dict[str, str] = {
@@ -496,7 +499,7 @@ def _apply_env(
     roles_by_token_env = {name: role for role, name in _TOKEN_ENV.items()}
     # Sorted so that, with several bad variables, the error is always the same one.
     for name in sorted(env):
-        if not name.startswith(ENV_PREFIX) or name in (ENV_CONFIG, ENV_ADMIN_TOKEN):
+        if not name.startswith(ENV_PREFIX) or name in (ENV_CONFIG, ENV_ADMIN_TOKEN, ENV_PURE):
             continue
         text = env[name]
         if name in _SCALAR_BY_ENV:

@@ -1,6 +1,8 @@
-# Sourced by scripts/serve and scripts/test: make .venv with the project installed.
+# Sourced by scripts/serve and scripts/test: make .venv with the project installed,
+# then compile the hot modules with mypyc (scripts/build_native).
 # Idempotent and quick when nothing changed: pip runs only when pyproject.toml
-# is newer than the last install (or the venv is missing).
+# is newer than the last install (or the venv is missing); the compile only
+# when a compiled module's source changed. REASONBROKER_PURE=1 skips it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${REASONBROKER_VENV:-$ROOT/.venv}"
@@ -17,4 +19,7 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
     touch "$STAMP"
+fi
+if [ -z "${REASONBROKER_PURE:-}" ]; then
+    "$VENV/bin/python" "$ROOT/scripts/build_native"
 fi

@@ -70,6 +70,14 @@ def test_environment_without_our_prefix_is_ignored() -> None:
     assert load_config(None, env, {}) == Config()
 
 
+def test_environment_read_elsewhere_is_not_config() -> None:
+    # REASONBROKER_PURE is read at import (which build runs), the admin token by `status`.
+    env = {"REASONBROKER_PURE": "1", "REASONBROKER_ADMIN_TOKEN": "t"}
+    assert load_config(None, env, {}) == Config()
+    with pytest.raises(ConfigError, match="REASONBROKER_PURES"):
+        load_config(None, {"REASONBROKER_PURES": "1"}, {})
+
+
 # --------------------------------------------------------------------------- TOML
 
 
