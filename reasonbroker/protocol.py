@@ -269,7 +269,7 @@ class PacketDecoder:
         mv = None if view is buf else memoryview(view)
         try:
             while end - pos >= HEADER_BYTES:
-                size = _unpack_length(view, pos)[0]
+                size: int = _unpack_length(view, pos)[0]
                 if size == 0:
                     raise RemoteProtocolError("frame length is 0")
                 if size > limit:
@@ -610,46 +610,89 @@ def packet_to_map(packet: Packet) -> dict[str, Any]:
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
+def _msgpack_pieces(packet_type: str, map_size: int) -> bytes:
+    """The bytes that open a plain RUN/RESULT map, up to its 16-byte cookie."""
+    opening: bytes = (
+        bytes([0x80 | map_size])
+        + _packb("packet_type")
+        + _packb(packet_type)
+        + _packb("cookie")
+        + b"\xc4\x10"  # bin 8, 16 bytes
+    )
+    return opening
+
+
+# The per-job packets in their plain shape are written from these pieces:
+# the same bytes as packing packet_to_map's map (the keys in the same order),
+# without building the map. tests/test_protocol.py checks the two agree.
+_RUN_OPEN: Final = {n: _msgpack_pieces("RUN", n) for n in (3, 4)}
+_RESULT_OPEN: Final = {n: _msgpack_pieces("RESULT", n) for n in (3, 4)}
+_PIPELINE_KEY: Final = _packb("pipeline")
+_VARIABLES_KEY: Final = _packb("variables")
+_RC_KEY: Final = _packb("rc")
+_RESULT_KEY: Final = _packb("result")
+_RC_PACKED: Final = {rc: _packb(rc.value) for rc in ResultCode}
+
+
+def _msgpack_body(packet: Packet) -> bytes:
+    if type(packet) is Run:
+        run = packet
+        if (
+            not (run.detach or run.priority)
+            and run.timeout_ms is None
+            and run.max_attempts is None
+            and len(run.cookie) == 16
+        ):
+            if run.variables is None:
+                return b"".join((_RUN_OPEN[3], run.cookie, _PIPELINE_KEY, _packb(run.pipeline)))
+            return b"".join(
+                (
+                    _RUN_OPEN[4],
+                    run.cookie,
+                    _PIPELINE_KEY,
+                    _packb(run.pipeline),
+                    _VARIABLES_KEY,
+                    _packb(run.variables),
+                )
+            )
+    elif type(packet) is Result:
+        res = packet
+        cookie = res.cookie
+        if (
+            res.error is None
+            and res.stacktrace is None
+            and cookie is not None
+            and len(cookie) == 16
+        ):
+            if res.result is None:
+                return b"".join((_RESULT_OPEN[3], cookie, _RC_KEY, _RC_PACKED[res.rc]))
+            return b"".join(
+                (
+                    _RESULT_OPEN[4],
+                    cookie,
+                    _RC_KEY,
+                    _RC_PACKED[res.rc],
+                    _RESULT_KEY,
+                    _packb(res.result),
+                )
+            )
+    body: bytes = _packb(packet_to_map(packet))
+    return body
+
+
 def encode(packet: Packet, codec: Codec = Codec.MSGPACK) -> bytes:
     """One whole frame (header and body) for `packet` in `codec`.
 
     Raises EncodeError when the codec cannot carry a value (bytes to JSON, a
     non-string payload to JSON, an object msgpack cannot pack).
     """
-    # The per-job packets in their plain shape build their map directly (no
-    # match dispatch); the map is the one packet_to_map gives.
-    d: dict[str, Any]
-    if type(packet) is Run:
-        run = packet
-        if run.detach or run.priority or run.timeout_ms is not None or run.max_attempts is not None:
-            d = packet_to_map(run)
-        elif run.variables is None:
-            d = {"packet_type": "RUN", "cookie": run.cookie, "pipeline": run.pipeline}
+    try:
+        if codec is Codec.MSGPACK:
+            body = _msgpack_body(packet)
         else:
-            d = {
-                "packet_type": "RUN",
-                "cookie": run.cookie,
-                "pipeline": run.pipeline,
-                "variables": run.variables,
-            }
-    elif type(packet) is Result:
-        res = packet
-        if res.error is not None or res.stacktrace is not None:
-            d = packet_to_map(res)
-        elif res.result is None:
-            # rc is a StrEnum: msgpack and json write it as its text.
-            d = {"packet_type": "RESULT", "cookie": res.cookie, "rc": res.rc}
-        else:
-            d = {"packet_type": "RESULT", "cookie": res.cookie, "rc": res.rc, "result": res.result}
-    else:
-        d = packet_to_map(packet)
-    if codec is Codec.MSGPACK:
-        try:
-            body: bytes = _packb(d)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise EncodeError(f"msgpack cannot carry this packet: {exc}") from exc
-    else:
-        body = _json_body(d)
+            body = _json_body(packet_to_map(packet))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"{codec.value} cannot carry this packet: {exc}") from exc
     size = len(body)
     if size > _MAX_ENCODABLE:
         raise EncodeError(f"packet body of {size} bytes cannot be framed")

@@ -42,6 +42,7 @@ from reasonbroker.protocol import (
     encode,
     for_legacy,
     packet_from_map,
+    packet_to_map,
 )
 
 MAX = 1 << 20
@@ -1057,3 +1058,41 @@ def test_packets_are_frozen_for_the_type_checker(tmp_path: Path) -> None:
     assert status == 1
     assert 'Property "pipeline" defined in "Run" is read-only' in out
     assert 'Property "result" defined in "Result" is read-only' in out
+
+
+_PAYLOADS = st.one_of(
+    st.none(),
+    st.text(max_size=5),
+    st.binary(max_size=5),
+    st.integers(-(2**63), 2**64 - 1),
+    st.lists(st.integers(-3, 3), max_size=3),
+    st.dictionaries(st.text(max_size=2), st.booleans(), max_size=2),
+)
+_COOKIES = st.just(C) | st.binary(min_size=16, max_size=16)
+_RUNS = st.builds(
+    Run,
+    _COOKIES,
+    st.text(min_size=1, max_size=5),
+    _PAYLOADS,
+    st.booleans(),
+    st.integers(-2, 2),
+    st.none() | st.integers(1, 100),
+    st.none() | st.integers(1, 3),
+)
+_RESULTS = st.builds(
+    Result,
+    st.none() | _COOKIES,
+    st.sampled_from(ResultCode),
+    st.none() | st.text(max_size=5),
+    st.none() | st.lists(st.text(max_size=3), max_size=2).map(tuple),
+    _PAYLOADS,
+)
+
+
+@settings(max_examples=300)
+@given(_RUNS | _RESULTS)
+def test_per_job_packets_are_written_as_their_map_packs(packet: Run | Result) -> None:
+    # encode writes plain RUN/RESULT from prepacked pieces; the bytes must be
+    # exactly those of packing the packet's map.
+    expected = frame(msgpack.packb(packet_to_map(packet), use_bin_type=True))
+    assert encode(packet) == expected
