@@ -632,9 +632,26 @@ _VARIABLES_KEY: Final = _packb("variables")
 _RC_KEY: Final = _packb("rc")
 _RESULT_KEY: Final = _packb("result")
 _RC_PACKED: Final = {rc: _packb(rc.value) for rc in ResultCode}
+# Body bytes of the plain shapes other than the variable parts (pipeline,
+# variables; rc, result), by map size.
+_RUN_FIXED: Final = {
+    3: len(_RUN_OPEN[3]) + 16 + len(_PIPELINE_KEY),
+    4: len(_RUN_OPEN[4]) + 16 + len(_PIPELINE_KEY) + len(_VARIABLES_KEY),
+}
+_RESULT_FIXED: Final = {
+    3: len(_RESULT_OPEN[3]) + 16 + len(_RC_KEY),
+    4: len(_RESULT_OPEN[4]) + 16 + len(_RC_KEY) + len(_RESULT_KEY),
+}
 
 
-def _msgpack_body(packet: Packet) -> bytes:
+def _header(size: int) -> bytes:
+    if size > _MAX_ENCODABLE:
+        raise EncodeError(f"packet body of {size} bytes cannot be framed")
+    return _pack_length(size)
+
+
+def _msgpack_frame(packet: Packet) -> bytes:
+    """Header and body in one join: a payload is copied once, not again to prefix it."""
     if type(packet) is Run:
         run = packet
         if (
@@ -643,16 +660,21 @@ def _msgpack_body(packet: Packet) -> bytes:
             and run.max_attempts is None
             and len(run.cookie) == 16
         ):
+            pipeline = _packb(run.pipeline)
             if run.variables is None:
-                return b"".join((_RUN_OPEN[3], run.cookie, _PIPELINE_KEY, _packb(run.pipeline)))
+                size = _RUN_FIXED[3] + len(pipeline)
+                return b"".join((_header(size), _RUN_OPEN[3], run.cookie, _PIPELINE_KEY, pipeline))
+            variables = _packb(run.variables)
+            size = _RUN_FIXED[4] + len(pipeline) + len(variables)
             return b"".join(
                 (
+                    _header(size),
                     _RUN_OPEN[4],
                     run.cookie,
                     _PIPELINE_KEY,
-                    _packb(run.pipeline),
+                    pipeline,
                     _VARIABLES_KEY,
-                    _packb(run.variables),
+                    variables,
                 )
             )
     elif type(packet) is Result:
@@ -664,20 +686,17 @@ def _msgpack_body(packet: Packet) -> bytes:
             and cookie is not None
             and len(cookie) == 16
         ):
+            rc = _RC_PACKED[res.rc]
             if res.result is None:
-                return b"".join((_RESULT_OPEN[3], cookie, _RC_KEY, _RC_PACKED[res.rc]))
+                size = _RESULT_FIXED[3] + len(rc)
+                return b"".join((_header(size), _RESULT_OPEN[3], cookie, _RC_KEY, rc))
+            result = _packb(res.result)
+            size = _RESULT_FIXED[4] + len(rc) + len(result)
             return b"".join(
-                (
-                    _RESULT_OPEN[4],
-                    cookie,
-                    _RC_KEY,
-                    _RC_PACKED[res.rc],
-                    _RESULT_KEY,
-                    _packb(res.result),
-                )
+                (_header(size), _RESULT_OPEN[4], cookie, _RC_KEY, rc, _RESULT_KEY, result)
             )
     body: bytes = _packb(packet_to_map(packet))
-    return body
+    return _header(len(body)) + body
 
 
 def encode(packet: Packet, codec: Codec = Codec.MSGPACK) -> bytes:
@@ -688,15 +707,11 @@ def encode(packet: Packet, codec: Codec = Codec.MSGPACK) -> bytes:
     """
     try:
         if codec is Codec.MSGPACK:
-            body = _msgpack_body(packet)
-        else:
-            body = _json_body(packet_to_map(packet))
+            return _msgpack_frame(packet)
+        body = _json_body(packet_to_map(packet))
     except (TypeError, ValueError, OverflowError) as exc:
         raise EncodeError(f"{codec.value} cannot carry this packet: {exc}") from exc
-    size = len(body)
-    if size > _MAX_ENCODABLE:
-        raise EncodeError(f"packet body of {size} bytes cannot be framed")
-    return _pack_length(size) + body
+    return _header(len(body)) + body
 
 
 _JSON_KEYS: Final = (
