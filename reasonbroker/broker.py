@@ -445,6 +445,7 @@ class Broker:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self.board.end_batch()
         dirty, self._dirty = self._dirty, []
         high_water = self.config.limits.outbox_high_water_bytes
         for conn in dirty:

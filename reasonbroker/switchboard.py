@@ -288,6 +288,9 @@ class Switchboard:
         self._running = 0
         self._seq = itertools.count(1)
         self._use = itertools.count(1)
+        # The worker this batch's last RUN went to (see end_batch).
+        self._batch_worker: _Conn | None = None
+        self._batch_slack = limits.dispatch_batch_slack
         self._wcookie_prefix = cookie_prefix
         self._wcookie_seq = itertools.count(1)
         self._deadlines: list[tuple[float, int, _Deadline, _Job | _Conn]] = []
@@ -797,6 +800,8 @@ class Switchboard:
     def _worker_gone(self, w: _Conn, out: list[Action]) -> None:
         """Each job re-queued while attempts allow, else WORKER_WENT_AWAY (section 5)."""
         self._workers.pop(w.id, None)
+        if self._batch_worker is w:
+            self._batch_worker = None
         jobs = sorted(w.running.values(), key=lambda j: j.seq)
         w.running.clear()
         for job in jobs:
@@ -864,7 +869,8 @@ class Switchboard:
         """The least-loaded worker with a free slot serving `pipeline`, and whether any serves it.
 
         Load is busy/capacity; among equals the least recently used wins,
-        which is round robin.
+        which is round robin. Within a batch the worker the last RUN went to
+        is kept while it is within Limits.dispatch_batch_slack of that.
         """
         best: _Conn | None = None
         served = False
@@ -881,7 +887,21 @@ class Switchboard:
             rhs = (best.busy + best.resting) * w.capacity
             if lhs < rhs or (lhs == rhs and w.last_used < best.last_used):
                 best = w
+        stay = self._batch_worker
+        if best is not None and stay is not None and stay is not best and stay.serves(pipeline):
+            used = stay.busy + stay.resting
+            if used < stay.capacity and (
+                (used - self._batch_slack * stay.capacity) * best.capacity
+                <= (best.busy + best.resting) * stay.capacity
+            ):
+                return stay, served
         return best, served
+
+    def end_batch(self) -> None:
+        """The I/O layer has written out what the input so far produced (once
+        per event-loop turn): from now on RUNs are a new batch, with no pull
+        towards the worker the last one went to (Limits.dispatch_batch_slack)."""
+        self._batch_worker = None
 
     def _dispatch(self, job: _Job, w: _Conn, out: list[Action]) -> None:
         if w.codec is not Codec.MSGPACK and not can_carry(job.run.variables, w.codec):
@@ -903,6 +923,8 @@ class Switchboard:
         w.last_used = next(self._use)
         self._running += 1
         self.stats.dispatched += 1
+        if self._batch_slack:
+            self._batch_worker = w
         out.append(Send(w.id, Run(wcookie, job.run.pipeline, job.run.variables)))
 
     def _release_slot(self, w: _Conn, job: _Job) -> None:

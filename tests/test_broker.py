@@ -424,3 +424,19 @@ async def test_role_violations_are_refused_logged_and_closed(broker: Broker) -> 
     ]
     assert broker.board.stats.accepted == 0  # the refused RUN never became a job
     await echo_once(broker, c, w, "others unaffected")
+
+
+async def test_a_burst_goes_out_to_one_worker_and_the_next_turn_starts_afresh() -> None:
+    # Batch affinity (docs/protocol.md): RUNs in one write stay on one worker
+    # within dispatch_batch_slack; the broker ends the batch when it flushes,
+    # so a RUN in a later write goes to the least-loaded worker again.
+    async with Broker(_config(dispatch_batch_slack=1.0)) as b:
+        w1 = await hello_worker(b, capacity=8)
+        w2 = await hello_worker(b, capacity=8)
+        c = await hello_client(b)
+        c.send(*(Run(new_cookie(), "echo", n) for n in range(3)))  # one write
+        firsts = [await w1.recv_type(Run) for _ in range(3)]
+        assert [r.variables for r in firsts] == [0, 1, 2]
+        c.send(Run(new_cookie(), "echo", 3))  # a later write: least loaded is w2
+        assert (await w2.recv_type(Run)).variables == 3
+        assert [b.board.slots(w)[1] for w in b.board.workers()] == [3, 1]

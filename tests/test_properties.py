@@ -76,6 +76,8 @@ LIMITS = Limits(
     max_attempts_limit=3,
     max_worker_capacity=4,
     max_inflight_per_client=6,
+    # Large, so that batch affinity often overrides least-loaded (capacities are <= 4).
+    dispatch_batch_slack=0.5,
 )
 REJECTIONS = frozenset(
     {
@@ -582,6 +584,11 @@ class SwitchboardMachine(RuleBasedStateMachine):
     @rule(dt=st.floats(0.0, 3.0))
     def tick(self, dt: float) -> None:
         self.tick_at(self.now + dt)
+
+    @rule()
+    def end_batch(self) -> None:
+        # The broker ends a batch once per event-loop turn, when it flushes.
+        self.board.end_batch()
 
     @rule()
     def tick_at_the_wake(self) -> None:

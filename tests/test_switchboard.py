@@ -112,6 +112,7 @@ class H:
         self.old: dict[str, list[tuple[int, bytes]]] = {}
         self.last: list[Action] = []
         self._ids = itertools.count(1)
+        self.batching = False  # True: packets arrive together, one batch until end_batch
 
     def _track(self, out: list[Action]) -> list[Row]:
         self.last = out
@@ -132,7 +133,10 @@ class H:
         return conn
 
     def feed(self, conn: int, packet: Packet) -> list[Row]:
-        return self._track(self.b.receive(conn, packet, self.now))
+        rows = self._track(self.b.receive(conn, packet, self.now))
+        if not self.batching:
+            self.b.end_batch()  # each packet its own read, as a quiet broker sees them
+        return rows
 
     def client(
         self,
@@ -433,6 +437,64 @@ def test_least_loaded_by_busy_over_capacity() -> None:
     assert order == [w1, w2, w2, w1, w2, w2]
     assert h.b.slots(w1) == (2, 2)
     assert h.b.slots(w2) == (4, 4)
+
+
+def test_a_batch_stays_on_one_worker_within_the_slack() -> None:
+    h = H(dispatch_batch_slack=0.25)
+    w1, w2 = h.worker(8), h.worker(8)
+    c = h.client()
+    h.batching = True
+    # Slack 0.25 x 8 = 2: w1 takes jobs while its load is <= 2 above w2's (0).
+    order = [h.run(c, n)[0][1] for n in range(4)]
+    assert order == [w1, w1, w1, w2]
+    # The batch now stays on w2, whose load (1) is within the slack of w1's (3).
+    assert [h.run(c, n)[0][1] for n in range(4, 8)] == [w2, w2, w2, w2]
+    assert h.b.slots(w1) == (8, 3)
+    assert h.b.slots(w2) == (8, 5)
+    # A new batch starts from the least-loaded worker again.
+    h.b.end_batch()
+    assert h.run(c, 8)[0][1] == w1
+
+
+def test_a_batch_never_overfills_the_worker_it_stays_on() -> None:
+    h = H(dispatch_batch_slack=1.0)
+    w1, w2 = h.worker(2), h.worker(2)
+    c = h.client()
+    h.batching = True
+    assert [h.run(c, n)[0][1] for n in range(4)] == [w1, w1, w2, w2]
+    assert h.run(c, 4) == []  # queued: both full
+    assert h.b.queue_depth == 1
+
+
+def test_zero_slack_is_least_loaded_within_a_batch() -> None:
+    h = H(dispatch_batch_slack=0)
+    ws = [h.worker(8) for _ in range(3)]
+    c = h.client()
+    h.batching = True
+    assert [h.run(c, n)[0][1] for n in range(6)] == ws * 2
+
+
+def test_a_batch_does_not_stay_on_a_worker_that_left() -> None:
+    h = H(dispatch_batch_slack=1.0, default_max_attempts=2)
+    w1, w2 = h.worker(8), h.worker(8)
+    c = h.client()
+    h.batching = True
+    assert h.run(c, 0)[0][1] == w1
+    h.gone(w1)  # job0 is re-run on w2
+    assert h.jobs["job0"][0] == w2
+    assert h.run(c, 1)[0][1] == w2
+    assert h.b.slots(w2) == (8, 2)
+
+
+def test_a_batch_does_not_stay_on_a_worker_that_does_not_serve_the_pipeline() -> None:
+    h = H(dispatch_batch_slack=1.0)
+    wa = h.worker(8, pipelines=("a",))
+    wb = h.worker(8, pipelines=("b",))
+    c = h.client()
+    h.batching = True
+    assert h.run(c, 0, pipeline="a")[0][1] == wa
+    assert h.run(c, 1, pipeline="b")[0][1] == wb
+    assert h.run(c, 2, pipeline="a")[0][1] == wa
 
 
 def test_freed_slot_makes_a_worker_least_loaded_again() -> None:
