@@ -32,7 +32,6 @@ import structlog
 import transports
 from transports import Listener, Stream
 
-from ._version import __version__
 from .config import Config, ListenerRole
 from .errors import EncodeError, RemoteProtocolError
 from .metrics import MetricsServer, registry_for
@@ -172,7 +171,6 @@ class Broker:
         self._idle = asyncio.Event()
         self._closed_all = asyncio.Event()
         self._started_at = self._loop.time()
-        _log.info("starting", version=__version__, compiled=COMPILED)
         try:
             for lc in self.config.listeners:
                 context = None

@@ -167,7 +167,7 @@ def _run(config: Config) -> int:
         else:
             loop_factory = uvloop.new_event_loop
             loop_name = "uvloop"
-    log.info("starting", version=__version__, loop=loop_name, pid=os.getpid())
+    log.info("starting", version=__version__, loop=loop_name, pid=os.getpid(), compiled=COMPILED)
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             return runner.run(_serve(config))

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+import reasonbroker
 from reasonbroker.protocol import Result, ResultCode, Run, new_cookie
 from tests.rawpeer import WAIT_S, RawPeer, hello_worker
 
@@ -27,6 +28,9 @@ async def _start() -> tuple[asyncio.subprocess.Process, dict[str, str]]:
             line = await proc.stderr.readline()
             assert line, "the daemon exited before listening"
             event = json.loads(line)
+            if event["event"] == "starting":
+                # The same environment picks the same build as this test's.
+                assert event["compiled"] is reasonbroker.COMPILED
             if event["event"] == "listening":
                 urls[event["role"]] = event["url"]
     return proc, urls
