@@ -18,7 +18,8 @@ def packet(cls: type[_P]) -> type[_P]:
 
     Not frozen at run time: a frozen dataclass sets each field through
     `object.__setattr__`, which made building a RUN cost 0.84 us instead of
-    0.18, and every job builds four packets. Nothing assigns to a packet's
+    0.18. (RUN and RESULT, four of which every job builds, have since been
+    written by hand for mypyc: see protocol.Record.) Nothing assigns to a packet's
     field (mypy --strict refuses it, tests/test_protocol.py checks that), so
     the guarantee stays; packets keep a hash by value like frozen ones.
     """

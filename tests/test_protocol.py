@@ -6,6 +6,7 @@ legacy rules of section 6).
 
 from __future__ import annotations
 
+import inspect
 import json
 import uuid
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import reasonbroker
 from reasonbroker.errors import EncodeError, RemoteProtocolError
 from reasonbroker.protocol import (
     HEADER_BYTES,
@@ -29,6 +31,7 @@ from reasonbroker.protocol import (
     Ping,
     Pong,
     Progress,
+    Record,
     Register,
     Result,
     ResultCode,
@@ -44,6 +47,7 @@ from reasonbroker.protocol import (
     packet_from_map,
     packet_to_map,
 )
+from reasonbroker.switchboard import Send
 
 MAX = 1 << 20
 C = uuid.UUID("01234567-89ab-cdef-0123-456789abcdef").bytes
@@ -1042,22 +1046,65 @@ def test_decoder_fast_path_agrees_with_the_general_path(d: dict[str, Any]) -> No
 
 
 def test_packets_are_frozen_for_the_type_checker(tmp_path: Path) -> None:
-    # At run time packets are plain slotted dataclasses (a frozen one costs
-    # four times as much to build); mypy --strict is what keeps them immutable.
+    # At run time packets are plain slotted classes (a frozen dataclass costs
+    # four times as much to build); mypy --strict is what keeps them immutable:
+    # RUN and RESULT (hand-written, Final fields) as well as the dataclass ones.
     from mypy import api
 
     snippet = tmp_path / "assign.py"
     snippet.write_text(
-        "from reasonbroker.protocol import Result, ResultCode, Run\n"
+        "from reasonbroker.protocol import Cancel, Result, ResultCode, Run\n"
+        "from reasonbroker.switchboard import Send\n"
         "run = Run(b'0' * 16, 'echo')\n"
         "run.pipeline = 'other'\n"
         "res = Result(None, ResultCode.OK)\n"
         "res.result = 1\n"
+        "cancel = Cancel(b'0' * 16)\n"
+        "cancel.cookie = b'1' * 16\n"
+        "send = Send(1, res)\n"
+        "send.conn = 2\n"
     )
     out, _, status = api.run(["--strict", "--cache-dir=/dev/null", str(snippet)])
     assert status == 1
-    assert 'Property "pipeline" defined in "Run" is read-only' in out
-    assert 'Property "result" defined in "Result" is read-only' in out
+    assert 'Cannot assign to final attribute "pipeline"' in out
+    assert 'Cannot assign to final attribute "result"' in out
+    assert 'Property "cookie" defined in "Cancel" is read-only' in out
+    assert 'Cannot assign to final attribute "conn"' in out
+
+
+def test_hand_written_packets_are_values() -> None:
+    # RUN and RESULT are not dataclasses (see protocol.Record): equality, hash,
+    # repr and match patterns must still behave like the dataclass packets'.
+    run = Run(C, "echo", "vars", priority=2)
+    same = Run(C, "echo", "vars", False, 2, None, None)
+    assert run == same and hash(run) == hash(same) and not run != same
+    assert run != Run(C, "echo", "vars", priority=3)
+    assert run != Run(C, "echo", "other", priority=2)
+    assert Run(C, "echo", {"a": 1}) == Run(C, "echo", {"a": 1})
+    assert Result(C, ResultCode.OK, result=1) != Result(C, ResultCode.OK, result=2)
+    assert Result(C, ResultCode.OK) != Cancel(C) and Cancel(C) != Result(C, ResultCode.OK)
+    assert len({run, same, Result(C, ResultCode.OK), Result(C, ResultCode.OK)}) == 2
+    assert repr(Result(None, ResultCode.OK, result=[1])) == (
+        "Result(cookie=None, rc=<ResultCode.OK: 'OK'>, error=None, stacktrace=None, result=[1])"
+    )
+    match run:
+        case Run(cookie, "echo", variables, priority=p):
+            assert (cookie, variables, p) == (C, "vars", 2)
+        case _:
+            raise AssertionError("Run did not match its own pattern")
+    if reasonbroker.COMPILED:
+        with pytest.raises(AttributeError):
+            run.pipeline = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("cls", [Run, Result, Send], ids=lambda cls: cls.__name__)
+def test_hand_written_classes_name_every_field_once(cls: type[Record]) -> None:
+    # __match_args__ drives equality, hash, repr and positional patterns: it must
+    # name exactly the constructor's parameters, in order, and the slots.
+    params = list(inspect.signature(cls).parameters)
+    assert list(cls.__match_args__) == params
+    if not reasonbroker.COMPILED:  # a compiled class keeps its fields in a C struct
+        assert sorted(cls.__slots__) == sorted(params)
 
 
 _PAYLOADS = st.one_of(
