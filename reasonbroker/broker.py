@@ -70,7 +70,8 @@ class _Connection:
         self.id = conn_id
         self.stream = stream
         self.listener_role = role
-        self.decoder = PacketDecoder(broker.config.limits.max_frame_bytes)
+        # Payloads pass through as Raw bytes: the broker never looks inside them.
+        self.decoder = PacketDecoder(broker.config.limits.max_frame_bytes, raw_payloads=True)
         self.codec: Codec | None = None
         self.outbox: list[bytes] = []
         self.closed = False

@@ -68,6 +68,7 @@ class ResultCode(enum.StrEnum):
 
 LEGACY_RESULT_CODES: Final = frozenset(list(ResultCode)[:10])
 _RESULT_CODES: Final = {rc.value: rc for rc in ResultCode}
+_RESULT_CODES_RAW: Final = {rc.value.encode(): rc for rc in ResultCode}
 
 
 class Codec(enum.Enum):
@@ -190,6 +191,26 @@ class Result(Record):
         self.result: Final = result
 
 
+class Raw(Record):
+    """A msgpack payload (`variables`, `result`) kept as the bytes of its value.
+
+    The broker's decoder (`PacketDecoder(raw_payloads=True)`) hands the
+    payloads of plain RUN and RESULT frames on as Raw: checked to be one value
+    msgpack decodes (see `_skip`), never decoded, and written to the next
+    msgpack peer byte for byte. Only a JSON peer, or a packet sent the general
+    way, has it decoded (`value`). A nil payload is None, never a Raw.
+    """
+
+    __slots__ = ("data",)
+    __match_args__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data: Final = data
+
+    def value(self) -> Any:
+        return msgpack.unpackb(self.data, raw=False, strict_map_key=False)
+
+
 @_packet
 class Hello:
     role: Role | None = None
@@ -299,16 +320,24 @@ class PacketDecoder:
     The first frame fixes the connection's codec. The length limit is checked
     as soon as the 4-byte header is in, before any of the body is buffered.
     Any `RemoteProtocolError` is final for the connection: the caller closes it.
+
+    With `raw_payloads` (the broker's decoders) the payload of a plain RUN or
+    RESULT comes out as `Raw`, its bytes unparsed; otherwise it is decoded.
     """
 
-    __slots__ = ("_buf", "_max", "_need", "codec", "error")
+    __slots__ = ("_buf", "_max", "_need", "_pipe_name", "_pipe_raw", "_raw", "codec", "error")
 
-    def __init__(self, max_frame_bytes: int) -> None:
+    def __init__(self, max_frame_bytes: int, raw_payloads: bool = False) -> None:
         self._buf = bytearray()
         self._max = max_frame_bytes
+        self._raw = raw_payloads
         # Bytes the buffer must hold before a whole frame can be in it: a
         # large frame arriving in many reads is appended, not re-scanned.
         self._need = 0
+        # The last pipeline name read, as wire bytes and as text: a connection
+        # names the same few pipelines over and over.
+        self._pipe_raw = b""
+        self._pipe_name = ""
         self.codec: Codec | None = None
         # Set when a bad frame followed good ones in the same feed: those good
         # packets are returned first (a worker's RESULT just before garbage
@@ -323,26 +352,23 @@ class PacketDecoder:
         if self.error is not None:
             raise self.error
         buf = self._buf
-        view: bytes | bytearray
         if buf:
             buf += data
             if len(buf) < self._need:
                 return []
-            view = buf
-        else:
-            view = data  # the common case: whole frames, decoded without copying
+            # One copy of what was buffered; from here on, as if it all came at once.
+            data = bytes(buf)
+            buf.clear()
         packets: list[Packet] = []
         append = packets.append
         pos = 0
-        end = len(view)
+        end = len(data)
         limit = self._max
         native = self.codec is Codec.MSGPACK
-        # Zero-copy slices only over immutable bytes: a view into the buffer
-        # would pin it (a bytearray with exports cannot be resized).
-        mv = None if view is buf else memoryview(view)
+        mv: memoryview | None = None
         try:
             while end - pos >= HEADER_BYTES:
-                size: int = _unpack_length(view, pos)[0]
+                size: int = _unpack_length(data, pos)[0]
                 if size == 0:
                     raise RemoteProtocolError("frame length is 0")
                 if size > limit:
@@ -355,46 +381,26 @@ class PacketDecoder:
                     self._need = stop - pos
                     break
                 pos = stop
-                body = mv[start:stop] if mv is not None else bytes(buf[start:stop])
-                if not (native and body[0] in _MSGPACK_MAP_FIRST):
-                    append(self._decode(body))
-                    native = self.codec is Codec.MSGPACK
-                    continue
-                # The hot path, inlined: a msgpack connection's next map, and
-                # the two packets every job carries in their plain shape.
-                d = _unpack_map(body)
-                if len(d) <= 4:
-                    cookie = d.get("cookie")
-                    if type(cookie) is bytes and len(cookie) == 16:
-                        ptype = d.get("packet_type")
-                        if ptype == "RUN":
-                            pipeline = d.get("pipeline")
-                            if (
-                                type(pipeline) is str
-                                and pipeline
-                                and (len(d) == 3 or "variables" in d)
-                            ):
-                                append(Run(cookie, pipeline, d.get("variables")))
-                                continue
-                        elif ptype == "RESULT":
-                            rc_text = d.get("rc")
-                            rc = _RESULT_CODES.get(rc_text) if type(rc_text) is str else None
-                            if rc is not None and (len(d) == 3 or "result" in d):
-                                append(Result(cookie, rc, None, None, d.get("result")))
-                                continue
-                append(packet_from_map(d, Codec.MSGPACK))
+                if native:
+                    # The hot path: RUN and RESULT in their plain shape, read
+                    # straight from the bytes (see _plain).
+                    packet = self._plain(data, start, stop)
+                    if packet is not None:
+                        append(packet)
+                        continue
+                if mv is None:
+                    mv = memoryview(data)  # zero-copy bodies: `data` is immutable
+                append(self._decode(mv[start:stop]))
+                native = self.codec is Codec.MSGPACK
             else:
                 self._need = 0
         except RemoteProtocolError as exc:
             self.error = exc
-            buf.clear()
             if not packets:
                 raise
             return packets
-        if view is buf:
-            del buf[:pos]
-        elif pos < end:
-            buf += view[pos:]
+        if pos < end:
+            buf += data[pos:]
         return packets
 
     def _decode(self, body: bytes | memoryview) -> Packet:
@@ -404,6 +410,236 @@ class PacketDecoder:
         elif codec is not self.codec:
             raise RemoteProtocolError(f"{codec.value} frame on a {self.codec.value} connection")
         return decode_body(body, codec)
+
+    def _plain(self, data: bytes, pos: int, stop: int) -> Packet | None:
+        """RUN {packet_type, cookie, pipeline[, variables]} or RESULT {packet_type,
+        cookie, rc[, result]} read from data[pos:stop] without decoding the map:
+        a fixmap of fixstr keys, a 16-byte bin cookie, a known rc.
+
+        None for anything else, even the same packet in another shape (keys
+        repeated or unknown, wider types, a payload `_skip` leaves alone): the
+        general path decodes that frame, and gives the same packet or raises
+        for the same bad input (tests/test_protocol.py checks both).
+        """
+        head = data[pos]
+        if head < 0x83 or head > 0x84:
+            return None
+        pos += 1
+        kind = 0  # 1 RUN, 2 RESULT
+        seen = 0
+        cookie = b""
+        pipeline = ""
+        rc: ResultCode | None = None
+        payload: Any = None
+        for _ in range(head & 0x0F):
+            if pos >= stop:
+                return None
+            kb = data[pos]
+            if kb < 0xA2 or kb > 0xAB:  # a fixstr of 2 to 11 bytes
+                return None
+            k = pos + 1
+            klen = kb & 0x1F
+            pos = k + klen
+            if pos >= stop:  # the value must follow
+                return None
+            if klen == 11 and _same(data, k, b"packet_type"):
+                bit = 1
+                if _same(data, pos, b"\xa3RUN"):
+                    kind = 1
+                    pos += 4
+                elif _same(data, pos, b"\xa6RESULT"):
+                    kind = 2
+                    pos += 7
+                else:
+                    return None
+            elif klen == 6 and _same(data, k, b"cookie"):
+                bit = 2
+                if data[pos] != 0xC4 or pos + 18 > stop or data[pos + 1] != 16:
+                    return None
+                cookie = data[pos + 2 : pos + 18]
+                pos += 18
+            elif klen == 8 and _same(data, k, b"pipeline"):
+                bit = 4
+                vb = data[pos]
+                if vb >= 0xA1 and vb <= 0xBF:  # a non-empty fixstr
+                    n = vb & 0x1F
+                    pos += 1
+                elif vb == 0xD9 and pos + 1 < stop and data[pos + 1] > 0:  # str 8
+                    n = data[pos + 1]
+                    pos += 2
+                else:
+                    return None
+                if pos + n > stop:
+                    return None
+                if n == len(self._pipe_raw) and _same(data, pos, self._pipe_raw):
+                    pipeline = self._pipe_name
+                else:
+                    raw_name = data[pos : pos + n]
+                    try:
+                        pipeline = raw_name.decode()
+                    except UnicodeDecodeError:
+                        return None
+                    self._pipe_raw = raw_name
+                    self._pipe_name = pipeline
+                pos += n
+            elif klen == 2 and _same(data, k, b"rc"):
+                bit = 8
+                if _same(data, pos, b"\xa2OK"):
+                    rc = ResultCode.OK
+                    pos += 3
+                else:
+                    vb = data[pos]
+                    if vb < 0xA1 or vb > 0xBF:
+                        return None
+                    n = vb & 0x1F
+                    if pos + 1 + n > stop:
+                        return None
+                    rc = _RESULT_CODES_RAW.get(data[pos + 1 : pos + 1 + n])
+                    if rc is None:
+                        return None
+                    pos += 1 + n
+            elif (klen == 9 and _same(data, k, b"variables")) or (
+                klen == 6 and _same(data, k, b"result")
+            ):
+                bit = 16 if klen == 9 else 32
+                if data[pos] == 0xC0:
+                    payload = None
+                    pos += 1
+                else:
+                    value_end = _skip(data, pos, stop)
+                    if value_end < 0:
+                        return None
+                    span = data[pos:value_end]
+                    payload = Raw(span) if self._raw else _unpack_value(span)
+                    pos = value_end
+            else:
+                return None
+            if seen & bit:
+                return None  # a repeated key: the general path's map keeps the last
+            seen |= bit
+        if pos != stop:
+            return None
+        if kind == 1 and (seen | 16) == 1 | 2 | 4 | 16:
+            return Run(cookie, pipeline, payload)
+        if kind == 2 and rc is not None and (seen | 32) == 1 | 2 | 8 | 32:
+            return Result(cookie, rc, None, None, payload)
+        return None
+
+
+def _same(data: bytes, pos: int, word: bytes) -> bool:
+    """Whether data holds `word` at `pos` (compared in place, nothing sliced)."""
+    n = len(word)
+    if pos + n > len(data):
+        return False
+    for i in range(n):
+        if data[pos + i] != word[i]:
+            return False
+    return True
+
+
+# Deeper payloads than this are left to msgpack, the general path (whose own
+# limit is 1024 containers open at once).
+_SKIP_MAX_DEPTH: Final = 64
+# Widths of the fixed-size msgpack types after their type byte, by type byte;
+# 0 where the type is sized otherwise or not handled here.
+_FIXED_WIDTH: Final = bytes(
+    {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,
+     0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}.get(b, 0) for b in range(256)
+)  # fmt: skip
+
+
+def _skip(data: bytes, pos: int, stop: int) -> int:
+    """Where the one msgpack value at data[pos] ends, or -1.
+
+    -1 when msgpack-python (raw=False, strict_map_key=False) would refuse it
+    (truncated, 0xc1, a string that is not UTF-8, a list or map as a map key)
+    and also for what this walker leaves to msgpack: extension types and
+    nesting deeper than _SKIP_MAX_DEPTH. So a value it passes is one msgpack
+    decodes: never more lenient, only sometimes more cautious.
+    """
+    left = 1  # values still to read at this level (a map's keys and values both count)
+    in_map = False
+    outer: list[int] = []  # the enclosing levels, each saved as left * 2 + in_map
+    while True:
+        if pos >= stop:
+            return -1
+        b = data[pos]
+        is_key = in_map and left % 2 == 0
+        left -= 1
+        pos += 1
+        if b <= 0x7F or b >= 0xE0:  # positive and negative fixint
+            pass
+        elif b >= 0xA0 and b <= 0xBF:  # fixstr
+            n = b & 0x1F
+            if n:
+                if pos + n > stop or not _utf8(data, pos, n):
+                    return -1
+                pos += n
+        elif b <= 0x9F or b >= 0xDC:  # fixmap, fixarray; array 16/32, map 16/32
+            if is_key:
+                return -1  # a list or dict key: unhashable in msgpack-python
+            if b <= 0x8F:
+                n, is_map = b & 0x0F, True
+            elif b <= 0x9F:
+                n, is_map = b & 0x0F, False
+            else:
+                width = 2 if b == 0xDC or b == 0xDE else 4
+                if pos + width > stop:
+                    return -1
+                n = int.from_bytes(data[pos : pos + width], "big")
+                pos += width
+                is_map = b >= 0xDE
+            if n:
+                if len(outer) >= _SKIP_MAX_DEPTH:
+                    return -1
+                outer.append(left * 2 + int(in_map))
+                left = n * 2 if is_map else n
+                in_map = is_map
+        elif 0xC4 <= b <= 0xC6 or 0xD9 <= b <= 0xDB:  # bin, str 8/16/32
+            width = 1 << ((b - 0xC4) if b <= 0xC6 else (b - 0xD9))
+            if pos + width > stop:
+                return -1
+            n = int.from_bytes(data[pos : pos + width], "big")
+            pos += width
+            if pos + n > stop:
+                return -1
+            if b >= 0xD9 and n and not _utf8(data, pos, n):
+                return -1
+            pos += n
+        elif b == 0xC0 or b == 0xC2 or b == 0xC3:  # nil, false, true
+            pass
+        else:
+            width = _FIXED_WIDTH[b]
+            if not width:
+                return -1  # 0xc1 (never used) or an extension type
+            if pos + width > stop:
+                return -1
+            pos += width
+        while left == 0:
+            if not outer:
+                return pos
+            saved = outer.pop()
+            left = saved >> 1
+            in_map = bool(saved & 1)
+
+
+def _utf8(data: bytes, pos: int, n: int) -> bool:
+    """Whether data[pos:pos+n] is UTF-8 (what msgpack's raw=False insists on)."""
+    for i in range(pos, pos + n):
+        if data[i] >= 0x80:
+            break
+    else:
+        return True  # ASCII: nothing to decode
+    try:
+        data[pos : pos + n].decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _unpack_value(span: bytes) -> Any:
+    """A payload `_skip` has passed, decoded."""
+    return msgpack.unpackb(span, raw=False, strict_map_key=False)
 
 
 _MSGPACK_MAP_FIRST: Final = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
@@ -680,7 +916,14 @@ def packet_to_map(packet: Packet) -> dict[str, Any]:
             raise EncodeError(f"{type(packet).__name__} is an inbound-only packet")
 
 
-_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+def _unraw(obj: object) -> Any:
+    """msgpack's `default`: a Raw payload in a packet sent the general way is decoded."""
+    if isinstance(obj, Raw):
+        return obj.value()
+    raise TypeError(f"can not serialize {type(obj).__name__!r} object")
+
+
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True, default=_unraw).pack
 
 
 def _msgpack_pieces(packet_type: str, map_size: int) -> bytes:
@@ -737,7 +980,7 @@ def _msgpack_frame(packet: Packet) -> bytes:
             if run.variables is None:
                 size = _RUN_FIXED[3] + len(pipeline)
                 return b"".join((_header(size), _RUN_OPEN[3], run.cookie, _PIPELINE_KEY, pipeline))
-            variables = _packb(run.variables)
+            variables = run.variables.data if type(run.variables) is Raw else _packb(run.variables)
             size = _RUN_FIXED[4] + len(pipeline) + len(variables)
             return b"".join(
                 (
@@ -763,7 +1006,7 @@ def _msgpack_frame(packet: Packet) -> bytes:
             if res.result is None:
                 size = _RESULT_FIXED[3] + len(rc)
                 return b"".join((_header(size), _RESULT_OPEN[3], cookie, _RC_KEY, rc))
-            result = _packb(res.result)
+            result = res.result.data if type(res.result) is Raw else _packb(res.result)
             size = _RESULT_FIXED[4] + len(rc) + len(result)
             return b"".join(
                 (_header(size), _RESULT_OPEN[4], cookie, _RC_KEY, rc, _RESULT_KEY, result)
@@ -806,6 +1049,8 @@ def _json_body(d: dict[str, Any]) -> bytes:
     # we do the same so its pydantic model sees exactly what it would send.
     out: dict[str, Any] = dict.fromkeys(_JSON_KEYS)
     for key, value in d.items():
+        if isinstance(value, Raw):
+            value = value.value()
         if key == "cookie":
             out[key] = cookie_str(value)
         elif key in ("variables", "result") and not (value is None or isinstance(value, str)):
@@ -820,4 +1065,14 @@ def _json_body(d: dict[str, Any]) -> bytes:
 
 def can_carry(value: Any, codec: Codec) -> bool:
     """Whether an opaque payload (variables/result) can cross to a peer using `codec`."""
-    return codec is Codec.MSGPACK or value is None or isinstance(value, str)
+    if codec is Codec.MSGPACK or value is None:
+        return True
+    if isinstance(value, Raw):
+        first = value.data[0]  # a str (fixstr, str 8/16/32) or nil
+        return 0xA0 <= first <= 0xBF or 0xD9 <= first <= 0xDB or first == 0xC0
+    return isinstance(value, str)
+
+
+def payload_kind(value: Any) -> str:
+    """A payload's type, for a message saying why it could not be carried."""
+    return type(value.value() if isinstance(value, Raw) else value).__name__

@@ -56,6 +56,7 @@ from .protocol import (
     Unsupported,
     can_carry,
     for_legacy,
+    payload_kind,
 )
 
 FEATURES = ("started", "progress", "priority", "timeout", "attempts")
@@ -603,7 +604,7 @@ class Switchboard:
                 result.cookie,
                 ResultCode.BAD_PACKET,
                 f"the result cannot be carried to this {c.codec.value} peer "
-                f"({type(result.result).__name__})",
+                f"({payload_kind(result.result)})",
             )
         out.append(Send(c.id, result))
 
@@ -913,7 +914,7 @@ class Switchboard:
                 job,
                 ResultCode.BAD_PACKET,
                 f"the variables cannot be carried to a {w.codec.value} worker "
-                f"({type(job.run.variables).__name__})",
+                f"({payload_kind(job.run.variables)})",
                 out,
             )
             return

@@ -205,6 +205,8 @@ async def test_variables_a_json_worker_cannot_carry_fail_only_that_job(
     res = await c.recv_type(Result)
     assert (res.cookie, res.rc) == (bad, ResultCode.BAD_PACKET)
     assert res.error is not None and "json" in res.error
+    # The broker passes msgpack payloads on unparsed, yet names what it could not carry.
+    assert f"({type(payload).__name__})" in res.error
     assert broker.board.slots(broker.board.workers()[0]) == (1, 0)
     # The client's connection and the worker are untouched: the worker's first
     # frame is the next job (nothing was sent for the bad one).
@@ -228,7 +230,7 @@ async def test_result_a_json_client_cannot_carry_fails_only_that_job(
     w.send(Result(run.cookie, ResultCode.OK, result=payload))
     res = await recv_json(c)
     assert (res["cookie"], res["rc"], res["result"]) == (bad, "BAD_PACKET", None)
-    assert "json" in res["error"]
+    assert "json" in res["error"] and f"({type(payload).__name__})" in res["error"]
     assert broker.board.slots(broker.board.workers()[0]) == (1, 0)
     good = json_run(c, "echo", "y")
     run = await w.recv_type(Run)

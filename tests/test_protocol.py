@@ -14,10 +14,11 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import reasonbroker
+from reasonbroker import protocol
 from reasonbroker.errors import EncodeError, RemoteProtocolError
 from reasonbroker.protocol import (
     HEADER_BYTES,
@@ -31,6 +32,7 @@ from reasonbroker.protocol import (
     Ping,
     Pong,
     Progress,
+    Raw,
     Record,
     Register,
     Result,
@@ -42,10 +44,12 @@ from reasonbroker.protocol import (
     Unsupported,
     can_carry,
     cookie_str,
+    decode_body,
     encode,
     for_legacy,
     packet_from_map,
     packet_to_map,
+    payload_kind,
 )
 from reasonbroker.switchboard import Send
 
@@ -1043,6 +1047,253 @@ def test_decoder_fast_path_agrees_with_the_general_path(d: dict[str, Any]) -> No
     dec = PacketDecoder(MAX)
     assert dec.feed(mp({"packet_type": "PING"})) == [Ping()]  # fixes the codec: the fast path is on
     assert dec.feed(mp(d)) == [packet_from_map(d, Codec.MSGPACK)]
+
+
+# -- payloads passed through unparsed (Raw) ------------------------------------------
+#
+# The broker's decoder hands plain RUN/RESULT payloads on as the bytes of the
+# value, after `_skip` has walked them. The contract: `_skip` never passes what
+# msgpack-python (raw=False, strict_map_key=False) would refuse, so a peer can
+# always decode what the broker forwards; and on the everyday payloads it
+# passes, it finds exactly the value's end.
+
+_HASHABLE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=False, width=32),  # packed as float 32 or 64 (use_single_float)
+    st.text(max_size=4),
+    st.binary(max_size=4),
+)
+_PLAIN_VALUES = st.recursive(
+    _HASHABLE,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_HASHABLE, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300)
+@given(_PLAIN_VALUES, st.booleans())
+def test_skip_finds_the_end_of_every_plain_value(value: Any, single_float: bool) -> None:
+    packed = msgpack.packb(value, use_bin_type=True, use_single_float=single_float)
+    assert protocol._skip(packed + b"\x01tail", 0, len(packed)) == len(packed)
+    assert protocol._skip(b"\x00" + packed, 1, 1 + len(packed)) == 1 + len(packed)
+    if packed:
+        assert protocol._skip(packed, 0, len(packed) - 1) == -1  # truncated
+
+
+def _msgpack_accepts(data: bytes) -> bool:
+    try:
+        msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception:
+        return False
+    return True
+
+
+_ODD_VALUES = st.recursive(
+    _HASHABLE
+    | st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=3))
+    | st.builds(msgpack.Timestamp, st.integers(-(2**34), 2**34), st.integers(0, 10**9 - 1)),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_HASHABLE, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=500)
+@given(
+    _ODD_VALUES,
+    st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=3),
+    st.integers(0, 8),
+)
+@example(None, [], 0)
+def test_skip_never_passes_what_msgpack_refuses(
+    value: Any, flips: list[tuple[int, int]], cut: int
+) -> None:
+    data = bytearray(msgpack.packb(value, use_bin_type=True, datetime=False))
+    for at, byte in flips:
+        data[at % len(data)] = byte
+    data = data[: max(1, len(data) - cut)] if cut < 4 else data
+    end = protocol._skip(bytes(data), 0, len(data))
+    assert end == -1 or (0 < end <= len(data) and _msgpack_accepts(bytes(data[:end])))
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"\xc1", "never used"),
+        (b"\xa2\xff\xfe", "str that is not UTF-8"),
+        (b"\xd9\x02\xed\xa0", "str 8 truncated"),
+        (b"\xa3\xed\xa0\x80", "a UTF-8-encoded surrogate"),
+        (b"\x81\x91\x01\x02", "list as a map key"),
+        (b"\x81\x80\x02", "map as a map key"),
+        (b"\x81\x90\x02", "empty list as a map key"),
+        (b"\xd6\xff\x00\x00\x00\x01", "a timestamp (ext): left to msgpack"),
+        (b"\xc7\x01\x05\x00", "ext 8: left to msgpack"),
+        (b"\x91" * 65 + b"\x01", "nested deeper than _SKIP_MAX_DEPTH"),
+        (b"\xdc\x00\x02\x01", "array 16 one short"),
+        (b"\xc6\xff\xff\xff\xff", "bin 32 longer than the frame"),
+        (b"\xcf\x00", "uint 64 truncated"),
+        (b"", "nothing at all"),
+    ],
+)
+def test_skip_refuses(data: bytes, reason: str) -> None:
+    assert protocol._skip(data, 0, len(data)) == -1, reason
+
+
+def test_skip_takes_what_it_should() -> None:
+    deep = b"\x91" * 64 + b"\x01"
+    assert protocol._skip(deep, 0, len(deep)) == len(deep)
+    for data in (b"\xa3\xc3\xa9x", b"\x82\xc4\x01k\x01\xc0\xcb" + bytes(8), b"\x90", b"\x80"):
+        assert protocol._skip(data, 0, len(data)) == len(data)
+
+
+def _unrawed(packets: list[Packet]) -> list[Packet]:
+    """The packets with every Raw payload decoded, to compare with the general path."""
+    out: list[Packet] = []
+    for p in packets:
+        if isinstance(p, Run) and isinstance(p.variables, Raw):
+            p = Run(p.cookie, p.pipeline, p.variables.value())
+        elif isinstance(p, Result) and isinstance(p.result, Raw):
+            p = Result(p.cookie, p.rc, p.error, p.stacktrace, p.result.value())
+        out.append(p)
+    return out
+
+
+def _general(body: bytes) -> list[Packet] | str:
+    try:
+        return [decode_body(body, Codec.MSGPACK)]
+    except RemoteProtocolError:
+        return "error"
+
+
+def _fast(body: bytes, raw: bool) -> list[Packet] | str:
+    dec = PacketDecoder(MAX, raw_payloads=raw)
+    assert dec.feed(mp({"packet_type": "PING"})) == [Ping()]  # fixes the codec: the fast path is on
+    try:
+        return _unrawed(dec.feed(frame(body)))
+    except RemoteProtocolError:
+        return "error"
+
+
+@settings(max_examples=400)
+@given(
+    _FAST_BASES,
+    st.sampled_from(["variables", "result", "pipeline", "rc", "cookie", "packet_type"]),
+    _ODD_VALUES | _FAST_VALUES,
+    st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=2),
+    st.booleans(),
+    st.sampled_from([b"", b"", b"", b"\x00", b"\xc0\xc0"]),
+)
+@example(
+    {"packet_type": "RUN", "cookie": C, "pipeline": "echo"},
+    "variables",
+    {"k": [1.5]},
+    [],
+    True,
+    b"",
+)
+@example({"packet_type": "RESULT", "cookie": C, "rc": "OK"}, "rc", "TIMEOUT", [], True, b"")
+@example(
+    {"packet_type": "RUN", "cookie": C, "pipeline": "echo"}, "pipeline", "é" * 40, [], True, b""
+)
+@example({"packet_type": "RUN", "cookie": C, "pipeline": "echo"}, "cookie", C + b"!", [], True, b"")
+@example({"packet_type": "RUN", "cookie": C, "pipeline": "echo"}, "variables", 1, [], True, b"\x01")
+def test_plain_frames_read_in_place_agree_with_the_general_path(
+    base: dict[str, Any],
+    key: str,
+    value: Any,
+    flips: list[tuple[int, int]],
+    raw: bool,
+    trailer: bytes,
+) -> None:
+    # Byte flips land anywhere: in keys, lengths, the cookie, the payload; a
+    # trailer is bytes after the map. The in-place reader must give the
+    # general path's packet or its complaint.
+    body = bytearray(msgpack.packb({**base, key: value}, use_bin_type=True, datetime=False))
+    for at, byte in flips:
+        body[at % len(body)] = byte
+    body += trailer
+    assert _fast(bytes(body), raw) == _general(bytes(body))
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("packet_type", "RUN"), ("cookie", C), ("pipeline", "a"), ("pipeline", "b")],
+        [("packet_type", "RESULT"), ("cookie", C), ("rc", "OK"), ("rc", "TIMEOUT")],
+        [("packet_type", "RUN"), ("cookie", C), ("pipeline", "a"), ("packet_type", "RESULT")],
+        [("packet_type", "RESULT"), ("cookie", C2), ("rc", "OK"), ("cookie", C)],
+    ],
+)
+def test_plain_frames_with_a_repeated_key_agree_with_the_general_path(
+    pairs: list[tuple[str, Any]],
+) -> None:
+    # msgpack.packb cannot repeat a key; a hand-built map can (the last one wins).
+    body = bytes([0x80 | len(pairs)]) + b"".join(
+        msgpack.packb(k) + msgpack.packb(v, use_bin_type=True) for k, v in pairs
+    )
+    assert _fast(body, True) == _general(body) != "error"
+
+
+@settings(max_examples=150)
+@given(_FAST_BASES, _PLAIN_VALUES)
+def test_plain_shapes_are_read_in_place(base: dict[str, Any], value: Any) -> None:
+    # The agreement test above would also pass if nothing took the in-place
+    # path; the everyday shapes must take it (and their payloads come out Raw).
+    key = "variables" if base["packet_type"] == "RUN" else "result"
+    body = msgpack.packb({**base, key: value}, use_bin_type=True)
+    packet = PacketDecoder(MAX, raw_payloads=True)._plain(body, 0, len(body))
+    assert isinstance(packet, (Run, Result))
+    payload = packet.variables if isinstance(packet, Run) else packet.result
+    if value is None:
+        assert payload is None
+    else:
+        assert payload == Raw(msgpack.packb(value, use_bin_type=True))
+
+
+def test_raw_payloads_are_the_senders_bytes() -> None:
+    # Not re-packed: a uint32 holding 5, a float32, a map with its keys in the
+    # sender's order all pass through as they came.
+    payload = b"\x83\xa1b\xce\x00\x00\x00\x05\xa1a\xca\x3f\xc0\x00\x00\xa1c\xc0"
+    body = msgpack.packb({"packet_type": "RUN", "cookie": C, "pipeline": "echo", "variables": 0})
+    body = body[:-1] + payload
+    dec = PacketDecoder(MAX, raw_payloads=True)
+    dec.feed(mp({"packet_type": "PING"}))
+    (run,) = dec.feed(frame(body))
+    assert run == Run(C, "echo", Raw(payload))
+    assert isinstance(run, Run) and isinstance(run.variables, Raw)
+    assert run.variables.value() == {"b": 5, "a": 1.5, "c": None}
+    out = encode(Run(b"\x01" * 16, "echo", run.variables))
+    assert out.endswith(b"\xa9variables" + payload)
+    assert decode_all(out) == [Run(b"\x01" * 16, "echo", {"b": 5, "a": 1.5, "c": None})]
+    # A library decoder (raw_payloads off) gets the value, as before.
+    assert PacketDecoder(MAX).feed(mp({"packet_type": "PING"}) + frame(body))[1] == Run(
+        C, "echo", {"b": 5, "a": 1.5, "c": None}
+    )
+
+
+@settings(max_examples=200)
+@given(_PLAIN_VALUES, st.sampled_from(["plain", "priority", "json"]))
+def test_a_raw_payload_encodes_as_its_value_would(value: Any, how: str) -> None:
+    raw = Raw(msgpack.packb(value, use_bin_type=True))
+    assert can_carry(raw, Codec.JSON) == can_carry(value, Codec.JSON)
+    assume(value is not None)  # the decoder makes None of a nil payload, never a Raw
+    if how == "json":
+        # Only strings cross to JSON, decoded; anything else is refused as before.
+        assert payload_kind(raw) == type(value).__name__
+        if isinstance(value, str):
+            res = Result(C, ResultCode.OK, result=raw)
+            assert encode(res, Codec.JSON) == encode(
+                Result(C, ResultCode.OK, result=value), Codec.JSON
+            )
+        return
+    priority = 1 if how == "priority" else 0  # the general (packet_to_map) path
+    assert encode(Run(C, "echo", raw, priority=priority)) == encode(
+        Run(C, "echo", value, priority=priority)
+    )
+    assert encode(Result(C, ResultCode.OK, "e" if priority else None, result=raw)) == encode(
+        Result(C, ResultCode.OK, "e" if priority else None, result=value)
+    )
 
 
 def test_packets_are_frozen_for_the_type_checker(tmp_path: Path) -> None:
