@@ -25,7 +25,6 @@ from ._frozen import packet as _packet
 from .errors import EncodeError, RemoteProtocolError
 
 HEADER_BYTES: Final = 4
-_unpack_length = struct.Struct(">I").unpack_from
 _pack_length = struct.Struct(">I").pack
 # The largest RUN timeout_ms (about 24.8 days, a signed 32-bit count of ms):
 # JSON integers are unbounded, and a deadline must stay a finite float.
@@ -368,7 +367,10 @@ class PacketDecoder:
         mv: memoryview | None = None
         try:
             while end - pos >= HEADER_BYTES:
-                size: int = _unpack_length(data, pos)[0]
+                # The 4-byte big-endian length, read in place.
+                size = (
+                    (data[pos] << 24) | (data[pos + 1] << 16) | (data[pos + 2] << 8) | data[pos + 3]
+                )
                 if size == 0:
                     raise RemoteProtocolError("frame length is 0")
                 if size > limit:
@@ -559,7 +561,9 @@ def _skip(data: bytes, pos: int, stop: int) -> int:
     """
     left = 1  # values still to read at this level (a map's keys and values both count)
     in_map = False
-    outer: list[int] = []  # the enclosing levels, each saved as left * 2 + in_map
+    # The enclosing levels, each saved as left * 2 + in_map; made at the first
+    # container (most payloads are a single string or bin).
+    outer: list[int] | None = None
     while True:
         if pos >= stop:
             return -1
@@ -590,7 +594,9 @@ def _skip(data: bytes, pos: int, stop: int) -> int:
                 pos += width
                 is_map = b >= 0xDE
             if n:
-                if len(outer) >= _SKIP_MAX_DEPTH:
+                if outer is None:
+                    outer = []
+                elif len(outer) >= _SKIP_MAX_DEPTH:
                     return -1
                 outer.append(left * 2 + int(in_map))
                 left = n * 2 if is_map else n
@@ -616,7 +622,7 @@ def _skip(data: bytes, pos: int, stop: int) -> int:
                 return -1
             pos += width
         while left == 0:
-            if not outer:
+            if outer is None or not outer:
                 return pos
             saved = outer.pop()
             left = saved >> 1
@@ -941,23 +947,35 @@ def _msgpack_pieces(packet_type: str, map_size: int) -> bytes:
 # The per-job packets in their plain shape are written from these pieces:
 # the same bytes as packing packet_to_map's map (the keys in the same order),
 # without building the map. tests/test_protocol.py checks the two agree.
-_RUN_OPEN: Final = {n: _msgpack_pieces("RUN", n) for n in (3, 4)}
-_RESULT_OPEN: Final = {n: _msgpack_pieces("RESULT", n) for n in (3, 4)}
+_RUN_OPEN3: Final = _msgpack_pieces("RUN", 3)
+_RUN_OPEN4: Final = _msgpack_pieces("RUN", 4)
+_RESULT_OPEN3: Final = _msgpack_pieces("RESULT", 3)
+_RESULT_OPEN4: Final = _msgpack_pieces("RESULT", 4)
 _PIPELINE_KEY: Final = _packb("pipeline")
 _VARIABLES_KEY: Final = _packb("variables")
 _RC_KEY: Final = _packb("rc")
 _RESULT_KEY: Final = _packb("result")
 _RC_PACKED: Final = {rc: _packb(rc.value) for rc in ResultCode}
 # Body bytes of the plain shapes other than the variable parts (pipeline,
-# variables; rc, result), by map size.
-_RUN_FIXED: Final = {
-    3: len(_RUN_OPEN[3]) + 16 + len(_PIPELINE_KEY),
-    4: len(_RUN_OPEN[4]) + 16 + len(_PIPELINE_KEY) + len(_VARIABLES_KEY),
-}
-_RESULT_FIXED: Final = {
-    3: len(_RESULT_OPEN[3]) + 16 + len(_RC_KEY),
-    4: len(_RESULT_OPEN[4]) + 16 + len(_RC_KEY) + len(_RESULT_KEY),
-}
+# variables; rc, result).
+_RUN3_FIXED: Final = len(_RUN_OPEN3) + 16 + len(_PIPELINE_KEY)
+_RUN4_FIXED: Final = len(_RUN_OPEN4) + 16 + len(_PIPELINE_KEY) + len(_VARIABLES_KEY)
+_RESULT3_FIXED: Final = len(_RESULT_OPEN3) + 16 + len(_RC_KEY)
+_RESULT4_FIXED: Final = len(_RESULT_OPEN4) + 16 + len(_RC_KEY) + len(_RESULT_KEY)
+
+# Pipeline names as packed, by name: a broker sends the same few names all day.
+_PACKED_NAMES: Final[dict[str, bytes]] = {}
+_PACKED_NAMES_MAX: Final = 4096
+
+
+def _packed_name(name: str) -> bytes:
+    packed = _PACKED_NAMES.get(name)
+    if packed is None:
+        packed = _packb(name)
+        if len(_PACKED_NAMES) >= _PACKED_NAMES_MAX:
+            _PACKED_NAMES.clear()  # a client inventing names: start over, stay bounded
+        _PACKED_NAMES[name] = packed
+    return packed
 
 
 def _header(size: int) -> bytes:
@@ -976,16 +994,16 @@ def _msgpack_frame(packet: Packet) -> bytes:
             and run.max_attempts is None
             and len(run.cookie) == 16
         ):
-            pipeline = _packb(run.pipeline)
+            pipeline = _packed_name(run.pipeline)
             if run.variables is None:
-                size = _RUN_FIXED[3] + len(pipeline)
-                return b"".join((_header(size), _RUN_OPEN[3], run.cookie, _PIPELINE_KEY, pipeline))
+                size = _RUN3_FIXED + len(pipeline)
+                return b"".join((_header(size), _RUN_OPEN3, run.cookie, _PIPELINE_KEY, pipeline))
             variables = run.variables.data if type(run.variables) is Raw else _packb(run.variables)
-            size = _RUN_FIXED[4] + len(pipeline) + len(variables)
+            size = _RUN4_FIXED + len(pipeline) + len(variables)
             return b"".join(
                 (
                     _header(size),
-                    _RUN_OPEN[4],
+                    _RUN_OPEN4,
                     run.cookie,
                     _PIPELINE_KEY,
                     pipeline,
@@ -1004,12 +1022,12 @@ def _msgpack_frame(packet: Packet) -> bytes:
         ):
             rc = _RC_PACKED[res.rc]
             if res.result is None:
-                size = _RESULT_FIXED[3] + len(rc)
-                return b"".join((_header(size), _RESULT_OPEN[3], cookie, _RC_KEY, rc))
+                size = _RESULT3_FIXED + len(rc)
+                return b"".join((_header(size), _RESULT_OPEN3, cookie, _RC_KEY, rc))
             result = res.result.data if type(res.result) is Raw else _packb(res.result)
-            size = _RESULT_FIXED[4] + len(rc) + len(result)
+            size = _RESULT4_FIXED + len(rc) + len(result)
             return b"".join(
-                (_header(size), _RESULT_OPEN[4], cookie, _RC_KEY, rc, _RESULT_KEY, result)
+                (_header(size), _RESULT_OPEN4, cookie, _RC_KEY, rc, _RESULT_KEY, result)
             )
     body: bytes = _packb(packet_to_map(packet))
     return _header(len(body)) + body
