@@ -590,7 +590,7 @@ def _skip(data: bytes, pos: int, stop: int) -> int:
                 width = 2 if b == 0xDC or b == 0xDE else 4
                 if pos + width > stop:
                     return -1
-                n = int.from_bytes(data[pos : pos + width], "big")
+                n = _uint(data, pos, width)
                 pos += width
                 is_map = b >= 0xDE
             if n:
@@ -605,7 +605,7 @@ def _skip(data: bytes, pos: int, stop: int) -> int:
             width = 1 << ((b - 0xC4) if b <= 0xC6 else (b - 0xD9))
             if pos + width > stop:
                 return -1
-            n = int.from_bytes(data[pos : pos + width], "big")
+            n = _uint(data, pos, width)
             pos += width
             if pos + n > stop:
                 return -1
@@ -627,6 +627,14 @@ def _skip(data: bytes, pos: int, stop: int) -> int:
             saved = outer.pop()
             left = saved >> 1
             in_map = bool(saved & 1)
+
+
+def _uint(data: bytes, pos: int, width: int) -> int:
+    """The big-endian unsigned integer in data[pos:pos+width], read in place."""
+    n = 0
+    for i in range(pos, pos + width):
+        n = (n << 8) | data[i]
+    return n
 
 
 def _utf8(data: bytes, pos: int, n: int) -> bool:

@@ -24,11 +24,11 @@ Routing model (decisions recorded in docs/protocol.md):
 
 from __future__ import annotations
 
-import bisect
 import enum
 import heapq
 import hmac
 import itertools
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -60,6 +60,7 @@ from .protocol import (
 )
 
 FEATURES = ("started", "progress", "priority", "timeout", "attempts")
+_pack_u64 = struct.Struct(">Q").pack
 
 
 # ---------------------------------------------------------------------------
@@ -257,8 +258,15 @@ class Latency:
             self.counts = [0] * (len(self.bounds) + 1)
 
     def observe(self, seconds: float) -> None:
-        # bisect_left: a value equal to a bound belongs to that bound's bucket (le).
-        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        # The first bound >= seconds (bisect_left: a value equal to a bound is
+        # in that bound's bucket, le), found from the low end: most jobs land
+        # in the first buckets, and a scan there is cheaper than calling bisect.
+        i = 0
+        for bound in self.bounds:
+            if seconds <= bound:
+                break
+            i += 1
+        self.counts[i] += 1
         self.sum += seconds
         self.count += 1
 
@@ -278,6 +286,13 @@ class Switchboard:
         if len(cookie_prefix) != 8:
             raise ValueError("cookie_prefix must be 8 bytes")
         self.limits = limits
+        # The limits read for every job, copied once: Limits is a plain
+        # (uncompiled) dataclass, so each read of it is an attribute lookup.
+        self._max_inflight = limits.max_inflight_per_client
+        self._queue_limit = limits.queue_limit
+        self._attempts_limit = limits.max_attempts_limit
+        self._default_attempts = min(limits.default_max_attempts, limits.max_attempts_limit)
+        self._slot_rest_s = limits.legacy_slot_reuse_ms / 1000.0
         self.stats = Stats()
         self.latency = Latency()
         # The time of the event being handled, for the latency of jobs ended
@@ -292,12 +307,12 @@ class Switchboard:
         self._dead_deadlines = 0  # deadline heap entries whose job has ended
         self._running = 0
         self._seq = itertools.count(1)
-        self._use = itertools.count(1)
+        self._use = 0  # bumped at each dispatch: a worker's last_used orders equals
         # The worker this batch's last RUN went to (see end_batch).
         self._batch_worker: _Conn | None = None
         self._batch_slack = limits.dispatch_batch_slack
         self._wcookie_prefix = cookie_prefix
-        self._wcookie_seq = itertools.count(1)
+        self._wcookie_seq = 0
         self._deadlines: list[tuple[float, int, _Deadline, _Job | _Conn]] = []
         self._wake_at: float | None = None
 
@@ -665,7 +680,7 @@ class Switchboard:
         if run.cookie in c.jobs:
             self._reject(c, run, ResultCode.COOKIE_COLLISION, "cookie is already in use", out)
             return
-        if len(c.jobs) >= self.limits.max_inflight_per_client:
+        if len(c.jobs) >= self._max_inflight:
             self._reject(
                 c,
                 run,
@@ -680,12 +695,14 @@ class Switchboard:
                 c, run, ResultCode.NO_CAPACITY, f"no worker serves pipeline {run.pipeline!r}", out
             )
             return
-        if worker is None and self._queued >= self.limits.queue_limit:
-            why = "no free worker slot" if self.limits.queue_limit == 0 else "the queue is full"
+        if worker is None and self._queued >= self._queue_limit:
+            why = "no free worker slot" if self._queue_limit == 0 else "the queue is full"
             self._reject(c, run, ResultCode.NO_CAPACITY, why, out)
             return
-        attempts = min(
-            run.max_attempts or self.limits.default_max_attempts, self.limits.max_attempts_limit
+        attempts = (
+            min(run.max_attempts, self._attempts_limit)
+            if run.max_attempts
+            else self._default_attempts
         )
         job = _Job(next(self._seq), c, run, attempts)
         c.jobs[run.cookie] = job
@@ -780,13 +797,12 @@ class Switchboard:
                 job, Result(job.cookie, res.rc, res.error, res.stacktrace, res.result), out
             )
         self._forget(job)
-        rest_ms = self.limits.legacy_slot_reuse_ms
-        if not w.hello and rest_ms > 0:
+        if not w.hello and self._slot_rest_s > 0:
             # ReasonChip's worker sends its RESULT a few loop turns before it
             # drops the finished task from its own table, and shuts down on a
             # RUN that arrives in between (docs/protocol.md, Legacy workers).
             w.resting += 1
-            self._add_deadline(now + rest_ms / 1000.0, _Deadline.SLOT_REUSE, w, out)
+            self._add_deadline(now + self._slot_rest_s, _Deadline.SLOT_REUSE, w, out)
         self._fill(w, out)
 
     def _forward_progress(
@@ -918,14 +934,16 @@ class Switchboard:
                 out,
             )
             return
-        wcookie = self._wcookie_prefix + next(self._wcookie_seq).to_bytes(8, "big")
+        self._wcookie_seq += 1
+        wcookie = self._wcookie_prefix + _pack_u64(self._wcookie_seq)
         job.state = _State.RUNNING
         job.worker = w
         job.wcookie = wcookie
         job.attempts += 1
         w.running[wcookie] = job
         w.busy += 1
-        w.last_used = next(self._use)
+        self._use += 1
+        w.last_used = self._use
         self._running += 1
         self.stats.dispatched += 1
         if self._batch_slack:

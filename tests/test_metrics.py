@@ -4,10 +4,13 @@ setting, and the /metrics endpoint of a real broker over loopback."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from reasonbroker.broker import Broker
@@ -35,6 +38,13 @@ def test_latency_buckets_by_upper_bound() -> None:
     assert h.counts == [2, 2, 1]
     assert h.count == 5
     assert h.sum == pytest.approx(8.65)
+
+
+@given(st.floats(0.0, 1000.0) | st.sampled_from(LATENCY_BOUNDS_S))
+def test_latency_bucket_is_bisect_left(seconds: float) -> None:
+    h = Latency()
+    h.observe(seconds)
+    assert h.counts.index(1) == bisect.bisect_left(LATENCY_BOUNDS_S, seconds)
 
 
 def test_latency_defaults_and_bad_bounds() -> None:
