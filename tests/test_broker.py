@@ -426,6 +426,28 @@ async def test_role_violations_are_refused_logged_and_closed(broker: Broker) -> 
     await echo_once(broker, c, w, "others unaffected")
 
 
+@pytest.mark.parametrize("size", [100, 40_000], ids=["joined", "over-64KiB"])
+async def test_results_answered_together_reach_the_client_whole_and_in_order(
+    broker: Broker, size: int
+) -> None:
+    # The broker writes one turn's frames for a peer as one joined write, or
+    # (past 64 KiB, so big payloads are not copied again) hands the list to
+    # the transport: either way every frame arrives whole and in order.
+    w = await hello_worker(broker, capacity=8)
+    c = await hello_client(broker)
+    cookies = [new_cookie() for _ in range(6)]
+    c.send(*(Run(cookie, "echo", n) for n, cookie in enumerate(cookies)))
+    runs = [await w.recv_type(Run) for _ in cookies]
+    payloads = [bytes([n]) * size for n in range(len(runs))]
+    w.send(
+        *(Result(r.cookie, ResultCode.OK, result=p) for r, p in zip(runs, payloads, strict=True))
+    )
+    got = [await c.recv_type(Result) for _ in cookies]
+    assert [(r.cookie, r.result) for r in got] == [
+        (cookies[run.variables], payloads[n]) for n, run in enumerate(runs)
+    ]
+
+
 async def test_a_burst_goes_out_to_one_worker_and_the_next_turn_starts_afresh() -> None:
     # Batch affinity (docs/protocol.md): RUNs in one write stay on one worker
     # within dispatch_batch_slack; the broker ends the batch when it flushes,
