@@ -207,7 +207,7 @@ class Raw(Record):
         self.data: Final = data
 
     def value(self) -> Any:
-        return msgpack.unpackb(self.data, raw=False, strict_map_key=False)
+        return _unpack_value(self.data)
 
 
 @_packet
@@ -652,7 +652,7 @@ def _utf8(data: bytes, pos: int, n: int) -> bool:
 
 
 def _unpack_value(span: bytes) -> Any:
-    """A payload `_skip` has passed, decoded."""
+    """A payload (`_skip` has passed it, or it is a Raw's), decoded."""
     return msgpack.unpackb(span, raw=False, strict_map_key=False)
 
 
