@@ -6,9 +6,12 @@ from `Switchboard`; everything it does is apply that switchboard's actions:
 
 - Incoming bytes are decoded synchronously in the transport's callback and
   fed to the switchboard: no await per packet.
-- Outgoing frames are appended to the destination's outbox and flushed once
-  per event-loop turn (`writelines`), so a burst of results to one client is
-  one syscall. Applying actions never awaits.
+- Everything one read decoded is handed to the switchboard as one event
+  (`receive_all`), and its actions are applied together.
+- Outgoing frames are encoded straight into the destination's outbox (as
+  pieces, `encode_into`) and flushed once per event-loop turn as one joined
+  write, so a burst of results to one client is one syscall and each frame
+  is copied once. Applying actions never awaits.
 - A peer whose unsent bytes pass `outbox_high_water_bytes` has stopped
   reading: it is cut off as a slow consumer and its jobs are handled as on
   disconnect, so it never stalls routing for anyone else.
@@ -35,7 +38,7 @@ from transports import Listener, Stream
 from .config import Config, ListenerRole
 from .errors import EncodeError, RemoteProtocolError
 from .metrics import MetricsServer, registry_for
-from .protocol import Codec, PacketDecoder, Ping, Result, ResultCode, Status, encode
+from .protocol import Codec, PacketDecoder, Ping, Result, ResultCode, Status, encode_into
 from .switchboard import Action, Close, Log, Send, Switchboard, Wake
 
 # True when this module runs as mypyc-compiled code (scripts/build_native).
@@ -63,6 +66,7 @@ class _Connection:
         "needs_auth",
         "opened_at",
         "outbox",
+        "outbox_bytes",
         "spoke",
         "stream",
     )
@@ -75,7 +79,9 @@ class _Connection:
         # Payloads pass through as Raw bytes: the broker never looks inside them.
         self.decoder = PacketDecoder(broker.config.limits.max_frame_bytes, raw_payloads=True)
         self.codec: Codec | None = None
+        # This turn's frames for the peer, as encode_into's pieces, and their size.
         self.outbox: list[bytes] = []
+        self.outbox_bytes = 0
         self.closed = False
         self.log = _log.bind(conn=conn_id, peer=stream.peer, role=role.value)
         # Liveness: when the peer last sent bytes, and whether it ever sent a whole packet.
@@ -102,12 +108,9 @@ class _Connection:
                 broker.board.set_codec(self.id, self.codec)
             if packets:
                 self.spoke = True
-                board = broker.board
-                now = self.last_rx
-                for packet in packets:
-                    broker.apply(board.receive(self.id, packet, now))
-                    if self.closed:
-                        return
+                broker.apply(broker.board.receive_all(self.id, packets, self.last_rx))
+                if self.closed:
+                    return
             if self.decoder.error is not None:
                 broker.protocol_error(self, self.decoder.error)
         except Exception:
@@ -376,6 +379,7 @@ class Broker:
         self.protocol_errors += 1
         conn.log.warning("protocol_error", why=str(exc))
         conn.outbox.clear()
+        conn.outbox_bytes = 0
         self.close_connection(conn, f"protocol error: {exc}")
 
     # -- applying actions ------------------------------------------------------------
@@ -388,18 +392,18 @@ class Broker:
                     continue
                 if type(action.packet) is Status:
                     action = Send(action.conn, self._enrich_status(action.packet))
-                try:
-                    frame = encode(action.packet, conn.codec or Codec.MSGPACK)
-                except EncodeError as exc:
-                    frame = self._encode_failed(conn, action, exc)
-                    if not frame:
-                        continue
-                if not conn.outbox:
+                outbox = conn.outbox
+                if not outbox:
                     self._dirty.append(conn)
                     if not self._flush_scheduled:
                         self._flush_scheduled = True
                         self.loop.call_soon(self._flush)
-                conn.outbox.append(frame)
+                try:
+                    conn.outbox_bytes += encode_into(
+                        action.packet, conn.codec or Codec.MSGPACK, outbox
+                    )
+                except EncodeError as exc:
+                    conn.outbox_bytes += self._encode_failed(conn, action, exc)
             elif type(action) is Close:
                 conn = self._conns.get(action.conn)
                 if conn is not None:
@@ -432,7 +436,7 @@ class Broker:
         status["compiled"] = COMPILED
         return Status(status)
 
-    def _encode_failed(self, conn: _Connection, action: Send, exc: EncodeError) -> bytes:
+    def _encode_failed(self, conn: _Connection, action: Send, exc: EncodeError) -> int:
         # The switchboard checks what each codec can carry, so this is our bug;
         # a job's answer must still get through, so send a plain EXCEPTION.
         conn.log.error("encode_failed", packet=type(action.packet).__name__, why=str(exc))
@@ -441,8 +445,8 @@ class Broker:
             substitute = Result(
                 packet.cookie, ResultCode.EXCEPTION, f"broker could not encode the result: {exc}"
             )
-            return encode(substitute, conn.codec or Codec.MSGPACK)
-        return b""
+            return encode_into(substitute, conn.codec or Codec.MSGPACK, conn.outbox)
+        return 0
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -466,17 +470,15 @@ class Broker:
         outbox = conn.outbox
         if len(outbox) == 1:
             conn.stream.write(outbox[0])
+        elif conn.outbox_bytes <= _JOIN_MAX_BYTES:
+            # The turn's frames in one buffer: the only copy of their pieces,
+            # and cheaper than the transport's writelines, which handles each
+            # piece as a separate buffer.
+            conn.stream.write(b"".join(outbox))
         else:
-            total = 0
-            for chunk in outbox:
-                total += len(chunk)
-            if total <= _JOIN_MAX_BYTES:
-                # Small frames joined here cost less than the transport's
-                # writelines, which handles each one as a separate buffer.
-                conn.stream.write(b"".join(outbox))
-            else:
-                conn.stream.writelines(outbox)  # big payloads are not copied again
+            conn.stream.writelines(outbox)  # big payloads are not copied again
         conn.outbox = []
+        conn.outbox_bytes = 0
 
     def _wake(self, at: float) -> None:
         if self._timer is not None and self._timer_at is not None and self._timer_at <= at:
@@ -541,6 +543,7 @@ class Broker:
         self.dead_peers += 1
         conn.log.warning(event, why=why)
         conn.outbox.clear()
+        conn.outbox_bytes = 0
         conn.stream.abort()  # a dead peer will not read what we would flush
         self.close_connection(conn, why)
 

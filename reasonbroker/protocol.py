@@ -30,6 +30,10 @@ _pack_length = struct.Struct(">I").pack
 # JSON integers are unbounded, and a deadline must stay a finite float.
 MAX_TIMEOUT_MS: Final = 2**31 - 1
 _MAX_ENCODABLE: Final = 0xFFFFFFFF
+# Frame headers for the small sizes every RUN and RESULT of an everyday job
+# has, made once: indexing a tuple is cheaper than a struct call per frame.
+_SMALL_FRAME: Final = 4096
+_SMALL_HEADERS: Final = tuple(_pack_length(n) for n in range(_SMALL_FRAME))
 
 
 class PacketType(enum.StrEnum):
@@ -963,37 +967,46 @@ _PIPELINE_KEY: Final = _packb("pipeline")
 _VARIABLES_KEY: Final = _packb("variables")
 _RC_KEY: Final = _packb("rc")
 _RESULT_KEY: Final = _packb("result")
-_RC_PACKED: Final = {rc: _packb(rc.value) for rc in ResultCode}
-# Body bytes of the plain shapes other than the variable parts (pipeline,
-# variables; rc, result).
-_RUN3_FIXED: Final = len(_RUN_OPEN3) + 16 + len(_PIPELINE_KEY)
-_RUN4_FIXED: Final = len(_RUN_OPEN4) + 16 + len(_PIPELINE_KEY) + len(_VARIABLES_KEY)
-_RESULT3_FIXED: Final = len(_RESULT_OPEN3) + 16 + len(_RC_KEY)
-_RESULT4_FIXED: Final = len(_RESULT_OPEN4) + 16 + len(_RC_KEY) + len(_RESULT_KEY)
+# What follows the cookie, up to the payload: rc and its code, with and
+# without the result key after them.
+_RC_THEN3: Final = {rc: _RC_KEY + _packb(rc.value) for rc in ResultCode}
+_RC_THEN4: Final = {rc: _RC_KEY + _packb(rc.value) + _RESULT_KEY for rc in ResultCode}
 
-# Pipeline names as packed, by name: a broker sends the same few names all day.
-_PACKED_NAMES: Final[dict[str, bytes]] = {}
+# The same for RUN, by pipeline name: the pipeline key and the packed name,
+# with and without the variables key after them. A broker sends the same few
+# names all day; the cache is bounded against a client inventing names.
+_PIPELINE_THEN3: Final[dict[str, bytes]] = {}
+_PIPELINE_THEN4: Final[dict[str, bytes]] = {}
 _PACKED_NAMES_MAX: Final = 4096
 
 
-def _packed_name(name: str) -> bytes:
-    packed = _PACKED_NAMES.get(name)
+def _pipeline_then(name: str, with_variables: bool) -> bytes:
+    cache = _PIPELINE_THEN4 if with_variables else _PIPELINE_THEN3
+    packed = cache.get(name)
     if packed is None:
-        packed = _packb(name)
-        if len(_PACKED_NAMES) >= _PACKED_NAMES_MAX:
-            _PACKED_NAMES.clear()  # a client inventing names: start over, stay bounded
-        _PACKED_NAMES[name] = packed
+        packed = _PIPELINE_KEY + _packb(name)
+        if with_variables:
+            packed += _VARIABLES_KEY
+        if len(cache) >= _PACKED_NAMES_MAX:
+            cache.clear()  # a client inventing names: start over, stay bounded
+        cache[name] = packed
     return packed
 
 
 def _header(size: int) -> bytes:
+    if size < _SMALL_FRAME:
+        return _SMALL_HEADERS[size]
     if size > _MAX_ENCODABLE:
         raise EncodeError(f"packet body of {size} bytes cannot be framed")
     return _pack_length(size)
 
 
-def _msgpack_frame(packet: Packet) -> bytes:
-    """Header and body in one join: a payload is copied once, not again to prefix it."""
+def _msgpack_parts(packet: Packet, out: list[bytes]) -> int:
+    """Append the frame's pieces (header first) to `out`; return its length.
+
+    The pieces are only appended once all of them are made, so a packet that
+    cannot be encoded leaves `out` as it was.
+    """
     if type(packet) is Run:
         run = packet
         if (
@@ -1002,23 +1015,16 @@ def _msgpack_frame(packet: Packet) -> bytes:
             and run.max_attempts is None
             and len(run.cookie) == 16
         ):
-            pipeline = _packed_name(run.pipeline)
+            opening = _RUN_OPEN3
             if run.variables is None:
-                size = _RUN3_FIXED + len(pipeline)
-                return b"".join((_header(size), _RUN_OPEN3, run.cookie, _PIPELINE_KEY, pipeline))
-            variables = run.variables.data if type(run.variables) is Raw else _packb(run.variables)
-            size = _RUN4_FIXED + len(pipeline) + len(variables)
-            return b"".join(
-                (
-                    _header(size),
-                    _RUN_OPEN4,
-                    run.cookie,
-                    _PIPELINE_KEY,
-                    pipeline,
-                    _VARIABLES_KEY,
-                    variables,
-                )
-            )
+                middle = _pipeline_then(run.pipeline, False)
+                payload = b""
+            else:
+                opening = _RUN_OPEN4
+                middle = _pipeline_then(run.pipeline, True)
+                variables = run.variables
+                payload = variables.data if type(variables) is Raw else _packb(variables)
+            return _append_plain(out, opening, run.cookie, middle, payload)
     elif type(packet) is Result:
         res = packet
         cookie = res.cookie
@@ -1028,17 +1034,49 @@ def _msgpack_frame(packet: Packet) -> bytes:
             and cookie is not None
             and len(cookie) == 16
         ):
-            rc = _RC_PACKED[res.rc]
             if res.result is None:
-                size = _RESULT3_FIXED + len(rc)
-                return b"".join((_header(size), _RESULT_OPEN3, cookie, _RC_KEY, rc))
-            result = res.result.data if type(res.result) is Raw else _packb(res.result)
-            size = _RESULT4_FIXED + len(rc) + len(result)
-            return b"".join(
-                (_header(size), _RESULT_OPEN4, cookie, _RC_KEY, rc, _RESULT_KEY, result)
-            )
+                return _append_plain(out, _RESULT_OPEN3, cookie, _RC_THEN3[res.rc], b"")
+            result = res.result
+            payload = result.data if type(result) is Raw else _packb(result)
+            return _append_plain(out, _RESULT_OPEN4, cookie, _RC_THEN4[res.rc], payload)
     body: bytes = _packb(packet_to_map(packet))
-    return _header(len(body)) + body
+    head = _header(len(body))
+    out.append(head)
+    out.append(body)
+    return HEADER_BYTES + len(body)
+
+
+def _append_plain(
+    out: list[bytes], opening: bytes, cookie: bytes, middle: bytes, payload: bytes
+) -> int:
+    size = len(opening) + 16 + len(middle) + len(payload)
+    head = _header(size)
+    out.append(head)
+    out.append(opening)
+    out.append(cookie)
+    out.append(middle)
+    if payload:
+        out.append(payload)
+    return HEADER_BYTES + size
+
+
+def encode_into(packet: Packet, codec: Codec, out: list[bytes]) -> int:
+    """Append `packet`'s frame to `out` as pieces whose join is `encode(packet,
+    codec)`; return the frame's length. On EncodeError `out` is unchanged.
+
+    For a writer that joins many frames into one write anyway (the broker's
+    outbox): the pieces are copied once, by that join.
+    """
+    try:
+        if codec is Codec.MSGPACK:
+            return _msgpack_parts(packet, out)
+        body = _json_body(packet_to_map(packet))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"{codec.value} cannot carry this packet: {exc}") from exc
+    head = _header(len(body))
+    out.append(head)
+    out.append(body)
+    return HEADER_BYTES + len(body)
 
 
 def encode(packet: Packet, codec: Codec = Codec.MSGPACK) -> bytes:
@@ -1047,13 +1085,9 @@ def encode(packet: Packet, codec: Codec = Codec.MSGPACK) -> bytes:
     Raises EncodeError when the codec cannot carry a value (bytes to JSON, a
     non-string payload to JSON, an object msgpack cannot pack).
     """
-    try:
-        if codec is Codec.MSGPACK:
-            return _msgpack_frame(packet)
-        body = _json_body(packet_to_map(packet))
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise EncodeError(f"{codec.value} cannot carry this packet: {exc}") from exc
-    return _header(len(body)) + body
+    parts: list[bytes] = []
+    encode_into(packet, codec, parts)
+    return b"".join(parts)
 
 
 _JSON_KEYS: Final = (

@@ -29,7 +29,6 @@ import heapq
 import hmac
 import itertools
 import struct
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -60,7 +59,10 @@ from .protocol import (
 )
 
 FEATURES = ("started", "progress", "priority", "timeout", "attempts")
-_pack_u64 = struct.Struct(">Q").pack
+# Worker cookies are the broker's 8-byte prefix and a 64-bit sequence number,
+# packed a batch at a time (one struct call per batch, one slice per job).
+_WCOOKIE_BATCH: Final = 256
+_pack_wcookies = struct.Struct(">" + "8sQ" * _WCOOKIE_BATCH).pack
 
 
 # ---------------------------------------------------------------------------
@@ -218,8 +220,11 @@ class Stats:
     """Counters the broker exposes; tests and chaos runs check them."""
 
     accepted: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
-    completed: Counter[str] = field(default_factory=Counter)
+    # By result code. Plain dicts, not Counters: Counter defines __delitem__
+    # in Python, which routes every `counter[key] += 1` through a slow slot,
+    # and a job's completion counts one.
+    rejected: dict[str, int] = field(default_factory=dict)
+    completed: dict[str, int] = field(default_factory=dict)
     dispatched: int = 0
     requeued: int = 0
     cancels: int = 0
@@ -301,6 +306,9 @@ class Switchboard:
         self.draining = False
         self._conns: dict[int, _Conn] = {}
         self._workers: dict[int, _Conn] = {}  # registered (capacity > 0)
+        # The same workers as a list, for dispatch to scan (rebuilt when a
+        # worker registers or goes; iterating a list is cheaper than a dict).
+        self._worker_list: list[_Conn] = []
         self._queues: dict[str, list[tuple[int, int, _Job]]] = {}
         self._queued = 0  # live entries across all queues
         self._dead_in_queues = 0  # lazily deleted heap entries
@@ -312,7 +320,9 @@ class Switchboard:
         self._batch_worker: _Conn | None = None
         self._batch_slack = limits.dispatch_batch_slack
         self._wcookie_prefix = cookie_prefix
-        self._wcookie_seq = 0
+        self._wcookie_seq = 0  # the last sequence number packed
+        self._wcookies = b""  # the current batch, 16 bytes per cookie
+        self._wcookie_at = 0  # where the next one starts in it
         self._deadlines: list[tuple[float, int, _Deadline, _Job | _Conn]] = []
         self._wake_at: float | None = None
 
@@ -382,13 +392,26 @@ class Switchboard:
     # -- packets --------------------------------------------------------------
 
     def receive(self, conn: int, packet: Packet, now: float) -> list[Action]:
-        c = self._conns.get(conn)
-        if c is None or c.closing:
-            return []  # closed by us: what it sent after that is not acted on
-        self._now = now
+        """Handle one packet from a connection: the actions it calls for."""
+        return self.receive_all(conn, [packet], now)
+
+    def receive_all(self, conn: int, packets: list[Packet], now: float) -> list[Action]:
+        """Handle packets a connection sent, in order, as one event: one list of
+        actions for them all (the broker hands it what one read decoded)."""
         out: list[Action] = []
-        if c.role is None and not self._assign_role(c, packet, out):
+        c = self._conns.get(conn)
+        if c is None:
             return out
+        self._now = now
+        for packet in packets:
+            if c.closing:
+                break  # closed by us: what it sent after that is not acted on
+            self._handle(c, packet, now, out)
+        return out
+
+    def _handle(self, c: _Conn, packet: Packet, now: float, out: list[Action]) -> None:
+        if c.role is None and not self._assign_role(c, packet, out):
+            return
         match packet:
             case Run():
                 if c.role is Role.CLIENT:
@@ -436,7 +459,6 @@ class Switchboard:
                 self._unsupported(c, ptype, cookie, out)
             case BadPacket():
                 self._bad_packet(c, packet, now, out)
-        return out
 
     def _assign_role(self, c: _Conn, packet: Packet, out: list[Action]) -> bool:
         """The first packet fixes a connection's role (PROTOCOL.md section 5, Roles)."""
@@ -670,7 +692,7 @@ class Switchboard:
     # -- clients ----------------------------------------------------------------
 
     def _reject(self, c: _Conn, run: Run, rc: ResultCode, why: str, out: list[Action]) -> None:
-        self.stats.rejected[rc.value] += 1
+        _count(self.stats.rejected, rc.value)
         self._answer(c, Result(run.cookie, rc, why), out)
 
     def _run(self, c: _Conn, run: Run, now: float, out: list[Action]) -> None:
@@ -765,6 +787,7 @@ class Switchboard:
             narrowed = c.pipelines is None and c.id in self._workers
             c.pipelines = (c.pipelines or set()) | set(reg.pipelines)
         self._workers[c.id] = c
+        self._worker_list = list(self._workers.values())
         out.append(
             Log(
                 "worker_registered",
@@ -780,18 +803,21 @@ class Switchboard:
             self._fail_unserved(out)  # jobs only this worker served must not wait forever
 
     def _worker_result(self, w: _Conn, res: Result, now: float, out: list[Action]) -> None:
-        job = w.running.pop(res.cookie, None) if res.cookie is not None else None
-        if job is None:
+        cookie = res.cookie
+        # get and del: mypyc has fast paths for both, dict.pop is a generic method call.
+        job = None if cookie is None else w.running.get(cookie)
+        if cookie is None or job is None:
             # Late (an attempt we gave up on) or duplicate: never delivered.
             self.stats.results_dropped += 1
             out.append(Log("result_dropped", w.id, {"reason": "unknown cookie"}))
             return
+        del w.running[cookie]
         self._release_slot(w, job)
         self._set_done(job)
         if job.abandoned:
             self.stats.abandoned_results += 1
         else:
-            self.stats.completed[res.rc] += 1  # a StrEnum: the same key as its text
+            _count(self.stats.completed, res.rc)  # a StrEnum: the same key as its text
             self.latency.observe(now - job.accepted_at)
             self._deliver(
                 job, Result(job.cookie, res.rc, res.error, res.stacktrace, res.result), out
@@ -821,6 +847,7 @@ class Switchboard:
     def _worker_gone(self, w: _Conn, out: list[Action]) -> None:
         """Each job re-queued while attempts allow, else WORKER_WENT_AWAY (section 5)."""
         self._workers.pop(w.id, None)
+        self._worker_list = list(self._workers.values())
         if self._batch_worker is w:
             self._batch_worker = None
         jobs = sorted(w.running.values(), key=lambda j: j.seq)
@@ -894,20 +921,24 @@ class Switchboard:
         is kept while it is within Limits.dispatch_batch_slack of that.
         """
         best: _Conn | None = None
+        best_used = 0
         served = False
-        for w in self._workers.values():
-            if not w.serves(pipeline):
-                continue
+        for w in self._worker_list:
+            if w.pipelines is not None and pipeline not in w.pipelines:
+                continue  # w.serves(pipeline), inline: this runs per worker per RUN
             served = True
-            if w.busy + w.resting >= w.capacity:
+            used = w.busy + w.resting
+            if used >= w.capacity:
                 continue
             if best is None:
                 best = w
+                best_used = used
                 continue
-            lhs = (w.busy + w.resting) * best.capacity
-            rhs = (best.busy + best.resting) * w.capacity
+            lhs = used * best.capacity
+            rhs = best_used * w.capacity
             if lhs < rhs or (lhs == rhs and w.last_used < best.last_used):
                 best = w
+                best_used = used
         stay = self._batch_worker
         if best is not None and stay is not None and stay is not best and stay.serves(pipeline):
             used = stay.busy + stay.resting
@@ -934,8 +965,7 @@ class Switchboard:
                 out,
             )
             return
-        self._wcookie_seq += 1
-        wcookie = self._wcookie_prefix + _pack_u64(self._wcookie_seq)
+        wcookie = self._next_wcookie()
         job.state = _State.RUNNING
         job.worker = w
         job.wcookie = wcookie
@@ -949,6 +979,21 @@ class Switchboard:
         if self._batch_slack:
             self._batch_worker = w
         out.append(Send(w.id, Run(wcookie, job.run.pipeline, job.run.variables)))
+
+    def _next_wcookie(self) -> bytes:
+        """A cookie no other attempt of any job has had in this broker's life."""
+        at = self._wcookie_at
+        if at == len(self._wcookies):
+            args: list[Any] = []
+            prefix = self._wcookie_prefix
+            for seq in range(self._wcookie_seq + 1, self._wcookie_seq + 1 + _WCOOKIE_BATCH):
+                args.append(prefix)
+                args.append(seq)
+            self._wcookies = _pack_wcookies(*args)
+            self._wcookie_seq += _WCOOKIE_BATCH
+            at = 0
+        self._wcookie_at = at + 16
+        return self._wcookies[at : at + 16]
 
     def _release_slot(self, w: _Conn, job: _Job) -> None:
         w.busy -= 1
@@ -1021,7 +1066,7 @@ class Switchboard:
     def _end_for_client(self, job: _Job, rc: ResultCode, why: str, out: list[Action]) -> None:
         """End a job that holds no slot, answering its client if it is owed an answer."""
         self._set_done(job)
-        self.stats.completed[rc] += 1
+        _count(self.stats.completed, rc)
         self.latency.observe(self._now - job.accepted_at)
         self._deliver(job, Result(job.cookie, rc, why), out)
         self._forget(job)
@@ -1078,7 +1123,7 @@ class Switchboard:
                 # The worker has not answered the CANCEL in time: answer for
                 # it. It keeps the slot until it answers or leaves.
                 job.abandoned = True
-                self.stats.completed[ResultCode.CANCELLED.value] += 1
+                _count(self.stats.completed, ResultCode.CANCELLED.value)
                 self.latency.observe(now - job.accepted_at)
                 self._deliver(
                     job, Result(job.cookie, ResultCode.CANCELLED, "cancelled by client"), out
@@ -1124,7 +1169,7 @@ class Switchboard:
             return
         # Running: answer now, tell the worker; the slot stays busy until it answers.
         job.abandoned = True
-        self.stats.completed[ResultCode.TIMEOUT.value] += 1
+        _count(self.stats.completed, ResultCode.TIMEOUT.value)
         self.latency.observe(self._now - job.accepted_at)
         self._deliver(job, Result(job.cookie, ResultCode.TIMEOUT, why), out)
         self._forget(job)
@@ -1176,6 +1221,10 @@ class Switchboard:
         for conn in list(self._conns):
             out.append(Close(conn, "broker shutdown"))
         return out
+
+
+def _count(counts: dict[str, int], key: str) -> None:
+    counts[key] = counts.get(key, 0) + 1
 
 
 def _cookie_of(packet: Packet) -> bytes | None:

@@ -46,6 +46,7 @@ from reasonbroker.protocol import (
     cookie_str,
     decode_body,
     encode,
+    encode_into,
     for_legacy,
     packet_from_map,
     packet_to_map,
@@ -1394,3 +1395,39 @@ def test_per_job_packets_are_written_as_their_map_packs(packet: Run | Result) ->
     # exactly those of packing the packet's map.
     expected = frame(msgpack.packb(packet_to_map(packet), use_bin_type=True))
     assert encode(packet) == expected
+    # The broker's form: pieces appended after what the outbox holds already.
+    out = [b"earlier frame"]
+    assert encode_into(packet, Codec.MSGPACK, out) == len(expected)
+    assert out[0] == b"earlier frame"
+    assert b"".join(out[1:]) == expected
+
+
+@pytest.mark.parametrize(
+    ("packet", "codec"),
+    [
+        (Run(C, "p", object()), Codec.MSGPACK),
+        (Run(C, "p", {"k": 2**70}), Codec.MSGPACK),
+        (Result(C, ResultCode.OK, result={1, 2}), Codec.MSGPACK),
+        (Run(C, "p", b"bytes"), Codec.JSON),
+        (Result(C, ResultCode.OK, result=b"bytes"), Codec.JSON),
+        (Unsupported("X"), Codec.MSGPACK),
+    ],
+    ids=repr,
+)
+def test_encode_into_leaves_the_outbox_alone_when_a_packet_cannot_be_encoded(
+    packet: Packet, codec: Codec
+) -> None:
+    out = [b"earlier frame"]
+    with pytest.raises(EncodeError):
+        encode_into(packet, codec, out)
+    assert out == [b"earlier frame"]
+
+
+def test_packed_pipeline_names_stay_bounded_and_right() -> None:
+    # A client inventing pipeline names must not grow the broker's cache
+    # without bound, and every name must still be written correctly.
+    for i in range(protocol._PACKED_NAMES_MAX + 50):
+        run = Run(C, f"p{i}", "v" if i % 2 else None)
+        assert encode(run) == frame(msgpack.packb(packet_to_map(run), use_bin_type=True))
+    assert len(protocol._PIPELINE_THEN3) <= protocol._PACKED_NAMES_MAX
+    assert len(protocol._PIPELINE_THEN4) <= protocol._PACKED_NAMES_MAX

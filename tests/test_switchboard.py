@@ -37,6 +37,7 @@ from reasonbroker.protocol import (
     cookie_str,
 )
 from reasonbroker.switchboard import (
+    _WCOOKIE_BATCH,
     FEATURES,
     Action,
     Close,
@@ -917,6 +918,66 @@ def test_cookie_prefix_must_be_8_bytes() -> None:
     runs = sends_to(b.receive(2, Run(ck(1), "p"), 0.0), 1)
     assert isinstance(runs[0], Run)
     assert runs[0].cookie.startswith(b"PREFIX!!")
+
+
+def test_worker_cookies_are_the_prefix_and_a_sequence_number_across_batches() -> None:
+    # Cookies are packed a batch at a time; across batch boundaries they must
+    # stay the prefix and the next number, so no two attempts ever share one.
+    b = Switchboard(Limits(), cookie_prefix=b"PREFIX!!")
+    b.connect(1, BOTH)
+    b.connect(2, BOTH)
+    b.receive(1, Register(1000), 0.0)
+    n = 2 * _WCOOKIE_BATCH + 3
+    runs = sends_to(b.receive_all(2, [Run(ck(i), "p") for i in range(n)], 0.0), 1)
+    assert [r.cookie for r in runs if isinstance(r, Run)] == [
+        b"PREFIX!!" + i.to_bytes(8, "big") for i in range(1, n + 1)
+    ]
+
+
+def _two_boards() -> tuple[Switchboard, Switchboard]:
+    """Two switchboards in the same state: a client (2), a legacy worker (1)
+    with two slots and a HELLO'd worker (3) with one, one job running on 1."""
+    boards = (Switchboard(Limits()), Switchboard(Limits()))
+    for b in boards:
+        for conn in (1, 2, 3):
+            b.connect(conn, BOTH)
+        b.receive(1, Register(2), 0.0)
+        b.receive(3, Hello(role=Role.WORKER), 0.0)
+        b.receive(3, Register(1), 0.0)
+        b.receive(2, Hello(role=Role.CLIENT), 0.0)
+        b.receive(2, Run(ck(100), "p"), 0.0)
+    return boards
+
+
+@pytest.mark.parametrize(
+    ("conn", "packets"),
+    [
+        # A client's burst: dispatched, queued, a collision, a cancel.
+        (2, [Run(ck(1), "p"), Run(ck(2), "p"), Run(ck(2), "p"), Cancel(ck(1)), Ping()]),
+        # A legacy worker's RESULT, then a RUN (closes it), then packets that
+        # must not be acted on: its second RESULT and a REGISTER.
+        (
+            1,
+            [
+                Result(b"\x00" * 8 + (1).to_bytes(8, "big"), OK),
+                Run(ck(9), "p"),
+                Result(b"\x00" * 8 + (1).to_bytes(8, "big"), OK),
+                Register(5),
+            ],
+        ),
+        # A HELLO'd worker answering a cookie it never had, then registering more.
+        (3, [Result(ck(7), OK), Register(2), Ping()]),
+    ],
+    ids=["client", "legacy worker closed midway", "worker"],
+)
+def test_receive_all_is_receive_one_packet_at_a_time(conn: int, packets: list[Packet]) -> None:
+    together, one_by_one = _two_boards()
+    expected: list[Action] = []
+    for packet in packets:
+        expected += one_by_one.receive(conn, packet, 1.0)
+    assert together.receive_all(conn, packets, 1.0) == expected
+    assert together.status_snapshot() == one_by_one.status_snapshot()
+    assert together.stats == one_by_one.stats
 
 
 # ---------------------------------------------------------------------------
