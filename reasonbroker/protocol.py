@@ -20,6 +20,7 @@ from dataclasses import field
 from typing import Any, ClassVar, Final
 
 import msgpack
+from mypy_extensions import i64
 
 from ._frozen import packet as _packet
 from .errors import EncodeError, RemoteProtocolError
@@ -364,9 +365,10 @@ class PacketDecoder:
             buf.clear()
         packets: list[Packet] = []
         append = packets.append
-        pos = 0
-        end = len(data)
-        limit = self._max
+        pos: i64 = 0
+        end: i64 = len(data)
+        limit: i64 = self._max
+        size: i64 = 0
         native = self.codec is Codec.MSGPACK
         mv: memoryview | None = None
         try:
@@ -417,7 +419,7 @@ class PacketDecoder:
             raise RemoteProtocolError(f"{codec.value} frame on a {self.codec.value} connection")
         return decode_body(body, codec)
 
-    def _plain(self, data: bytes, pos: int, stop: int) -> Packet | None:
+    def _plain(self, data: bytes, pos: i64, stop: i64) -> Packet | None:
         """RUN {packet_type, cookie, pipeline[, variables]} or RESULT {packet_type,
         cookie, rc[, result]} read from data[pos:stop] without decoding the map:
         a fixmap of fixstr keys, a 16-byte bin cookie, a known rc.
@@ -427,20 +429,25 @@ class PacketDecoder:
         general path decodes that frame, and gives the same packet or raises
         for the same bad input (tests/test_protocol.py checks both).
         """
-        head = data[pos]
+        # Positions and lengths are i64: mypyc compiles them to C integers.
+        head: i64 = data[pos]
         if head < 0x83 or head > 0x84:
             return None
         pos += 1
-        kind = 0  # 1 RUN, 2 RESULT
-        seen = 0
+        kind: i64 = 0  # 1 RUN, 2 RESULT
+        seen: i64 = 0
+        bit: i64 = 0
+        n: i64 = 0
         cookie = b""
         pipeline = ""
         rc: ResultCode | None = None
         payload: Any = None
-        for _ in range(head & 0x0F):
+        keys = head & 0x0F
+        while keys:
+            keys -= 1
             if pos >= stop:
                 return None
-            kb = data[pos]
+            kb: i64 = data[pos]
             if kb < 0xA2 or kb > 0xAB:  # a fixstr of 2 to 11 bytes
                 return None
             k = pos + 1
@@ -466,7 +473,7 @@ class PacketDecoder:
                 pos += 18
             elif klen == 8 and _same(data, k, b"pipeline"):
                 bit = 4
-                vb = data[pos]
+                vb: i64 = data[pos]
                 if vb >= 0xA1 and vb <= 0xBF:  # a non-empty fixstr
                     n = vb & 0x1F
                     pos += 1
@@ -532,14 +539,16 @@ class PacketDecoder:
         return None
 
 
-def _same(data: bytes, pos: int, word: bytes) -> bool:
+def _same(data: bytes, pos: i64, word: bytes) -> bool:
     """Whether data holds `word` at `pos` (compared in place, nothing sliced)."""
-    n = len(word)
+    n: i64 = len(word)
     if pos + n > len(data):
         return False
-    for i in range(n):
+    i: i64 = 0
+    while i < n:
         if data[pos + i] != word[i]:
             return False
+        i += 1
     return True
 
 
@@ -554,7 +563,7 @@ _FIXED_WIDTH: Final = bytes(
 )  # fmt: skip
 
 
-def _skip(data: bytes, pos: int, stop: int) -> int:
+def _skip(data: bytes, pos: i64, stop: i64) -> i64:
     """Where the one msgpack value at data[pos] ends, or -1.
 
     -1 when msgpack-python (raw=False, strict_map_key=False) would refuse it
@@ -563,8 +572,10 @@ def _skip(data: bytes, pos: int, stop: int) -> int:
     nesting deeper than _SKIP_MAX_DEPTH. So a value it passes is one msgpack
     decodes: never more lenient, only sometimes more cautious.
     """
-    left = 1  # values still to read at this level (a map's keys and values both count)
+    left: i64 = 1  # values still to read at this level (a map's keys and values both count)
     in_map = False
+    n: i64 = 0
+    width: i64 = 0
     # The enclosing levels, each saved as left * 2 + in_map; made at the first
     # container (most payloads are a single string or bin).
     outer: list[int] | None = None
@@ -633,19 +644,24 @@ def _skip(data: bytes, pos: int, stop: int) -> int:
             in_map = bool(saved & 1)
 
 
-def _uint(data: bytes, pos: int, width: int) -> int:
-    """The big-endian unsigned integer in data[pos:pos+width], read in place."""
-    n = 0
-    for i in range(pos, pos + width):
-        n = (n << 8) | data[i]
+def _uint(data: bytes, pos: i64, width: i64) -> i64:
+    """The big-endian unsigned integer in data[pos:pos+width] (width <= 4), read in place."""
+    n: i64 = 0
+    end = pos + width
+    while pos < end:
+        n = (n << 8) | data[pos]
+        pos += 1
     return n
 
 
-def _utf8(data: bytes, pos: int, n: int) -> bool:
+def _utf8(data: bytes, pos: i64, n: i64) -> bool:
     """Whether data[pos:pos+n] is UTF-8 (what msgpack's raw=False insists on)."""
-    for i in range(pos, pos + n):
+    i = pos
+    end = pos + n
+    while i < end:
         if data[i] >= 0x80:
             break
+        i += 1
     else:
         return True  # ASCII: nothing to decode
     try:
