@@ -27,7 +27,6 @@ from __future__ import annotations
 import enum
 import heapq
 import hmac
-import itertools
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -314,7 +313,9 @@ class Switchboard:
         self._dead_in_queues = 0  # lazily deleted heap entries
         self._dead_deadlines = 0  # deadline heap entries whose job has ended
         self._running = 0
-        self._seq = itertools.count(1)
+        # The last job or deadline sequence number handed out; an int, since
+        # next() on an itertools.count is a generic call from compiled code.
+        self._seq = 0
         self._use = 0  # bumped at each dispatch: a worker's last_used orders equals
         # The worker this batch's last RUN went to (see end_batch).
         self._batch_worker: _Conn | None = None
@@ -726,7 +727,8 @@ class Switchboard:
             if run.max_attempts
             else self._default_attempts
         )
-        job = _Job(next(self._seq), c, run, attempts)
+        self._seq += 1
+        job = _Job(self._seq, c, run, attempts)
         c.jobs[run.cookie] = job
         self.stats.accepted += 1
         job.accepted_at = now
@@ -1091,7 +1093,8 @@ class Switchboard:
     def _add_deadline(
         self, at: float, kind: _Deadline, target: _Job | _Conn, out: list[Action]
     ) -> None:
-        heapq.heappush(self._deadlines, (at, next(self._seq), kind, target))
+        self._seq += 1
+        heapq.heappush(self._deadlines, (at, self._seq, kind, target))
         if isinstance(target, _Job):
             target.deadlines += 1
         if self._wake_at is None or at < self._wake_at:
