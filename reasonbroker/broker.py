@@ -385,11 +385,19 @@ class Broker:
     # -- applying actions ------------------------------------------------------------
 
     def apply(self, actions: list[Action]) -> None:
+        # A batch's sends mostly go to the same few peers (every RESULT to the
+        # one client): the last lookup is kept. Ids are never reused, and a
+        # closed connection is marked closed, so a kept one cannot go stale.
+        last_id = -1
+        target: _Connection | None = None
         for action in actions:
             if type(action) is Send:
-                conn = self._conns.get(action.conn)
-                if conn is None or conn.closed:
+                if action.conn != last_id:
+                    last_id = action.conn
+                    target = self._conns.get(last_id)
+                if target is None or target.closed:
                     continue
+                conn = target
                 if type(action.packet) is Status:
                     action = Send(action.conn, self._enrich_status(action.packet))
                 outbox = conn.outbox
@@ -405,20 +413,20 @@ class Broker:
                 except EncodeError as exc:
                     conn.outbox_bytes += self._encode_failed(conn, action, exc)
             elif type(action) is Close:
-                conn = self._conns.get(action.conn)
-                if conn is not None:
-                    self.close_connection(conn, action.why)
+                closing = self._conns.get(action.conn)
+                if closing is not None:
+                    self.close_connection(closing, action.why)
             elif type(action) is Wake:
                 self._wake(action.at)
             elif type(action) is Log:
-                conn = self._conns.get(action.conn) if action.conn is not None else None
-                if conn is None:
+                about = self._conns.get(action.conn) if action.conn is not None else None
+                if about is None:
                     _log.info(action.event, conn=action.conn, **action.fields)
                     continue
                 if action.event == "peer_identified":
                     # From now on this connection's lines carry its real role.
-                    conn.log = conn.log.bind(role=action.fields["role"])
-                conn.log.info(action.event, **action.fields)
+                    about.log = about.log.bind(role=action.fields["role"])
+                about.log.info(action.event, **action.fields)
         if self._draining:
             self._check_idle()
 
