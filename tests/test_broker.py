@@ -31,6 +31,7 @@ from reasonbroker.protocol import (
     Run,
     new_cookie,
 )
+from reasonbroker.switchboard import Close, Send
 from reasonbroker.worker import Worker
 from tests import rawpeer
 from tests.rawpeer import WAIT_S, RawPeer
@@ -462,3 +463,32 @@ async def test_a_burst_goes_out_to_one_worker_and_the_next_turn_starts_afresh() 
         c.send(Run(new_cookie(), "echo", 3))  # a later write: least loaded is w2
         assert (await w2.recv_type(Run)).variables == 3
         assert [b.board.slots(w)[1] for w in b.board.workers()] == [3, 1]
+
+
+async def test_actions_for_interleaved_peers_reach_each_peer_in_order(broker: Broker) -> None:
+    # apply keeps the last destination it looked up; sends alternating
+    # between peers, and to a peer closed earlier in the same batch, must
+    # still land where they are addressed, in order, or nowhere.
+    c1 = await hello_client(broker)
+    id1 = max(broker._conns)
+    c2 = await hello_client(broker)
+    id2 = max(broker._conns)
+    c3 = await hello_client(broker)
+    id3 = max(broker._conns)
+    ck = [new_cookie() for _ in range(5)]
+    broker.apply(
+        [
+            Send(id1, Result(ck[0], ResultCode.OK)),
+            Send(id2, Result(ck[1], ResultCode.OK)),
+            Send(id3, Result(ck[4], ResultCode.OK)),
+            Close(id3, "closed by the test"),
+            Send(id3, Result(ck[0], ResultCode.OK)),
+            Send(id1, Result(ck[2], ResultCode.OK)),
+            Send(id1, Result(ck[3], ResultCode.OK)),
+            Send(id2, Result(ck[4], ResultCode.OK)),
+        ]
+    )
+    assert [(await c1.recv_type(Result)).cookie for _ in range(3)] == [ck[0], ck[2], ck[3]]
+    assert [(await c2.recv_type(Result)).cookie for _ in range(2)] == [ck[1], ck[4]]
+    assert await c3.closed_by_peer()
+    assert [p.cookie for p in c3.inbox if isinstance(p, Result)] == [ck[4]]
