@@ -364,7 +364,6 @@ class PacketDecoder:
             data = bytes(buf)
             buf.clear()
         packets: list[Packet] = []
-        append = packets.append
         pos: i64 = 0
         end: i64 = len(data)
         limit: i64 = self._max
@@ -394,11 +393,11 @@ class PacketDecoder:
                     # straight from the bytes (see _plain).
                     packet = self._plain(data, start, stop)
                     if packet is not None:
-                        append(packet)
+                        packets.append(packet)
                         continue
                 if mv is None:
                     mv = memoryview(data)  # zero-copy bodies: `data` is immutable
-                append(self._decode(mv[start:stop]))
+                packets.append(self._decode(mv[start:stop]))
                 native = self.codec is Codec.MSGPACK
             else:
                 self._need = 0

@@ -27,7 +27,6 @@ from __future__ import annotations
 import enum
 import heapq
 import hmac
-import struct
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -58,10 +57,12 @@ from .protocol import (
 )
 
 FEATURES = ("started", "progress", "priority", "timeout", "attempts")
-# Worker cookies are the broker's 8-byte prefix and a 64-bit sequence number,
-# packed a batch at a time (one struct call per batch, one slice per job).
+# Worker cookies are the broker's 8-byte prefix and a 64-bit big-endian
+# sequence number, made 256 at a time: the numbers k*256 .. k*256+255 share
+# their first 15 bytes, so a batch is one repeated stem with its last byte
+# set by a single slice assignment; each cookie is then one 16-byte slice.
 _WCOOKIE_BATCH: Final = 256
-_pack_wcookies = struct.Struct(">" + "8sQ" * _WCOOKIE_BATCH).pack
+_LOW_BYTES: Final = bytes(range(_WCOOKIE_BATCH))
 
 
 # ---------------------------------------------------------------------------
@@ -321,9 +322,9 @@ class Switchboard:
         self._batch_worker: _Conn | None = None
         self._batch_slack = limits.dispatch_batch_slack
         self._wcookie_prefix = cookie_prefix
-        self._wcookie_seq = 0  # the last sequence number packed
-        self._wcookies = b""  # the current batch, 16 bytes per cookie
-        self._wcookie_at = 0  # where the next one starts in it
+        self._wcookie_batch = 0  # the next batch: sequence numbers from 256 times this
+        self._wcookies = self._wcookie_blob()  # the current batch, 16 bytes per cookie
+        self._wcookie_at = 16  # where the next one starts in it (0 is never used)
         self._deadlines: list[tuple[float, int, _Deadline, _Job | _Conn]] = []
         self._wake_at: float | None = None
 
@@ -986,16 +987,18 @@ class Switchboard:
         """A cookie no other attempt of any job has had in this broker's life."""
         at = self._wcookie_at
         if at == len(self._wcookies):
-            args: list[Any] = []
-            prefix = self._wcookie_prefix
-            for seq in range(self._wcookie_seq + 1, self._wcookie_seq + 1 + _WCOOKIE_BATCH):
-                args.append(prefix)
-                args.append(seq)
-            self._wcookies = _pack_wcookies(*args)
-            self._wcookie_seq += _WCOOKIE_BATCH
+            self._wcookies = self._wcookie_blob()
             at = 0
         self._wcookie_at = at + 16
         return self._wcookies[at : at + 16]
+
+    def _wcookie_blob(self) -> bytes:
+        """The next batch of cookies, sequence numbers 256 * batch .. + 255."""
+        stem = self._wcookie_prefix + self._wcookie_batch.to_bytes(7, "big") + b"\x00"
+        self._wcookie_batch += 1
+        blob = bytearray(stem * _WCOOKIE_BATCH)
+        blob[15::16] = _LOW_BYTES
+        return bytes(blob)
 
     def _release_slot(self, w: _Conn, job: _Job) -> None:
         w.busy -= 1
