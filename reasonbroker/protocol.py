@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import enum
 import json
+import json.scanner
+import re
 import struct
 import uuid
 from dataclasses import field
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, cast
 
 import msgpack
 from mypy_extensions import i64
@@ -311,7 +313,14 @@ def new_cookie() -> bytes:
 
 def cookie_str(cookie: bytes | None) -> str | None:
     """The canonical text form of a cookie, for logs and the JSON codec."""
-    return None if cookie is None else str(uuid.UUID(bytes=cookie))
+    if cookie is None:
+        return None
+    if len(cookie) != 16:
+        return str(uuid.UUID(bytes=cookie))  # raises ValueError, as it always did
+    # What str(uuid.UUID(bytes=cookie)) gives, without building a UUID
+    # (a JSON peer's every RESULT carries one).
+    h = cookie.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # ---------------------------------------------------------------------------
@@ -693,14 +702,39 @@ def decode_body(body: bytes | memoryview, codec: Codec) -> Packet:
     """Decode one frame body. Raises RemoteProtocolError when it is not a map at all."""
     if codec is Codec.MSGPACK:
         return packet_from_map(_unpack_map(body), codec)
-    try:
-        obj = json.loads(bytes(body) if isinstance(body, memoryview) else body)
-    except (ValueError, RecursionError) as exc:
-        raise RemoteProtocolError(f"undecodable JSON: {exc}") from exc
+    data = bytes(body) if isinstance(body, memoryview) else body
+    obj = _json_object(data)
+    if obj is None:
+        try:
+            obj = json.loads(data)
+        except (ValueError, RecursionError) as exc:
+            raise RemoteProtocolError(f"undecodable JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise RemoteProtocolError(f"body is a {type(obj).__name__}, not a map")
     _check_json_text(obj)
     return packet_from_map(obj, codec)
+
+
+# json.loads' own steps for a UTF-8 body, without its Python-level wrappers.
+_json_scan: Final = json.scanner.make_scanner(cast(Any, json.JSONDecoder()))
+_json_space: Final = re.compile(r"[ \t\n\r]*").match  # json.decoder.WHITESPACE
+
+
+def _json_object(data: bytes) -> Any:
+    """What json.loads(data) returns, for a body that is one UTF-8 JSON object
+    (what json.loads reads as UTF-8: it starts with "{"); None for anything
+    else, or on any error: json.loads then says what is wrong."""
+    if len(data) < 4 or data[0] != 0x7B or not data[1]:
+        return None
+    try:
+        text = data.decode("utf-8", "surrogatepass")
+        obj, end = _json_scan(text, 0)
+    except (ValueError, RecursionError, StopIteration):
+        return None
+    space = _json_space(text, end)  # always matches: the pattern takes nothing too
+    if space is None or space.end() != len(text):
+        return None  # data after the object
+    return obj
 
 
 def _check_json_text(obj: dict[Any, Any]) -> None:
@@ -738,8 +772,26 @@ def _cookie(value: Any, codec: Codec) -> bytes:
             raise _Bad(f"cookie is {len(value)} bytes, not 16")
         return value
     if isinstance(value, str):
-        # Only the canonical 8-4-4-4-12 form: uuid.UUID() alone would also
-        # take braces, "urn:" and hyphens anywhere.
+        # Only the canonical 8-4-4-4-12 form (hex digits in either case):
+        # uuid.UUID() alone would also take braces, "urn:" and hyphens anywhere.
+        if (
+            len(value) == 36
+            and value[8] == "-"
+            and value[13] == "-"
+            and value[18] == "-"
+            and value[23] == "-"
+        ):
+            try:
+                raw = bytes.fromhex(
+                    value[:8] + value[9:13] + value[14:18] + value[19:23] + value[24:]
+                )
+            except ValueError:
+                raw = b""
+            # 16 bytes from 32 characters: every one was a hex digit (fromhex
+            # skips whitespace, which would leave fewer than 16).
+            if len(raw) == 16:
+                return raw
+        # Not canonical: uuid.UUID says which way, for the error.
         try:
             parsed = uuid.UUID(value)
         except ValueError:
@@ -1119,6 +1171,35 @@ _JSON_KEYS: Final = (
 )
 
 
+# json.dumps with any option builds a JSONEncoder per call; this one is made once.
+_json_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# The C function that encoder writes each string with (ensure_ascii=False).
+_json_str: Final = json.encoder.encode_basestring
+_JSON_KEY_TEXT: Final = {key: _json_str(key) + ":" for key in _JSON_KEYS}
+
+
+def _json_flat(d: dict[str, Any]) -> str | None:
+    """`_json_encode(d)` for a map of null, string, boolean and integer values
+    (every per-job packet), written here; None for anything else."""
+    parts: list[str] = []
+    for key, value in d.items():
+        if value is None:
+            text = "null"
+        elif type(value) is str:
+            text = _json_str(value)
+        elif value is True:
+            text = "true"
+        elif value is False:
+            text = "false"
+        elif type(value) is int:
+            text = str(value)
+        else:
+            return None
+        head = _JSON_KEY_TEXT.get(key)
+        parts.append((_json_str(key) + ":" if head is None else head) + text)
+    return "{" + ",".join(parts) + "}"
+
+
 def _json_body(d: dict[str, Any]) -> bytes:
     # ReasonChip's SocketPacket dumps all ten keys with null for unset ones;
     # we do the same so its pydantic model sees exactly what it would send.
@@ -1133,7 +1214,8 @@ def _json_body(d: dict[str, Any]) -> bytes:
         else:
             out[key] = value
     try:
-        return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
+        flat = _json_flat(out)
+        return (_json_encode(out) if flat is None else flat).encode()
     except (TypeError, ValueError) as exc:
         raise EncodeError(f"JSON cannot carry this packet: {exc}") from exc
 

@@ -613,6 +613,104 @@ def test_non_canonical_36_char_cookie_is_bad(text: str) -> None:
     assert isinstance(packet, BadPacket)
 
 
+def _reference_cookie(text: str) -> bytes | str:
+    """What the cookie reader did before its fast path: uuid.UUID decides."""
+    try:
+        parsed = uuid.UUID(text)
+    except ValueError:
+        return "cookie is not a UUID"
+    if len(text) != 36 or str(parsed) != text.lower():
+        return "cookie is not a canonical UUID string"
+    return parsed.bytes
+
+
+_HEXISH = st.sampled_from("0123456789abcdefABCDEF-g {}:u ")
+
+
+@settings(max_examples=400)
+@given(
+    st.uuids().map(str)
+    | st.uuids().map(lambda u: str(u).upper())
+    | st.uuids().map(lambda u: "{" + str(u) + "}")
+    | st.text(_HEXISH, min_size=30, max_size=40)
+    | st.text(max_size=40)
+)
+@example(" 123456789abcdef0123456789abcdef0123")
+@example("01234567-89ab-cdef-0123-456789abcde ")
+@example("01234567-89ab-cdef-0123-4567  89abcd")  # fromhex would skip the spaces
+@example("01234567-89ab-cdef-0123-4567\u0661\u06629abcdef")
+def test_cookie_text_is_read_as_uuid_reads_it(text: str) -> None:
+    # The canonical form is read by a fast path (bytes.fromhex); whatever
+    # the text, the outcome must be what uuid.UUID's reading gave.
+    reference = _reference_cookie(text)
+    packet = decode_one(mp({"packet_type": "CANCEL", "cookie": text}))
+    if isinstance(reference, bytes):
+        assert packet == Cancel(reference)
+    else:
+        assert isinstance(packet, BadPacket)
+        assert packet.why == reference
+
+
+@given(st.binary(min_size=16, max_size=16))
+def test_cookie_text_is_uuids_canonical_form(cookie: bytes) -> None:
+    assert cookie_str(cookie) == str(uuid.UUID(bytes=cookie))
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(st.sampled_from(sorted(JSON_KEYS)) | st.text(max_size=8), _JSON_VALUES))
+def test_flat_json_is_what_json_dumps_writes(d: dict[str, Any]) -> None:
+    # Per-job JSON packets are written by hand (protocol._json_flat); when
+    # it takes a map, the text must be exactly json.dumps' for it.
+    flat = protocol._json_flat(d)
+    if all(v is None or type(v) in (str, bool, int) for v in d.values()):
+        assert flat == json.dumps(d, separators=(",", ":"), ensure_ascii=False)
+    else:
+        assert flat is None
+
+
+def _json_loads_or_error(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        return type(exc)
+
+
+@settings(max_examples=300)
+@given(
+    st.builds(
+        lambda obj, lead, trail, junk: (
+            (lead + json.dumps(obj, ensure_ascii=False) + trail).encode("utf-8", "surrogatepass")
+            + junk
+        ),
+        st.dictionaries(st.text(max_size=5), _JSON_VALUES, max_size=4),
+        st.sampled_from(["", " ", "\n"]),
+        st.sampled_from(["", " ", "\r\n", " x", "}"]),
+        st.sampled_from([b"", b"\x00", b"\xff", b" "]),
+    )
+    | st.binary(max_size=40)
+)
+@example(b'{"a":1}  \x0b')  # not JSON whitespace
+@example(b'{"a":"\xed\xa0\x80"}')  # a surrogate, as surrogatepass lets json.loads read it
+@example(b"{\x00\x00\x00")
+def test_json_bodies_are_read_as_json_loads_reads_them(data: bytes) -> None:
+    # The JSON reader skips json.loads' wrappers for a body starting "{"; it
+    # must give json.loads' object, or step aside (None) for json.loads to
+    # give its error or its reading of other encodings.
+    fast = protocol._json_object(data)
+    if fast is not None:
+        assert fast == _json_loads_or_error(data)
+        assert isinstance(fast, dict)
+
+
 def test_unknown_extra_keys_are_ignored() -> None:
     d: dict[Any, Any] = {**RUN_OK, "zzz": [1, 2], "future_field": {"a": "b"}, 7: "int key"}
     assert decode_one(mp(d)) == Run(C, "p")
