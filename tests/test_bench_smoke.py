@@ -39,26 +39,10 @@ def test_bench_is_an_executable_python_script() -> None:
 
 def test_bench_smoke_run_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH),
-            "--smoke",
-            "--systems",
-            ",".join(SYSTEMS),
-            "--no-install",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=28,
-        check=False,
+    stdout = _run(
+        BENCH, "--smoke", "--systems", ",".join(SYSTEMS), "--no-install", "--json", str(out)
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "jobs/s" in proc.stdout  # the table
+    assert "jobs/s" in stdout  # the table
 
     report: dict[str, Any] = json.loads(out.read_text())
     assert {"meta", "systems", "cells"} <= set(report)
@@ -83,15 +67,21 @@ def test_hotpath_smoke_run_completes_every_job() -> None:
     hotpath = ROOT / "scripts" / "hotpath"
     assert os.access(hotpath, os.X_OK)
     for codec in ("msgpack", "json"):
-        proc = subprocess.run(
-            [sys.executable, str(hotpath), "--codec", codec, "--rounds", "20", "--repeats", "2"],
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        assert f"hotpath {codec} W=4 B=32" in proc.stdout
-        assert "ns/job best" in proc.stdout
+        stdout = _run(hotpath, "--codec", codec, "--rounds", "20", "--repeats", "2")
+        assert f"hotpath {codec} W=4 B=32" in stdout
+        assert "ns/job best" in stdout
+
+
+def _run(script: Path, *args: str) -> str:
+    """Run one of scripts/ with this Python; its stdout, after it exited 0."""
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
