@@ -338,14 +338,28 @@ class PacketDecoder:
     RESULT comes out as `Raw`, its bytes unparsed; otherwise it is decoded.
     """
 
-    __slots__ = ("_buf", "_max", "_need", "_pipe_name", "_pipe_raw", "_raw", "codec", "error")
+    __slots__ = (
+        "_held",
+        "_held_bytes",
+        "_max",
+        "_need",
+        "_pipe_name",
+        "_pipe_raw",
+        "_raw",
+        "codec",
+        "error",
+    )
 
     def __init__(self, max_frame_bytes: int, raw_payloads: bool = False) -> None:
-        self._buf = bytearray()
+        # The reads an unfinished frame has arrived in so far, kept as they
+        # came (bytes are immutable) and joined once it is whole: a large
+        # frame is copied once here, not once per read and again at the end.
+        self._held: list[bytes] = []
+        self._held_bytes = 0
         self._max = max_frame_bytes
         self._raw = raw_payloads
-        # Bytes the buffer must hold before a whole frame can be in it: a
-        # large frame arriving in many reads is appended, not re-scanned.
+        # Bytes held before a whole frame can be among them: a large frame
+        # arriving in many reads is gathered, not re-scanned.
         self._need = 0
         # The last pipeline name read, as wire bytes and as text: a connection
         # names the same few pipelines over and over.
@@ -359,19 +373,20 @@ class PacketDecoder:
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return self._held_bytes
 
     def feed(self, data: bytes) -> list[Packet]:
         if self.error is not None:
             raise self.error
-        buf = self._buf
-        if buf:
-            buf += data
-            if len(buf) < self._need:
+        if self._held:
+            self._held.append(data)
+            self._held_bytes += len(data)
+            if self._held_bytes < self._need:
                 return []
-            # One copy of what was buffered; from here on, as if it all came at once.
-            data = bytes(buf)
-            buf.clear()
+            # One copy of what was held; from here on, as if it all came at once.
+            data = b"".join(self._held)
+            self._held = []
+            self._held_bytes = 0
         packets: list[Packet] = []
         pos: i64 = 0
         end: i64 = len(data)
@@ -416,7 +431,9 @@ class PacketDecoder:
                 raise
             return packets
         if pos < end:
-            buf += data[pos:]
+            rest = data[pos:] if pos else data
+            self._held.append(rest)
+            self._held_bytes = len(rest)
         return packets
 
     def _decode(self, body: bytes | memoryview) -> Packet:
