@@ -1,5 +1,10 @@
 """reasonbroker: a socket switchboard that routes jobs from clients to workers.
 
+The parts, by who uses them: `reasonbroker.sdk` (the client and worker
+libraries a user imports), `reasonbroker.core` (the sans-IO wire protocol and
+switchboard), `reasonbroker.daemon` (the broker process around the core) and
+`reasonbroker.cli`. docs/architecture.md draws them.
+
 Importing the package configures nothing (no logging, no event loop policy);
 the CLI does that.
 """
@@ -12,6 +17,5 @@ from . import _native
 COMPILED: bool = _native.select(__name__)
 
 from ._version import __version__  # noqa: E402
-from .config import Config, Limits, load_config  # noqa: E402
 
-__all__ = ["COMPILED", "Config", "Limits", "__version__", "load_config"]
+__all__ = ["COMPILED", "__version__"]

@@ -1,6 +1,7 @@
 """Which build of the hot modules runs: mypyc-compiled, or the Python source.
 
-`scripts/build_native` compiles `NATIVE_MODULES` with mypyc into extension
+`scripts/build_native` compiles `NATIVE_MODULES` (dotted paths under the
+package: the core's per-job modules and daemon/broker.py) with mypyc into extension
 modules beside their sources and records each source's SHA-256 in
 `BUILD_STAMP`. Python imports an extension module in preference to a `.py`
 file of the same name, so a source edited after the build would silently run
@@ -8,12 +9,15 @@ stale code. `select()` guards against that: unless every compiled module was
 built from the source now on disk (and REASONBROKER_PURE is unset), it loads
 all of them from source, before anything else imports them.
 
-This module is plain Python and imports nothing of the package.
+This module is plain Python and imports nothing of the package; the
+subpackages `core` and `daemon` import nothing in their `__init__`, so
+importing them here loads no compiled module early.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -21,14 +25,35 @@ import sys
 from pathlib import Path
 from typing import Final
 
-NATIVE_MODULES: Final = ("protocol", "switchboard", "broker")
+# Dotted paths under the package, in dependency order (each imports only
+# those before it, or modules that are never compiled): the core's per-job
+# modules and the one daemon module of the hot path.
+NATIVE_MODULES: Final = (
+    "core.packets",
+    "core.codecs",
+    "core.framing",
+    "core.actions",
+    "core.state",
+    "core.deadlines",
+    "core.dispatch",
+    "core.roles",
+    "core.board",
+    "daemon.broker",
+)
 BUILD_STAMP: Final = ".native-build.json"
 _HERE: Final = Path(__file__).resolve().parent
 
 
+def source_path(name: str, package_dir: Path = _HERE) -> Path:
+    """The source file of a dotted name in NATIVE_MODULES."""
+    return package_dir.joinpath(*name.split(".")).with_suffix(".py")
+
+
 def source_digests(package_dir: Path = _HERE) -> dict[str, str]:
     return {
-        f"{name}.py": hashlib.sha256((package_dir / f"{name}.py").read_bytes()).hexdigest()
+        source_path(name, package_dir).relative_to(package_dir).as_posix(): hashlib.sha256(
+            source_path(name, package_dir).read_bytes()
+        ).hexdigest()
         for name in NATIVE_MODULES
     }
 
@@ -36,10 +61,14 @@ def source_digests(package_dir: Path = _HERE) -> dict[str, str]:
 def _built_modules(package_dir: Path) -> set[str]:
     """Names in NATIVE_MODULES that have an extension module beside their source."""
     found = set()
-    for path in package_dir.iterdir():
-        stem, _, suffix = path.name.partition(".")
-        if stem in NATIVE_MODULES and suffix.endswith(("so", "pyd")):
-            found.add(stem)
+    for name in NATIVE_MODULES:
+        source = source_path(name, package_dir)
+        if not source.parent.is_dir():
+            continue
+        for path in source.parent.iterdir():
+            stem, _, suffix = path.name.partition(".")
+            if stem == source.stem and suffix.endswith(("so", "pyd")):
+                found.add(name)
     return found
 
 
@@ -66,10 +95,13 @@ def select(package: str = __package__ or "reasonbroker") -> bool:
         )
     for name in NATIVE_MODULES:  # in dependency order
         qualified = f"{package}.{name}"
-        spec = importlib.util.spec_from_file_location(qualified, _HERE / f"{name}.py")
+        parent_name, _, attr = qualified.rpartition(".")
+        # The subpackage (its __init__ imports nothing compiled) before its module.
+        parent = importlib.import_module(parent_name)
+        spec = importlib.util.spec_from_file_location(qualified, source_path(name))
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[qualified] = module
         spec.loader.exec_module(module)
-        setattr(sys.modules[package], name, module)
+        setattr(parent, attr, module)
     return False

@@ -25,10 +25,10 @@ import click
 
 from . import COMPILED
 from ._version import __version__
-from .config import LOG_LEVELS, Config, LogFormat, load_config
-from .errors import ConfigError
-from .log import configure, get_logger
-from .protocol import ResultCode
+from .core.errors import ConfigError
+from .core.packets import ResultCode
+from .daemon.config import LOG_LEVELS, Config, LogFormat, load_config
+from .daemon.log import configure, get_logger
 
 EXIT_OK: Final = 0
 EXIT_LISTEN_FAILED: Final = 1
@@ -176,7 +176,7 @@ def _run(config: Config) -> int:
 
 
 async def _serve(config: Config) -> int:
-    from .broker import Broker
+    from .daemon.broker import Broker
 
     log = get_logger()
     bound = False
@@ -426,8 +426,9 @@ class _SubmitJob:
             remove()
 
     async def _run(self) -> int:
-        from .client import Client
-        from .errors import BrokerConnectionError, EncodeError, JobError
+        from .core.errors import EncodeError
+        from .sdk.client import Client
+        from .sdk.errors import BrokerConnectionError, JobError
 
         client = Client(self.url, name="reasonbroker submit")
         try:
@@ -517,9 +518,9 @@ def status(ctx: click.Context, url: str, token: str | None, as_json: bool) -> No
 
 
 async def _status(url: str, token: str | None, as_json: bool) -> int:
-    from . import protocol as p
-    from .errors import BrokerConnectionError, Unauthorized
-    from .peer import Peer
+    from .core import protocol as p
+    from .sdk.errors import BrokerConnectionError, Unauthorized
+    from .sdk.peer import Peer
 
     hello = p.Hello(role=p.Role.ADMIN, token=token, name="reasonbroker status")
     try:
@@ -675,9 +676,9 @@ async def _serve_commands(
     command: tuple[str, ...],
     timeout: float | None,  # noqa: ASYNC109 (per command, passed on)
 ) -> int:
-    from .cmdworker import CommandHandler
-    from .errors import JobError
-    from .worker import Worker
+    from .sdk.cmdworker import CommandHandler
+    from .sdk.errors import JobError
+    from .sdk.worker import Worker
 
     log = get_logger()
     handlers = {name: CommandHandler(command, name, timeout=timeout) for name in pipelines}

@@ -12,7 +12,7 @@ import socket
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
-from reasonbroker.protocol import (
+from reasonbroker.core.protocol import (
     Codec,
     Hello,
     Packet,

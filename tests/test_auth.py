@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 import structlog
 
-from reasonbroker.broker import Broker
-from reasonbroker.client import Client
-from reasonbroker.config import Config, Limits, ListenerConfig, ListenerRole, load_config
-from reasonbroker.errors import ConfigError, Unauthorized
-from reasonbroker.protocol import (
+from reasonbroker.core.actions import Close, Send
+from reasonbroker.core.board import Switchboard
+from reasonbroker.core.errors import ConfigError
+from reasonbroker.core.limits import Limits, ListenerRole
+from reasonbroker.core.protocol import (
     Hello,
     Ping,
     Pong,
@@ -32,8 +32,11 @@ from reasonbroker.protocol import (
     Run,
     new_cookie,
 )
-from reasonbroker.switchboard import Close, Send, Switchboard
-from reasonbroker.worker import Worker
+from reasonbroker.daemon.broker import Broker
+from reasonbroker.daemon.config import Config, ListenerConfig, load_config
+from reasonbroker.sdk.client import Client
+from reasonbroker.sdk.errors import Unauthorized
+from reasonbroker.sdk.worker import Worker
 from tests.rawpeer import WAIT_S, RawPeer
 
 CLIENT_TOKEN = "client-s3cret-7f1d"

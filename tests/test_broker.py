@@ -15,10 +15,9 @@ import msgpack
 import pytest
 import structlog
 
-from reasonbroker.broker import Broker
-from reasonbroker.client import Client
-from reasonbroker.config import Config, Limits, ListenerConfig, ListenerRole
-from reasonbroker.protocol import (
+from reasonbroker.core.actions import Close, Send
+from reasonbroker.core.limits import Limits, ListenerRole
+from reasonbroker.core.protocol import (
     Cancel,
     Codec,
     Hello,
@@ -31,8 +30,10 @@ from reasonbroker.protocol import (
     Run,
     new_cookie,
 )
-from reasonbroker.switchboard import Close, Send
-from reasonbroker.worker import Worker
+from reasonbroker.daemon.broker import Broker
+from reasonbroker.daemon.config import Config, ListenerConfig
+from reasonbroker.sdk.client import Client
+from reasonbroker.sdk.worker import Worker
 from tests import rawpeer
 from tests.rawpeer import WAIT_S, RawPeer
 
@@ -150,7 +151,7 @@ async def test_good_packets_before_garbage_in_one_write_still_count(broker: Brok
     c.send(Run(cookie, "echo", 7))
     run = await w.recv_type(Run)
     # The worker's RESULT and then garbage arrive in one read.
-    from reasonbroker.protocol import encode
+    from reasonbroker.core.protocol import encode
 
     w.send_bytes(encode(Result(run.cookie, ResultCode.OK, result=7)) + b"\x00\x00\x00\x00")
     res = await c.recv_type(Result)

@@ -1,6 +1,6 @@
 """The CLI: version, exit statuses, error messages, and `serve`'s lifecycle against a fake broker.
 
-The real broker is never started here: `serve` imports `reasonbroker.broker`
+The real broker is never started here: `serve` imports `reasonbroker.daemon.broker`
 lazily, and these tests put a fake module in its place. The end-to-end test of
 `serve` with real signals to a real process lives elsewhere.
 """
@@ -24,10 +24,10 @@ import structlog
 from click.testing import CliRunner, Result
 
 import reasonbroker
-from reasonbroker import log
 from reasonbroker.cli import main
-from reasonbroker.config import Config
-from reasonbroker.errors import ConfigError
+from reasonbroker.core.errors import ConfigError
+from reasonbroker.daemon import log
+from reasonbroker.daemon.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -176,9 +176,9 @@ class FakeBroker:
 
 @pytest.fixture
 def fake_broker(monkeypatch: pytest.MonkeyPatch) -> type[FakeBroker]:
-    module = types.ModuleType("reasonbroker.broker")
+    module = types.ModuleType("reasonbroker.daemon.broker")
     module.Broker = FakeBroker  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "reasonbroker.broker", module)
+    monkeypatch.setitem(sys.modules, "reasonbroker.daemon.broker", module)
     monkeypatch.setattr(FakeBroker, "instances", [])
     monkeypatch.setattr(FakeBroker, "enter_error", None)
     return FakeBroker

@@ -19,13 +19,14 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from reasonbroker import cmdworker
-from reasonbroker.broker import Broker
 from reasonbroker.cli import main
-from reasonbroker.client import Client
-from reasonbroker.config import Config, Limits, ListenerConfig, ListenerRole
-from reasonbroker.errors import Cancelled, ProcessorException
-from reasonbroker.worker import Handler, Worker, progress
+from reasonbroker.core.limits import Limits, ListenerRole
+from reasonbroker.daemon.broker import Broker
+from reasonbroker.daemon.config import Config, ListenerConfig
+from reasonbroker.sdk import cmdworker
+from reasonbroker.sdk.client import Client
+from reasonbroker.sdk.errors import Cancelled, ProcessorException
+from reasonbroker.sdk.worker import Handler, Worker, progress
 from tests.handlers import Gate, echo
 from tests.rawpeer import WAIT_S
 

@@ -21,21 +21,7 @@ from typing import Any, TypeVar
 import msgpack
 import pytest
 
-from reasonbroker import errors
-from reasonbroker.client import Client
-from reasonbroker.errors import (
-    BrokerConnectionError,
-    BrokerWentAway,
-    Cancelled,
-    ConnectTimeout,
-    JobError,
-    JobException,
-    JobTimeout,
-    ProcessorException,
-    Unauthorized,
-    error_for,
-)
-from reasonbroker.protocol import (
+from reasonbroker.core.protocol import (
     Cancel,
     Hello,
     Packet,
@@ -52,7 +38,21 @@ from reasonbroker.protocol import (
     encode,
     new_cookie,
 )
-from reasonbroker.worker import Handler, Worker, progress, reconnect_delay
+from reasonbroker.sdk import errors
+from reasonbroker.sdk.client import Client
+from reasonbroker.sdk.errors import (
+    BrokerConnectionError,
+    BrokerWentAway,
+    Cancelled,
+    ConnectTimeout,
+    JobError,
+    JobException,
+    JobTimeout,
+    ProcessorException,
+    Unauthorized,
+    error_for,
+)
+from reasonbroker.sdk.worker import Handler, Worker, progress, reconnect_delay
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -9,16 +9,15 @@ from typing import Any
 
 import pytest
 
-from reasonbroker.config import (
+from reasonbroker.core.errors import ConfigError
+from reasonbroker.core.limits import Limits, ListenerRole
+from reasonbroker.daemon.config import (
     DEFAULT_LISTENERS,
     Config,
-    Limits,
     ListenerConfig,
-    ListenerRole,
     LogFormat,
     load_config,
 )
-from reasonbroker.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 

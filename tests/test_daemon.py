@@ -9,7 +9,7 @@ import signal
 import sys
 
 import reasonbroker
-from reasonbroker.protocol import Result, ResultCode, Run, new_cookie
+from reasonbroker.core.protocol import Result, ResultCode, Run, new_cookie
 from tests.rawpeer import WAIT_S, RawPeer, hello_worker
 
 

@@ -11,17 +11,18 @@ from typing import Any
 
 import pytest
 
-from reasonbroker.broker import Broker
-from reasonbroker.client import Client
-from reasonbroker.config import Config, Limits, ListenerConfig, ListenerRole
-from reasonbroker.errors import (
+from reasonbroker.core.limits import Limits, ListenerRole
+from reasonbroker.daemon.broker import Broker
+from reasonbroker.daemon.config import Config, ListenerConfig
+from reasonbroker.sdk.client import Client
+from reasonbroker.sdk.errors import (
     Cancelled,
     JobTimeout,
     NoCapacity,
     ProcessorException,
     WorkerWentAway,
 )
-from reasonbroker.worker import Worker
+from reasonbroker.sdk.worker import Worker
 from tests.handlers import Gate, echo
 from tests.rawpeer import WAIT_S
 

@@ -35,12 +35,9 @@ import structlog
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from reasonbroker import broker as broker_module
-from reasonbroker.broker import Broker
-from reasonbroker.client import Client
-from reasonbroker.config import Config, Limits, ListenerConfig, ListenerRole
-from reasonbroker.errors import EncodeError, JobError, RemoteProtocolError
-from reasonbroker.protocol import (
+from reasonbroker.core.errors import EncodeError, RemoteProtocolError
+from reasonbroker.core.limits import Limits, ListenerRole
+from reasonbroker.core.protocol import (
     Cancel,
     Codec,
     Hello,
@@ -58,7 +55,12 @@ from reasonbroker.protocol import (
     Started,
     encode,
 )
-from reasonbroker.worker import Worker
+from reasonbroker.daemon import broker as broker_module
+from reasonbroker.daemon.broker import Broker
+from reasonbroker.daemon.config import Config, ListenerConfig
+from reasonbroker.sdk.client import Client
+from reasonbroker.sdk.errors import JobError
+from reasonbroker.sdk.worker import Worker
 
 HEALTHY = "healthy"  # the only pipeline the healthy client uses
 MAX_EXAMPLES = 400

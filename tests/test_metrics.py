@@ -13,14 +13,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from reasonbroker.broker import Broker
 from reasonbroker.cli import main
-from reasonbroker.client import Client
-from reasonbroker.config import Config, ListenerConfig, ListenerRole, load_config
-from reasonbroker.errors import ConfigError, NoCapacity, ProcessorException
-from reasonbroker.protocol import Register, Result, ResultCode, Run
-from reasonbroker.switchboard import LATENCY_BOUNDS_S, Latency, Send, Switchboard
-from reasonbroker.worker import Worker
+from reasonbroker.core.actions import Send
+from reasonbroker.core.board import Switchboard
+from reasonbroker.core.errors import ConfigError
+from reasonbroker.core.limits import ListenerRole
+from reasonbroker.core.protocol import Register, Result, ResultCode, Run
+from reasonbroker.core.state import LATENCY_BOUNDS_S, Latency
+from reasonbroker.daemon.broker import Broker
+from reasonbroker.daemon.config import Config, ListenerConfig, load_config
+from reasonbroker.sdk.client import Client
+from reasonbroker.sdk.errors import NoCapacity, ProcessorException
+from reasonbroker.sdk.worker import Worker
 from tests.rawpeer import WAIT_S
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"

@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from reasonbroker.broker import Broker
-from reasonbroker.config import Config, Limits, ListenerConfig, ListenerRole
-from reasonbroker.protocol import (
+from reasonbroker.core.limits import Limits, ListenerRole
+from reasonbroker.core.protocol import (
     LEGACY_RESULT_CODES,
     Cancel,
     Codec,
@@ -29,6 +28,8 @@ from reasonbroker.protocol import (
     Run,
     new_cookie,
 )
+from reasonbroker.daemon.broker import Broker
+from reasonbroker.daemon.config import Config, ListenerConfig
 from tests import rawpeer
 from tests.rawpeer import WAIT_S, RawPeer
 

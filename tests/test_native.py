@@ -3,6 +3,7 @@ one only when it was built from the source on disk, else the source itself."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -14,16 +15,18 @@ from pathlib import Path
 import pytest
 
 import reasonbroker
-from reasonbroker import _native, broker, protocol, switchboard
+from reasonbroker import _native
+from reasonbroker.daemon import broker
 
 PACKAGE = Path(reasonbroker.__file__).resolve().parent
-HOT = (protocol, switchboard, broker)
+HOT = tuple(importlib.import_module(f"reasonbroker.{name}") for name in _native.NATIVE_MODULES)
 
 REPORT = (
-    "import json, reasonbroker\n"
-    "from reasonbroker import broker, protocol, switchboard\n"
+    "import importlib, json, reasonbroker\n"
+    "from reasonbroker import _native\n"
+    "hot = [importlib.import_module('reasonbroker.' + n) for n in _native.NATIVE_MODULES]\n"
     "print(json.dumps({'compiled': reasonbroker.COMPILED,"
-    " 'files': [m.__file__ for m in (protocol, switchboard, broker)]}))\n"
+    " 'files': [m.__file__ for m in hot]}))\n"
 )
 
 
@@ -51,11 +54,11 @@ def _report(root: Path, **env: str) -> tuple[bool, list[str], str]:
 def test_this_run_uses_the_build_it_was_asked_for() -> None:
     compiled = [not str(m.__file__).endswith(".py") for m in HOT]
     if os.environ.get("REASONBROKER_PURE"):
-        assert compiled == [False, False, False]
+        assert compiled == [False] * len(HOT)
         assert reasonbroker.COMPILED is False
     elif os.environ.get("RB_TEST_EXPECT_COMPILED"):
         # scripts/test sets this when scripts/build_native succeeded.
-        assert compiled == [True, True, True]
+        assert compiled == [True] * len(HOT)
         assert reasonbroker.COMPILED is True
         assert broker.COMPILED is True
     else:
@@ -76,7 +79,8 @@ def _copy_with_fake_build(tmp_path: Path) -> Path:
         ignore=shutil.ignore_patterns("*.so", "__pycache__"),
     )
     for name in _native.NATIVE_MODULES:
-        (root / "reasonbroker" / f"{name}{EXTENSION_SUFFIXES[0]}").write_bytes(b"not ELF")
+        source = _native.source_path(name, root / "reasonbroker")
+        source.with_name(source.stem + EXTENSION_SUFFIXES[0]).write_bytes(b"not ELF")
     return root
 
 
@@ -84,7 +88,7 @@ def test_a_build_older_than_its_source_is_not_run(tmp_path: Path) -> None:
     root = _copy_with_fake_build(tmp_path)
     stamp = {"sources": _native.source_digests(root / "reasonbroker")}
     (root / "reasonbroker" / _native.BUILD_STAMP).write_text(json.dumps(stamp))
-    with (root / "reasonbroker" / "switchboard.py").open("a") as f:
+    with (root / "reasonbroker" / "core" / "board.py").open("a") as f:
         f.write("# edited after the build\n")
     compiled, files, stderr = _report(root)
     assert compiled is False

@@ -43,8 +43,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from reasonbroker.config import Limits, ListenerRole
-from reasonbroker.protocol import (
+from reasonbroker.core.actions import Action, Close, Log, Send, Wake
+from reasonbroker.core.board import Switchboard
+from reasonbroker.core.limits import Limits, ListenerRole
+from reasonbroker.core.protocol import (
     LEGACY_RESULT_CODES,
     BadPacket,
     Cancel,
@@ -63,7 +65,6 @@ from reasonbroker.protocol import (
     Unsupported,
     can_carry,
 )
-from reasonbroker.switchboard import Action, Close, Log, Send, Switchboard, Wake
 
 PIPELINES = ("a", "b")
 GRACE_S = 1.0

@@ -1,4 +1,4 @@
-"""Pure tests of reasonbroker.protocol: framing, both codecs, field validation, encoding.
+"""Pure tests of the wire protocol (core packets, codecs, framing): both codecs, fields, encoding.
 
 No sockets, no asyncio: bytes in, packets out (PROTOCOL.md sections 1-3, and the
 legacy rules of section 6).
@@ -18,9 +18,10 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import reasonbroker
-from reasonbroker import protocol
-from reasonbroker.errors import EncodeError, RemoteProtocolError
-from reasonbroker.protocol import (
+from reasonbroker.core import codecs
+from reasonbroker.core.actions import Send
+from reasonbroker.core.errors import EncodeError, RemoteProtocolError
+from reasonbroker.core.protocol import (
     HEADER_BYTES,
     LEGACY_RESULT_CODES,
     BadPacket,
@@ -52,7 +53,6 @@ from reasonbroker.protocol import (
     packet_to_map,
     payload_kind,
 )
-from reasonbroker.switchboard import Send
 
 MAX = 1 << 20
 C = uuid.UUID("01234567-89ab-cdef-0123-456789abcdef").bytes
@@ -668,9 +668,9 @@ _JSON_VALUES = st.recursive(
 @settings(max_examples=300)
 @given(st.dictionaries(st.sampled_from(sorted(JSON_KEYS)) | st.text(max_size=8), _JSON_VALUES))
 def test_flat_json_is_what_json_dumps_writes(d: dict[str, Any]) -> None:
-    # Per-job JSON packets are written by hand (protocol._json_flat); when
+    # Per-job JSON packets are written by hand (codecs._json_flat); when
     # it takes a map, the text must be exactly json.dumps' for it.
-    flat = protocol._json_flat(d)
+    flat = codecs._json_flat(d)
     if all(v is None or type(v) in (str, bool, int) for v in d.values()):
         assert flat == json.dumps(d, separators=(",", ":"), ensure_ascii=False)
     else:
@@ -705,7 +705,7 @@ def test_json_bodies_are_read_as_json_loads_reads_them(data: bytes) -> None:
     # The JSON reader skips json.loads' wrappers for a body starting "{"; it
     # must give json.loads' object, or step aside (None) for json.loads to
     # give its error or its reading of other encodings.
-    fast = protocol._json_object(data)
+    fast = codecs._json_object(data)
     if fast is not None:
         assert fast == _json_loads_or_error(data)
         assert isinstance(fast, dict)
@@ -1175,10 +1175,10 @@ _PLAIN_VALUES = st.recursive(
 @given(_PLAIN_VALUES, st.booleans())
 def test_skip_finds_the_end_of_every_plain_value(value: Any, single_float: bool) -> None:
     packed = msgpack.packb(value, use_bin_type=True, use_single_float=single_float)
-    assert protocol._skip(packed + b"\x01tail", 0, len(packed)) == len(packed)
-    assert protocol._skip(b"\x00" + packed, 1, 1 + len(packed)) == 1 + len(packed)
+    assert codecs._skip(packed + b"\x01tail", 0, len(packed)) == len(packed)
+    assert codecs._skip(b"\x00" + packed, 1, 1 + len(packed)) == 1 + len(packed)
     if packed:
-        assert protocol._skip(packed, 0, len(packed) - 1) == -1  # truncated
+        assert codecs._skip(packed, 0, len(packed) - 1) == -1  # truncated
 
 
 def _msgpack_accepts(data: bytes) -> bool:
@@ -1212,7 +1212,7 @@ def test_skip_never_passes_what_msgpack_refuses(
     for at, byte in flips:
         data[at % len(data)] = byte
     data = data[: max(1, len(data) - cut)] if cut < 4 else data
-    end = protocol._skip(bytes(data), 0, len(data))
+    end = codecs._skip(bytes(data), 0, len(data))
     assert end == -1 or (0 < end <= len(data) and _msgpack_accepts(bytes(data[:end])))
 
 
@@ -1236,14 +1236,14 @@ def test_skip_never_passes_what_msgpack_refuses(
     ],
 )
 def test_skip_refuses(data: bytes, reason: str) -> None:
-    assert protocol._skip(data, 0, len(data)) == -1, reason
+    assert codecs._skip(data, 0, len(data)) == -1, reason
 
 
 def test_skip_takes_what_it_should() -> None:
     deep = b"\x91" * 64 + b"\x01"
-    assert protocol._skip(deep, 0, len(deep)) == len(deep)
+    assert codecs._skip(deep, 0, len(deep)) == len(deep)
     for data in (b"\xa3\xc3\xa9x", b"\x82\xc4\x01k\x01\xc0\xcb" + bytes(8), b"\x90", b"\x80"):
-        assert protocol._skip(data, 0, len(data)) == len(data)
+        assert codecs._skip(data, 0, len(data)) == len(data)
 
 
 def _unrawed(packets: list[Packet]) -> list[Packet]:
@@ -1403,8 +1403,8 @@ def test_packets_are_frozen_for_the_type_checker(tmp_path: Path) -> None:
 
     snippet = tmp_path / "assign.py"
     snippet.write_text(
-        "from reasonbroker.protocol import Cancel, Result, ResultCode, Run\n"
-        "from reasonbroker.switchboard import Send\n"
+        "from reasonbroker.core.protocol import Cancel, Result, ResultCode, Run\n"
+        "from reasonbroker.core.actions import Send\n"
         "run = Run(b'0' * 16, 'echo')\n"
         "run.pipeline = 'other'\n"
         "res = Result(None, ResultCode.OK)\n"
@@ -1524,8 +1524,8 @@ def test_encode_into_leaves_the_outbox_alone_when_a_packet_cannot_be_encoded(
 def test_packed_pipeline_names_stay_bounded_and_right() -> None:
     # A client inventing pipeline names must not grow the broker's cache
     # without bound, and every name must still be written correctly.
-    for i in range(protocol._PACKED_NAMES_MAX + 50):
+    for i in range(codecs._PACKED_NAMES_MAX + 50):
         run = Run(C, f"p{i}", "v" if i % 2 else None)
         assert encode(run) == frame(msgpack.packb(packet_to_map(run), use_bin_type=True))
-    assert len(protocol._PIPELINE_THEN3) <= protocol._PACKED_NAMES_MAX
-    assert len(protocol._PIPELINE_THEN4) <= protocol._PACKED_NAMES_MAX
+    assert len(codecs._PIPELINE_THEN3) <= codecs._PACKED_NAMES_MAX
+    assert len(codecs._PIPELINE_THEN4) <= codecs._PACKED_NAMES_MAX

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import structlog
 
-from reasonbroker.broker import Broker
-from reasonbroker.config import Config, ListenerConfig, ListenerRole
+from reasonbroker.core.limits import ListenerRole
+from reasonbroker.daemon.broker import Broker
+from reasonbroker.daemon.config import Config, ListenerConfig
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -46,9 +46,10 @@ from typing import Any
 
 import pytest
 
-from reasonbroker.broker import Broker
-from reasonbroker.config import Config, Limits, ListenerConfig, ListenerRole
-from reasonbroker.protocol import Cancel, Codec, Result, ResultCode, Run
+from reasonbroker.core.limits import Limits, ListenerRole
+from reasonbroker.core.protocol import Cancel, Codec, Result, ResultCode, Run
+from reasonbroker.daemon.broker import Broker
+from reasonbroker.daemon.config import Config, ListenerConfig
 from tests.rawpeer import RawPeer
 
 # Cold runs install ~70 packages; the default 120 s pytest timeout is for loopback tests.

@@ -19,11 +19,8 @@ from typing import Any
 
 import pytest
 
-from reasonbroker.broker import Broker
-from reasonbroker.client import Client
-from reasonbroker.config import Config, Limits, ListenerConfig, ListenerRole
-from reasonbroker.errors import JobError, WorkerWentAway
-from reasonbroker.protocol import (
+from reasonbroker.core.limits import Limits, ListenerRole
+from reasonbroker.core.protocol import (
     Cancel,
     Hello,
     Ping,
@@ -35,7 +32,11 @@ from reasonbroker.protocol import (
     Run,
     new_cookie,
 )
-from reasonbroker.worker import Worker
+from reasonbroker.daemon.broker import Broker
+from reasonbroker.daemon.config import Config, ListenerConfig
+from reasonbroker.sdk.client import Client
+from reasonbroker.sdk.errors import JobError, WorkerWentAway
+from reasonbroker.sdk.worker import Worker
 from tests import rawpeer
 from tests.rawpeer import RawPeer
 from tests.worker_proc import kill_all, spawn
@@ -321,7 +322,7 @@ async def test_jobs_that_end_before_their_deadline_are_not_retained() -> None:
         # Nothing is left of the 20 finished jobs (each with 10 kB of variables
         # and a 10-minute timeout) once the legacy worker's last slot has
         # rested (legacy_slot_reuse_ms), not when their timeouts pass.
-        await until(lambda: len(b.board._deadlines) == 0)
+        await until(lambda: len(b.board.deadlines.heap) == 0)
 
 
 async def test_cancelled_queued_jobs_are_not_retained_once_the_queue_empties() -> None:
@@ -342,4 +343,4 @@ async def test_cancelled_queued_jobs_are_not_retained_once_the_queue_empties() -
         assert (await client.recv_type(Result)).cookie == running
         assert b.board.live_jobs == 0 and b.board.queue_depth == 0
         # No dead heap entry (with its 10 kB of variables) is left behind.
-        assert sum(len(heap) for heap in b.board._queues.values()) == 0
+        assert sum(len(heap) for heap in b.board.dispatcher.queues.values()) == 0

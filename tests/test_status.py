@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from reasonbroker.broker import Broker
-from reasonbroker.client import Client, JobHandle
-from reasonbroker.config import Config, Limits, ListenerConfig, ListenerRole, load_config
-from reasonbroker.errors import ConfigError
-from reasonbroker.protocol import (
+from reasonbroker.core.actions import Close, Log, Send
+from reasonbroker.core.board import Switchboard
+from reasonbroker.core.errors import ConfigError
+from reasonbroker.core.limits import Limits, ListenerRole
+from reasonbroker.core.protocol import (
     Cancel,
     Codec,
     Hello,
@@ -37,8 +37,10 @@ from reasonbroker.protocol import (
     encode,
     new_cookie,
 )
-from reasonbroker.switchboard import Close, Log, Send, Switchboard
-from reasonbroker.worker import Worker
+from reasonbroker.daemon.broker import Broker
+from reasonbroker.daemon.config import Config, ListenerConfig, load_config
+from reasonbroker.sdk.client import Client, JobHandle
+from reasonbroker.sdk.worker import Worker
 from tests.handlers import Gate, echo
 from tests.rawpeer import WAIT_S, RawPeer
 

@@ -15,8 +15,11 @@ from typing import Any
 import pytest
 
 from reasonbroker._version import __version__
-from reasonbroker.config import Limits, ListenerRole
-from reasonbroker.protocol import (
+from reasonbroker.core.actions import Action, Close, Log, Send, Wake
+from reasonbroker.core.board import Switchboard
+from reasonbroker.core.dispatch import _WCOOKIE_BATCH
+from reasonbroker.core.limits import Limits, ListenerRole
+from reasonbroker.core.protocol import (
     BadPacket,
     Cancel,
     Codec,
@@ -36,16 +39,7 @@ from reasonbroker.protocol import (
     Unsupported,
     cookie_str,
 )
-from reasonbroker.switchboard import (
-    _WCOOKIE_BATCH,
-    FEATURES,
-    Action,
-    Close,
-    Log,
-    Send,
-    Switchboard,
-    Wake,
-)
+from reasonbroker.core.roles import FEATURES
 
 OK = ResultCode.OK
 BOTH = ListenerRole.BOTH

@@ -24,12 +24,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import transports
-from reasonbroker import protocol as p
-from reasonbroker.broker import Broker
-from reasonbroker.client import Client
-from reasonbroker.config import Config, ListenerConfig, ListenerRole, load_config
-from reasonbroker.errors import BrokerConnectionError, ConfigError
-from reasonbroker.worker import Worker
+from reasonbroker.core import protocol as p
+from reasonbroker.core.errors import ConfigError
+from reasonbroker.core.limits import ListenerRole
+from reasonbroker.daemon.broker import Broker
+from reasonbroker.daemon.config import Config, ListenerConfig, load_config
+from reasonbroker.sdk.client import Client
+from reasonbroker.sdk.errors import BrokerConnectionError
+from reasonbroker.sdk.worker import Worker
 from tests.rawpeer import WAIT_S
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"

@@ -31,8 +31,8 @@ from typing import Any
 
 import structlog
 
-from reasonbroker.errors import BrokerConnectionError
-from reasonbroker.worker import Handler, Worker
+from reasonbroker.sdk.errors import BrokerConnectionError
+from reasonbroker.sdk.worker import Handler, Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,7 +20,7 @@ from typing import Any, Final, Self
 import structlog
 import structlog.typing
 
-from . import protocol as p
+from ..core import protocol as p
 from .errors import (
     BadPacket,
     BrokerConnectionError,

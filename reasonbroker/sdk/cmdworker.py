@@ -29,8 +29,10 @@ import signal
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+import structlog
+import structlog.typing
+
 from . import worker as _worker
-from .log import get_logger
 
 __all__ = [
     "CommandFailed",
@@ -109,7 +111,9 @@ class CommandHandler:
         self.timeout = timeout
         self.kill_grace = kill_grace
         self._env = dict(os.environ if env is None else env)
-        self._log = get_logger(pipeline=pipeline)
+        self._log: structlog.typing.FilteringBoundLogger = structlog.get_logger(
+            "reasonbroker.cmdworker", pipeline=pipeline
+        )
 
     def environment(self) -> dict[str, str]:
         env = dict(self._env)

@@ -23,8 +23,9 @@ from typing import Any, Final, Self
 import structlog
 import structlog.typing
 
-from . import protocol as p
-from .errors import BrokerConnectionError, EncodeError
+from ..core import protocol as p
+from ..core.errors import EncodeError
+from .errors import BrokerConnectionError
 from .peer import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_MAX_FRAME_BYTES, Peer
 
 __all__ = ["Handler", "Worker", "current_cookie", "progress", "reconnect_delay"]

@@ -19,9 +19,10 @@ import structlog.typing
 
 import transports
 
-from . import protocol as p
-from .config import Limits
-from .errors import BrokerConnectionError, ConnectTimeout, RemoteProtocolError, error_for
+from ..core import protocol as p
+from ..core.errors import RemoteProtocolError
+from ..core.limits import Limits
+from .errors import BrokerConnectionError, ConnectTimeout, error_for
 
 DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
 # The broker's own default frame limit: it never sends a bigger frame, so

@@ -1,47 +1,48 @@
-"""The exceptions reasonbroker raises, one per kind of failure.
+"""The SDK's exceptions: no session with the broker, and jobs that failed.
 
-Outcomes (NO_CAPACITY, TIMEOUT, ...) are result codes carried as data; these
-exceptions are for failures: the peer broke the protocol, we broke it, or the
-configuration is unusable.
+`JobError` has one subclass per non-OK result code; `error_for` picks the one
+a RESULT calls for. Built on the core's packets and `ReasonBrokerError`.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import Any, ClassVar, Final
 
-if TYPE_CHECKING:
-    from .protocol import Result, ResultCode
+from ..core.errors import (
+    ConfigError,
+    EncodeError,
+    LocalProtocolError,
+    ReasonBrokerError,
+    RemoteProtocolError,
+)
+from ..core.packets import Result, ResultCode
 
-
-class ReasonBrokerError(Exception):
-    """Base class for every exception reasonbroker raises on purpose."""
-
-
-class RemoteProtocolError(ReasonBrokerError):
-    """The peer sent something the protocol forbids: close that connection, keep serving."""
-
-
-class LocalProtocolError(ReasonBrokerError):
-    """We were about to send something the protocol forbids: a bug in reasonbroker."""
-
-
-class EncodeError(LocalProtocolError):
-    """A value cannot be carried by the destination codec (e.g. bytes to a JSON peer)."""
-
-
-class ConfigError(ReasonBrokerError):
-    """The configuration is unusable; `key` names the offending setting."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
-
-
-# ---------------------------------------------------------------------------
-# Client and worker libraries: connecting to the broker, and failed jobs.
+# The core's exceptions, re-exported: one module for a user to catch from.
+__all__ = [
+    "BadPacket",
+    "BrokerConnectionError",
+    "BrokerWentAway",
+    "Cancelled",
+    "ConfigError",
+    "ConnectTimeout",
+    "CookieCollision",
+    "CookieNotFound",
+    "EncodeError",
+    "JobError",
+    "JobException",
+    "JobTimeout",
+    "LocalProtocolError",
+    "NoCapacity",
+    "ProcessorException",
+    "ReasonBrokerError",
+    "RemoteProtocolError",
+    "Unauthorized",
+    "UnsupportedPacketType",
+    "WorkerWentAway",
+    "error_for",
+]
 
 
 class BrokerConnectionError(ReasonBrokerError, ConnectionError):
@@ -64,9 +65,8 @@ class JobError(ReasonBrokerError):
     Each non-OK code has its own subclass; `error_for` picks it.
     """
 
-    # The ResultCode value this class stands for. A string, not the enum:
-    # protocol.py imports this module, so the enum is not importable at class
-    # definition time.
+    # The ResultCode value this class stands for (its text: a class attribute
+    # that subclasses override with a plain string).
     code: ClassVar[str] = "EXCEPTION"
 
     def __init__(
@@ -77,8 +77,6 @@ class JobError(ReasonBrokerError):
         stacktrace: Sequence[str] | None = None,
         cookie: uuid.UUID | None = None,
     ) -> None:
-        from .protocol import ResultCode  # late: protocol imports errors
-
         self.rc: ResultCode = ResultCode(self.code) if rc is None else rc
         self.error = error
         self.stacktrace: list[str] | None = None if stacktrace is None else list(stacktrace)

@@ -35,11 +35,14 @@ import structlog
 import transports
 from transports import Listener, Stream
 
-from .config import Config, ListenerRole
-from .errors import EncodeError, RemoteProtocolError
+from ..core.actions import Action, Close, Log, Send, Wake
+from ..core.board import Switchboard
+from ..core.errors import EncodeError, RemoteProtocolError
+from ..core.framing import PacketDecoder, encode_into
+from ..core.limits import ListenerRole
+from ..core.packets import Codec, Ping, Result, ResultCode, Status
+from .config import Config
 from .metrics import MetricsServer, registry_for
-from .protocol import Codec, PacketDecoder, Ping, Result, ResultCode, Status, encode_into
-from .switchboard import Action, Close, Log, Send, Switchboard, Wake
 
 # True when this module runs as mypyc-compiled code (scripts/build_native).
 COMPILED = not __file__.endswith(".py")

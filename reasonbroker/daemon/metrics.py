@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -27,10 +27,26 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from ..core.board import Switchboard
 from .config import split_host_port
 
-if TYPE_CHECKING:
-    from .broker import Broker
+
+class Observed(Protocol):
+    """What the collector reads of the broker (daemon/broker.py's `Broker`):
+    named here so that this module does not import the broker, which imports it."""
+
+    @property
+    def board(self) -> Switchboard: ...
+    @property
+    def protocol_errors(self) -> int: ...
+    @property
+    def slow_consumers(self) -> int: ...
+    @property
+    def dead_peers(self) -> int: ...
+    @property
+    def uptime_s(self) -> float: ...
+    def connections_by_role(self) -> dict[str, int]: ...
+
 
 _log = structlog.get_logger("reasonbroker.metrics")
 
@@ -43,7 +59,7 @@ _REQUEST_TIMEOUT_S = 5.0
 class BrokerCollector:
     """Every reasonbroker_* metric, read from the broker when collected."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Observed) -> None:
         self._broker = broker
 
     def collect(self) -> Iterator[Metric]:
@@ -149,7 +165,7 @@ def _by_code(name: str, doc: str, counts: dict[str, int]) -> CounterMetricFamily
     return family
 
 
-def registry_for(broker: Broker) -> CollectorRegistry:
+def registry_for(broker: Observed) -> CollectorRegistry:
     """A registry of this broker's metrics alone (not prometheus_client's global one)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BrokerCollector(broker))

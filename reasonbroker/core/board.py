@@ -1,14 +1,15 @@
-"""The switchboard, sans-IO: routes, worker slots, the queue and deadlines.
+"""The switchboard, sans-IO: the board that composes the routing rules.
 
-It owns every routing rule of PROTOCOL.md section 5. It never awaits, reads a
-socket, logs or reads the clock: the broker passes events in
-(`connect`, `receive`, `disconnect`, `tick`, `begin_drain`, `finish`) with the
-current time, and gets back a list of actions to apply in order:
-
-- `Send(conn, packet)`: write the packet to that connection;
-- `Close(conn, why)`: flush and close that connection;
-- `Wake(at)`: call `tick(now)` no later than `at`;
-- `Log(event, conn, fields)`: a structured log line worth writing.
+It owns every routing rule of PROTOCOL.md section 5 and the public API the
+broker drives. It never awaits, reads a socket, logs or reads the clock: the
+broker passes events in (`connect`, `receive`, `receive_all`, `disconnect`,
+`tick`, `begin_drain`, `finish`) with the current time, and gets back a list
+of actions (actions.py) to apply in order. The board itself owns the packet
+switch, answering a peer in the form it understands, a client's RUN and
+CANCEL, a worker's REGISTER and RESULT, a job's endings and drain; it
+composes roles.py (first packet, HELLO, authentication, admin), dispatch.py
+(workers, picking one, queues, worker cookies) and deadlines.py (the timer
+heap), all working on the records in state.py.
 
 Routing model (decisions recorded in docs/protocol.md):
 
@@ -24,15 +25,15 @@ Routing model (decisions recorded in docs/protocol.md):
 
 from __future__ import annotations
 
-import enum
 import heapq
-import hmac
-from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
-from ._version import __version__
-from .config import Limits, ListenerRole
-from .protocol import (
+from .actions import Action, Close, Log, Send
+from .codecs import can_carry, payload_kind
+from .deadlines import Deadlines
+from .dispatch import Dispatcher
+from .limits import Limits, ListenerRole
+from .packets import (
     BadPacket,
     Cancel,
     Codec,
@@ -41,7 +42,6 @@ from .protocol import (
     Ping,
     Pong,
     Progress,
-    Record,
     Register,
     Result,
     ResultCode,
@@ -51,239 +51,10 @@ from .protocol import (
     Started,
     Status,
     Unsupported,
-    can_carry,
     for_legacy,
-    payload_kind,
 )
-
-FEATURES = ("started", "progress", "priority", "timeout", "attempts")
-# Worker cookies are the broker's 8-byte prefix and a 64-bit big-endian
-# sequence number, made 256 at a time: the numbers k*256 .. k*256+255 share
-# their first 15 bytes, so a batch is one repeated stem with its last byte
-# set by a single slice assignment; each cookie is then one 16-byte slice.
-_WCOOKIE_BATCH: Final = 256
-_LOW_BYTES: Final = bytes(range(_WCOOKIE_BATCH))
-
-
-# ---------------------------------------------------------------------------
-# Actions
-#
-# An action lives from the switchboard's return to the broker's apply, and
-# nothing changes it on the way. Send is made twice for every job, so it is
-# written by hand like RUN and RESULT (see protocol.Record): a native class
-# under mypyc, about four times cheaper to build than a dataclass.
-
-
-class Send(Record):
-    __slots__ = ("conn", "packet")
-    __match_args__ = ("conn", "packet")
-
-    def __init__(self, conn: int, packet: Packet) -> None:
-        self.conn: Final = conn
-        self.packet: Final = packet
-
-
-@dataclass(slots=True)
-class Close:
-    conn: int
-    why: str
-
-
-@dataclass(slots=True)
-class Wake:
-    at: float
-
-
-@dataclass(slots=True)
-class Log:
-    event: str
-    conn: int | None
-    fields: dict[str, Any] = field(default_factory=dict)
-
-
-Action = Send | Close | Wake | Log
-
-
-# ---------------------------------------------------------------------------
-# State
-
-
-class _State(enum.Enum):
-    QUEUED = 1
-    RUNNING = 2
-    DONE = 3
-
-
-class _Conn:
-    __slots__ = (
-        "admin_token",
-        "busy",
-        "capacity",
-        "closing",
-        "codec",
-        "features",
-        "hello",
-        "id",
-        "jobs",
-        "last_used",
-        "listener",
-        "name",
-        "pipelines",
-        "resting",
-        "role",
-        "running",
-        "token",
-    )
-
-    def __init__(
-        self,
-        conn_id: int,
-        listener: ListenerRole,
-        token: bytes | None = None,
-        admin_token: bytes | None = None,
-    ) -> None:
-        self.id = conn_id
-        self.listener = listener
-        # The token this peer's first packet (a HELLO) must carry; None = no
-        # authentication on its listener. Cleared once it has authenticated.
-        self.token = token
-        # The token a HELLO with role admin must carry; None = no admin on
-        # this listener. Cleared once the first packet is handled.
-        self.admin_token = admin_token
-        self.role: Role | None = None
-        self.hello = False
-        self.features: frozenset[str] = frozenset()
-        self.name: str | None = None
-        self.codec = Codec.MSGPACK
-        self.closing = False
-        # client side: the client's live cookies
-        self.jobs: dict[bytes, _Job] = {}
-        # worker side
-        self.capacity = 0
-        self.busy = 0
-        self.pipelines: set[str] | None = None
-        self.running: dict[bytes, _Job] = {}
-        self.last_used = 0
-        # Slots a legacy worker freed with a RESULT but may not have let go of
-        # yet (see Limits.legacy_slot_reuse_ms); not usable until they rest.
-        self.resting = 0
-
-    def serves(self, pipeline: str) -> bool:
-        return self.pipelines is None or pipeline in self.pipelines
-
-
-class _Job:
-    __slots__ = (
-        "abandoned",
-        "accepted_at",
-        "attempts",
-        "cancel_requested",
-        "client",
-        "cookie",
-        "deadline",
-        "deadlines",
-        "max_attempts",
-        "owed",
-        "run",
-        "seq",
-        "state",
-        "wcookie",
-        "worker",
-    )
-
-    def __init__(self, seq: int, client: _Conn, run: Run, max_attempts: int) -> None:
-        self.seq = seq
-        self.client: _Conn | None = client
-        self.cookie = run.cookie
-        self.run = run
-        self.max_attempts = max_attempts
-        self.attempts = 0
-        self.state = _State.QUEUED
-        self.worker: _Conn | None = None
-        self.wcookie: bytes | None = None
-        # The client is still owed its one terminal RESULT (not detached,
-        # connected, not yet answered).
-        self.owed = not run.detach
-        # Over for the broker (timed out, cancel grace passed, client gone):
-        # never re-run; if running it only holds its slot until the worker
-        # answers or leaves.
-        self.abandoned = False
-        self.cancel_requested = False
-        self.deadline: float | None = None
-        self.accepted_at = 0.0  # set by _run: latency runs from acceptance to the terminal RESULT
-        # Entries in the switchboard's deadline heap that name this job.
-        self.deadlines = 0
-
-
-@dataclass(slots=True)
-class Stats:
-    """Counters the broker exposes; tests and chaos runs check them."""
-
-    accepted: int = 0
-    # By result code. Plain dicts, not Counters: Counter defines __delitem__
-    # in Python, which routes every `counter[key] += 1` through a slow slot,
-    # and a job's completion counts one.
-    rejected: dict[str, int] = field(default_factory=dict)
-    completed: dict[str, int] = field(default_factory=dict)
-    dispatched: int = 0
-    requeued: int = 0
-    cancels: int = 0
-    results_dropped: int = 0  # late or duplicate RESULTs from workers
-    abandoned_results: int = 0  # worker answers for jobs already ended (timeout, cancel)
-    dropped: int = 0  # non-detached jobs ended because their client left
-    bad_packets: int = 0
-
-
-# Job latency bucket bounds in seconds: from a millisecond echo to a ten-minute
-# reasoning job; past the last one a job lands in the +Inf bucket only.
-LATENCY_BOUNDS_S = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
-)  # fmt: skip
-
-
-@dataclass(slots=True)
-class Latency:
-    """A fixed-bucket histogram of job latency, acceptance to terminal RESULT.
-
-    `counts[i]` holds the observations in (bounds[i-1], bounds[i]]; the last
-    entry, one past the bounds, those above every bound (Prometheus' +Inf).
-    Not cumulative: the exporter sums them at scrape time.
-    """
-
-    bounds: tuple[float, ...] = LATENCY_BOUNDS_S
-    counts: list[int] = field(default_factory=list)
-    sum: float = 0.0
-    count: int = 0
-
-    def __post_init__(self) -> None:
-        if list(self.bounds) != sorted(set(self.bounds)):
-            raise ValueError("bounds must be strictly increasing")
-        if not self.counts:
-            self.counts = [0] * (len(self.bounds) + 1)
-
-    def observe(self, seconds: float) -> None:
-        # The first bound >= seconds (bisect_left: a value equal to a bound is
-        # in that bound's bucket, le), found from the low end: most jobs land
-        # in the first buckets, and a scan there is cheaper than calling bisect.
-        i = 0
-        for bound in self.bounds:
-            if seconds <= bound:
-                break
-            i += 1
-        self.counts[i] += 1
-        self.sum += seconds
-        self.count += 1
-
-
-class _Deadline(enum.Enum):
-    TIMEOUT = 1  # target: the job
-    CANCEL_GRACE = 2  # target: the job
-    SLOT_REUSE = 3  # target: the worker whose slot rests
-
-
-# ---------------------------------------------------------------------------
-# The switchboard
+from .roles import Refusal, assign_role, status_snapshot
+from .state import Latency, Stats, _Conn, _count, _Deadline, _Job, _State
 
 
 class Switchboard:
@@ -305,44 +76,32 @@ class Switchboard:
         self._now = 0.0
         self.draining = False
         self._conns: dict[int, _Conn] = {}
-        self._workers: dict[int, _Conn] = {}  # registered (capacity > 0)
-        # The same workers as a list, for dispatch to scan (rebuilt when a
-        # worker registers or goes; iterating a list is cheaper than a dict).
-        self._worker_list: list[_Conn] = []
-        self._queues: dict[str, list[tuple[int, int, _Job]]] = {}
-        self._queued = 0  # live entries across all queues
-        self._dead_in_queues = 0  # lazily deleted heap entries
-        self._dead_deadlines = 0  # deadline heap entries whose job has ended
-        self._running = 0
-        # The last job or deadline sequence number handed out; an int, since
-        # next() on an itertools.count is a generic call from compiled code.
+        self._heartbeat_ms = limits.heartbeat_ms
+        # The last job sequence number handed out; an int, since next() on an
+        # itertools.count is a generic call from compiled code.
         self._seq = 0
-        self._use = 0  # bumped at each dispatch: a worker's last_used orders equals
-        # The worker this batch's last RUN went to (see end_batch).
-        self._batch_worker: _Conn | None = None
-        self._batch_slack = limits.dispatch_batch_slack
-        self._wcookie_prefix = cookie_prefix
-        self._wcookie_batch = 0  # the next batch: sequence numbers from 256 times this
-        self._wcookies = self._wcookie_blob()  # the current batch, 16 bytes per cookie
-        self._wcookie_at = 16  # where the next one starts in it (0 is never used)
-        self._deadlines: list[tuple[float, int, _Deadline, _Job | _Conn]] = []
-        self._wake_at: float | None = None
+        # The parts the board composes: native classes, so under mypyc each
+        # call between them is a direct C call.
+        self.deadlines = Deadlines()
+        self.dispatcher = Dispatcher(
+            cookie_prefix, limits.dispatch_batch_slack, self.stats, self.deadlines
+        )
 
     # -- introspection (tests, status, chaos checks) -------------------------
 
     @property
     def queue_depth(self) -> int:
-        return self._queued
+        return self.dispatcher.queued
 
     @property
     def running(self) -> int:
         """Jobs holding a worker slot."""
-        return self._running
+        return self.dispatcher.running
 
     @property
     def live_jobs(self) -> int:
         """Jobs the broker still tracks, queued or running (the route table's size)."""
-        return self._queued + self._running
+        return self.dispatcher.queued + self.dispatcher.running
 
     def slots(self, conn: int) -> tuple[int, int]:
         """(capacity, busy) of a worker connection."""
@@ -350,7 +109,7 @@ class Switchboard:
         return c.capacity, c.busy
 
     def workers(self) -> list[int]:
-        return list(self._workers)
+        return list(self.dispatcher.workers)
 
     def role_of(self, conn: int) -> Role | None:
         c = self._conns.get(conn)
@@ -412,8 +171,16 @@ class Switchboard:
         return out
 
     def _handle(self, c: _Conn, packet: Packet, now: float, out: list[Action]) -> None:
-        if c.role is None and not self._assign_role(c, packet, out):
-            return
+        if c.role is None:
+            verdict = assign_role(c, packet, self._heartbeat_ms, out)
+            if type(verdict) is Refusal:
+                self._answer(c, verdict.result, out, force=True)
+                self._close(c, verdict.why, out)
+                if verdict.log is not None:
+                    out.append(verdict.log)
+                return
+            if not verdict:
+                return
         match packet:
             case Run():
                 if c.role is Role.CLIENT:
@@ -436,7 +203,7 @@ class Switchboard:
                 else:
                     self._wrong_role(c, "REGISTER", out)
             case Hello():
-                # The first HELLO was consumed by _assign_role.
+                # The first HELLO was consumed by roles.assign_role.
                 self._answer(
                     c, Result(None, ResultCode.BAD_PACKET, "HELLO must be the first packet"), out
                 )
@@ -462,98 +229,6 @@ class Switchboard:
             case BadPacket():
                 self._bad_packet(c, packet, now, out)
 
-    def _assign_role(self, c: _Conn, packet: Packet, out: list[Action]) -> bool:
-        """The first packet fixes a connection's role (PROTOCOL.md section 5, Roles)."""
-        admin_token, c.admin_token = c.admin_token, None
-        if isinstance(packet, Hello) and packet.role is Role.ADMIN:
-            return self._assign_admin(c, packet, admin_token, out)
-        if isinstance(packet, Hello):
-            role = packet.role or Role.CLIENT
-        elif isinstance(packet, Register) or (
-            isinstance(packet, BadPacket) and packet.packet_type == "REGISTER"
-        ):
-            role = Role.WORKER  # a malformed REGISTER still says "I am a worker"
-        else:
-            role = Role.CLIENT
-        allowed = c.listener is ListenerRole.BOTH or (
-            (c.listener is ListenerRole.WORKERS) == (role is Role.WORKER)
-        )
-        if isinstance(packet, Hello):
-            c.hello = True
-            c.features = frozenset(packet.features)
-            c.name = packet.name
-        c.role = role
-        if c.token is not None and not self._authenticate(c, packet, out):
-            return False
-        if not allowed:
-            why = f"{role.value}s are not accepted on this {c.listener.value} listener"
-            self._answer(
-                c, Result(_cookie_of(packet), ResultCode.UNAUTHORIZED, why), out, force=True
-            )
-            self._close(c, why, out)
-            out.append(
-                Log("role_refused", c.id, {"role": role.value, "listener": c.listener.value})
-            )
-            return False
-        out.append(
-            Log("peer_identified", c.id, {"role": role.value, "hello": c.hello, "name": c.name})
-        )
-        if isinstance(packet, Hello):
-            out.append(
-                Send(
-                    c.id,
-                    Hello(
-                        role=role,
-                        features=FEATURES,
-                        version=__version__,
-                        heartbeat_ms=self.limits.heartbeat_ms,
-                    ),
-                )
-            )
-            return False  # the HELLO is fully handled
-        return True
-
-    def _assign_admin(
-        self, c: _Conn, packet: Hello, admin_token: bytes | None, out: list[Action]
-    ) -> bool:
-        """A HELLO with role admin: accepted only with this listener's admin token.
-
-        Refused (no admin token here, or a wrong or missing one): RESULT
-        UNAUTHORIZED, then close; logged as auth_failed, never with the token.
-        """
-        c.hello = True
-        c.features = frozenset(packet.features)
-        c.name = packet.name
-        c.role = Role.ADMIN
-        c.token = None  # the admin token stands in for the listener's own
-        if admin_token is None:
-            reason = "no admin on this listener"
-        elif packet.token is None:
-            reason = "missing"
-        elif hmac.compare_digest(packet.token.encode("utf-8", "surrogatepass"), admin_token):
-            out.append(
-                Log("peer_identified", c.id, {"role": "admin", "hello": True, "name": c.name})
-            )
-            out.append(
-                Send(
-                    c.id,
-                    Hello(
-                        role=Role.ADMIN,
-                        features=FEATURES,
-                        version=__version__,
-                        heartbeat_ms=self.limits.heartbeat_ms,
-                    ),
-                )
-            )
-            return False  # the HELLO is fully handled
-        else:
-            reason = "wrong"
-        out.append(Log("auth_failed", c.id, {"reason": reason, "role": "admin"}))
-        why = "a valid admin token is required for an admin connection"
-        self._answer(c, Result(None, ResultCode.UNAUTHORIZED, why), out, force=True)
-        self._close(c, f"unauthorized admin ({reason})", out)
-        return False
-
     def _status(self, c: _Conn, out: list[Action]) -> None:
         if c.codec is not Codec.MSGPACK:
             self._answer(c, Result(None, ResultCode.BAD_PACKET, "STATUS needs msgpack"), out)
@@ -566,57 +241,7 @@ class Switchboard:
         Connections are listed by id; the broker adds each one's address and
         its own uptime before the answer is encoded.
         """
-        workers: list[dict[str, Any]] = []
-        clients: list[dict[str, Any]] = []
-        for c in self._conns.values():
-            if c.closing:
-                continue
-            if c.role is Role.WORKER:
-                workers.append(
-                    {
-                        "conn": c.id,
-                        "name": c.name,
-                        "pipelines": None if c.pipelines is None else sorted(c.pipelines),
-                        "capacity": c.capacity,
-                        "busy": c.busy,
-                    }
-                )
-            elif c.role is Role.CLIENT:
-                clients.append({"conn": c.id, "name": c.name, "jobs": len(c.jobs)})
-        queue: dict[str, int] = {}
-        for pipeline, heap in sorted(self._queues.items()):
-            live = sum(1 for entry in heap if entry[2].state is _State.QUEUED)
-            if live:
-                queue[pipeline] = live
-        return {
-            "workers": workers,
-            "clients": clients,
-            "queue": queue,
-            "running": self._running,
-            "queued": self._queued,
-        }
-
-    def _authenticate(self, c: _Conn, packet: Packet, out: list[Action]) -> bool:
-        """On a listener with a token, the first packet must be HELLO carrying it.
-
-        Refused: RESULT UNAUTHORIZED, then close. The token is compared in
-        constant time and never appears in an answer or a log line.
-        """
-        assert c.token is not None
-        if not isinstance(packet, Hello):
-            reason = "not HELLO"  # legacy peers cannot authenticate
-        elif packet.token is None:
-            reason = "missing"
-        elif hmac.compare_digest(packet.token.encode("utf-8", "surrogatepass"), c.token):
-            c.token = None  # authenticated; keep no copy of the secret
-            return True
-        else:
-            reason = "wrong"
-        out.append(Log("auth_failed", c.id, {"reason": reason}))
-        why = "a valid token is required on this listener"
-        self._answer(c, Result(_cookie_of(packet), ResultCode.UNAUTHORIZED, why), out, force=True)
-        self._close(c, f"unauthorized ({reason})", out)
-        return False
+        return status_snapshot(self._conns, self.dispatcher)
 
     # -- answering ------------------------------------------------------------
 
@@ -713,13 +338,13 @@ class Switchboard:
                 out,
             )
             return
-        worker, served = self._pick_worker(run.pipeline)
+        worker, served = self.dispatcher.pick(run.pipeline)
         if not served:
             self._reject(
                 c, run, ResultCode.NO_CAPACITY, f"no worker serves pipeline {run.pipeline!r}", out
             )
             return
-        if worker is None and self._queued >= self._queue_limit:
+        if worker is None and self.dispatcher.queued >= self._queue_limit:
             why = "no free worker slot" if self._queue_limit == 0 else "the queue is full"
             self._reject(c, run, ResultCode.NO_CAPACITY, why, out)
             return
@@ -735,11 +360,11 @@ class Switchboard:
         job.accepted_at = now
         if run.timeout_ms is not None:
             job.deadline = now + run.timeout_ms / 1000.0
-            self._add_deadline(job.deadline, _Deadline.TIMEOUT, job, out)
+            self.deadlines.add(job.deadline, _Deadline.TIMEOUT, job, out)
         if worker is not None:
             self._dispatch(job, worker, out)
         else:
-            self._enqueue(job)
+            self.dispatcher.enqueue(job)
 
     def _cancel(self, c: _Conn, cookie: bytes, now: float, out: list[Action]) -> None:
         job = c.jobs.get(cookie)
@@ -750,11 +375,11 @@ class Switchboard:
             return
         self.stats.cancels += 1
         if job.state is _State.QUEUED:
-            self._unqueue(job)
+            self.dispatcher.unqueue(job)
             self._end_for_client(job, ResultCode.CANCELLED, "cancelled by client", out)
         elif not job.cancel_requested:
             self._cancel_on_worker(job, out)
-            self._add_deadline(
+            self.deadlines.add(
                 now + self.limits.cancel_grace_ms / 1000.0, _Deadline.CANCEL_GRACE, job, out
             )
 
@@ -767,7 +392,7 @@ class Switchboard:
                 continue
             self.stats.dropped += 1
             if job.state is _State.QUEUED:
-                self._unqueue(job)
+                self.dispatcher.unqueue(job)
             elif job.state is _State.RUNNING:
                 job.abandoned = True
                 if not job.cancel_requested:
@@ -787,10 +412,9 @@ class Switchboard:
         if reg.pipelines is not None:
             # A worker serves all pipelines until it names some; from then on
             # it serves the union of the names it has given.
-            narrowed = c.pipelines is None and c.id in self._workers
+            narrowed = c.pipelines is None and c.id in self.dispatcher.workers
             c.pipelines = (c.pipelines or set()) | set(reg.pipelines)
-        self._workers[c.id] = c
-        self._worker_list = list(self._workers.values())
+        self.dispatcher.add_worker(c)
         out.append(
             Log(
                 "worker_registered",
@@ -815,8 +439,8 @@ class Switchboard:
             out.append(Log("result_dropped", w.id, {"reason": "unknown cookie"}))
             return
         del w.running[cookie]
-        self._release_slot(w, job)
-        self._set_done(job)
+        self.dispatcher.release(w, job)
+        self.deadlines.set_done(job)
         if job.abandoned:
             self.stats.abandoned_results += 1
         else:
@@ -831,7 +455,7 @@ class Switchboard:
             # drops the finished task from its own table, and shuts down on a
             # RUN that arrives in between (docs/protocol.md, Legacy workers).
             w.resting += 1
-            self._add_deadline(now + self._slot_rest_s, _Deadline.SLOT_REUSE, w, out)
+            self.deadlines.add(now + self._slot_rest_s, _Deadline.SLOT_REUSE, w, out)
         self._fill(w, out)
 
     def _forward_progress(
@@ -849,16 +473,13 @@ class Switchboard:
 
     def _worker_gone(self, w: _Conn, out: list[Action]) -> None:
         """Each job re-queued while attempts allow, else WORKER_WENT_AWAY (section 5)."""
-        self._workers.pop(w.id, None)
-        self._worker_list = list(self._workers.values())
-        if self._batch_worker is w:
-            self._batch_worker = None
+        self.dispatcher.remove_worker(w)
         jobs = sorted(w.running.values(), key=lambda j: j.seq)
         w.running.clear()
         for job in jobs:
-            self._release_slot(w, job)
+            self.dispatcher.release(w, job)
             if job.abandoned:
-                self._set_done(job)
+                self.deadlines.set_done(job)
                 self._forget(job)  # over already (timed out, client gone)
             elif job.cancel_requested:
                 # Cancelled jobs are never re-run; ReasonChip's worker exits on
@@ -868,7 +489,7 @@ class Switchboard:
                 self._end_for_client(
                     job, ResultCode.BROKER_WENT_AWAY, "the broker is shutting down", out
                 )
-            elif job.attempts < job.max_attempts and self._pick_worker(job.run.pipeline)[1]:
+            elif job.attempts < job.max_attempts and self.dispatcher.pick(job.run.pipeline)[1]:
                 self.stats.requeued += 1
                 out.append(
                     Log(
@@ -877,11 +498,11 @@ class Switchboard:
                         {"attempt": job.attempts, "max_attempts": job.max_attempts},
                     )
                 )
-                worker, _ = self._pick_worker(job.run.pipeline)
+                worker, _ = self.dispatcher.pick(job.run.pipeline)
                 if worker is not None:
                     self._dispatch(job, worker, out)
                 else:
-                    self._enqueue(job)  # accepted work: may exceed queue_limit
+                    self.dispatcher.enqueue(job)  # accepted work: may exceed queue_limit
             else:
                 self._end_for_client(
                     job,
@@ -897,16 +518,16 @@ class Switchboard:
         The contract answers a new RUN for such a pipeline NO_CAPACITY at once;
         jobs already waiting get the same answer rather than waiting forever.
         """
-        for pipeline in list(self._queues):
-            if self._pick_worker(pipeline)[1]:
+        for pipeline in list(self.dispatcher.queues):
+            if self.dispatcher.pick(pipeline)[1]:
                 continue
-            heap = self._queues.pop(pipeline)
+            heap = self.dispatcher.queues.pop(pipeline)
             for _, _, job in sorted(heap):
                 if job.state is not _State.QUEUED:
-                    self._dead_in_queues -= 1
+                    self.dispatcher.dead_in_queues -= 1
                     continue
-                self._queued -= 1
-                self._set_done(job)
+                self.dispatcher.queued -= 1
+                self.deadlines.set_done(job)
                 self._end_for_client(
                     job,
                     ResultCode.NO_CAPACITY,
@@ -916,47 +537,11 @@ class Switchboard:
 
     # -- dispatch and queue ------------------------------------------------------
 
-    def _pick_worker(self, pipeline: str) -> tuple[_Conn | None, bool]:
-        """The least-loaded worker with a free slot serving `pipeline`, and whether any serves it.
-
-        Load is busy/capacity; among equals the least recently used wins,
-        which is round robin. Within a batch the worker the last RUN went to
-        is kept while it is within Limits.dispatch_batch_slack of that.
-        """
-        best: _Conn | None = None
-        best_used = 0
-        served = False
-        for w in self._worker_list:
-            if w.pipelines is not None and pipeline not in w.pipelines:
-                continue  # w.serves(pipeline), inline: this runs per worker per RUN
-            served = True
-            used = w.busy + w.resting
-            if used >= w.capacity:
-                continue
-            if best is None:
-                best = w
-                best_used = used
-                continue
-            lhs = used * best.capacity
-            rhs = best_used * w.capacity
-            if lhs < rhs or (lhs == rhs and w.last_used < best.last_used):
-                best = w
-                best_used = used
-        stay = self._batch_worker
-        if best is not None and stay is not None and stay is not best and stay.serves(pipeline):
-            used = stay.busy + stay.resting
-            if used < stay.capacity and (
-                (used - self._batch_slack * stay.capacity) * best.capacity
-                <= (best.busy + best.resting) * stay.capacity
-            ):
-                return stay, served
-        return best, served
-
     def end_batch(self) -> None:
         """The I/O layer has written out what the input so far produced (once
         per event-loop turn): from now on RUNs are a new batch, with no pull
         towards the worker the last one went to (Limits.dispatch_batch_slack)."""
-        self._batch_worker = None
+        self.dispatcher.end_batch()
 
     def _dispatch(self, job: _Job, w: _Conn, out: list[Action]) -> None:
         if w.codec is not Codec.MSGPACK and not can_carry(job.run.variables, w.codec):
@@ -968,109 +553,25 @@ class Switchboard:
                 out,
             )
             return
-        wcookie = self._next_wcookie()
-        job.state = _State.RUNNING
-        job.worker = w
-        job.wcookie = wcookie
-        job.attempts += 1
-        w.running[wcookie] = job
-        w.busy += 1
-        self._use += 1
-        w.last_used = self._use
-        self._running += 1
-        self.stats.dispatched += 1
-        if self._batch_slack:
-            self._batch_worker = w
+        wcookie = self.dispatcher.assign(job, w)
         out.append(Send(w.id, Run(wcookie, job.run.pipeline, job.run.variables)))
-
-    def _next_wcookie(self) -> bytes:
-        """A cookie no other attempt of any job has had in this broker's life."""
-        at = self._wcookie_at
-        if at == len(self._wcookies):
-            self._wcookies = self._wcookie_blob()
-            at = 0
-        self._wcookie_at = at + 16
-        return self._wcookies[at : at + 16]
-
-    def _wcookie_blob(self) -> bytes:
-        """The next batch of cookies, sequence numbers 256 * batch .. + 255."""
-        stem = self._wcookie_prefix + self._wcookie_batch.to_bytes(7, "big") + b"\x00"
-        self._wcookie_batch += 1
-        blob = bytearray(stem * _WCOOKIE_BATCH)
-        blob[15::16] = _LOW_BYTES
-        return bytes(blob)
-
-    def _release_slot(self, w: _Conn, job: _Job) -> None:
-        w.busy -= 1
-        self._running -= 1
-        job.worker = None
-        job.wcookie = None
-
-    def _enqueue(self, job: _Job) -> None:
-        job.state = _State.QUEUED
-        heap = self._queues.setdefault(job.run.pipeline, [])
-        heapq.heappush(heap, (-job.run.priority, job.seq, job))
-        self._queued += 1
-
-    def _unqueue(self, job: _Job) -> None:
-        """Remove a queued job lazily: its heap entry is skipped when reached.
-
-        Dead entries hold their job's variables, so they are not left to pile
-        up: an empty queue drops every heap, and a queue with more dead entries
-        than live ones (past a small floor) is rebuilt, which is amortised O(1).
-        """
-        self._set_done(job)
-        self._queued -= 1
-        if not self._queued:
-            self._queues.clear()
-            self._dead_in_queues = 0
-            return
-        self._dead_in_queues += 1
-        if self._dead_in_queues > self._queued:
-            self._compact_queues()
-
-    def _compact_queues(self) -> None:
-        for pipeline, heap in list(self._queues.items()):
-            live = [e for e in heap if e[2].state is _State.QUEUED]
-            if live:
-                heapq.heapify(live)
-                self._queues[pipeline] = live
-            else:
-                del self._queues[pipeline]
-        self._dead_in_queues = 0
 
     def _fill(self, w: _Conn, out: list[Action]) -> None:
         """Give a worker with free slots the best queued jobs it serves."""
-        if not self._queued:
+        dispatcher = self.dispatcher
+        if not dispatcher.queued:
             return
-        while w.busy + w.resting < w.capacity and self._queued:
-            best_heap: list[tuple[int, int, _Job]] | None = None
-            names = self._queues.keys() if w.pipelines is None else w.pipelines
-            for name in list(names):
-                heap = self._queues.get(name)
-                if heap is None:
-                    continue
-                while heap and heap[0][2].state is not _State.QUEUED:
-                    heapq.heappop(heap)
-                    self._dead_in_queues -= 1
-                if not heap:
-                    del self._queues[name]
-                    continue
-                if best_heap is None or heap[0] < best_heap[0]:
-                    best_heap = heap
-            if best_heap is None:
+        while True:
+            job = dispatcher.take(w)
+            if job is None:
                 return
-            _, _, job = heapq.heappop(best_heap)
-            if not best_heap:
-                del self._queues[job.run.pipeline]
-            self._queued -= 1
             self._dispatch(job, w, out)
 
     # -- endings ------------------------------------------------------------------
 
     def _end_for_client(self, job: _Job, rc: ResultCode, why: str, out: list[Action]) -> None:
         """End a job that holds no slot, answering its client if it is owed an answer."""
-        self._set_done(job)
+        self.deadlines.set_done(job)
         _count(self.stats.completed, rc)
         self.latency.observe(self._now - job.accepted_at)
         self._deliver(job, Result(job.cookie, rc, why), out)
@@ -1093,32 +594,21 @@ class Switchboard:
 
     # -- time -----------------------------------------------------------------------
 
-    def _add_deadline(
-        self, at: float, kind: _Deadline, target: _Job | _Conn, out: list[Action]
-    ) -> None:
-        self._seq += 1
-        heapq.heappush(self._deadlines, (at, self._seq, kind, target))
-        if isinstance(target, _Job):
-            target.deadlines += 1
-        if self._wake_at is None or at < self._wake_at:
-            self._wake_at = at
-            out.append(Wake(at))
-
     def tick(self, now: float) -> list[Action]:
         """Fire every deadline that has passed; Wake for the next one."""
         self._now = now
         out: list[Action] = []
-        dl = self._deadlines
+        dl = self.deadlines.heap
         while dl and dl[0][0] <= now:
             _, _, kind, target = heapq.heappop(dl)
             if isinstance(target, _Conn):
-                if self._workers.get(target.id) is target:  # still connected
+                if self.dispatcher.workers.get(target.id) is target:  # still connected
                     target.resting -= 1
                     self._fill(target, out)
                 continue
             job = target
             if job.state is _State.DONE:
-                self._dead_deadlines -= 1
+                self.deadlines.dead -= 1
                 continue
             job.deadlines -= 1
             if job.abandoned:
@@ -1135,42 +625,13 @@ class Switchboard:
                     job, Result(job.cookie, ResultCode.CANCELLED, "cancelled by client"), out
                 )
                 self._forget(job)
-        if dl and 2 * self._dead_deadlines > len(dl):
-            self._compact_deadlines()
-        self._wake_at = dl[0][0] if dl else None
-        if self._wake_at is not None:
-            out.append(Wake(self._wake_at))
+        self.deadlines.rearm(out)
         return out
-
-    def _set_done(self, job: _Job) -> None:
-        """A job has ended: its deadline entries are dead (see _compact_deadlines)."""
-        job.state = _State.DONE
-        if job.deadlines:
-            self._dead_deadlines += job.deadlines
-            job.deadlines = 0
-            if 2 * self._dead_deadlines > len(self._deadlines):
-                # More dead entries than live ones: rebuilding costs O(heap)
-                # once per heap/2 endings, so O(1) amortised per job.
-                self._compact_deadlines()
-
-    def _compact_deadlines(self) -> None:
-        """Drop the entries of ended jobs: a job that finishes well before its
-        timeout must not stay in memory (with its variables) until then.
-
-        In place, so a caller iterating the heap (tick) keeps a valid list.
-        """
-        dl = self._deadlines
-        if self._dead_deadlines == len(dl):
-            dl.clear()
-        else:
-            dl[:] = [e for e in dl if not (isinstance(e[3], _Job) and e[3].state is _State.DONE)]
-            heapq.heapify(dl)
-        self._dead_deadlines = 0
 
     def _timeout(self, job: _Job, out: list[Action]) -> None:
         why = f"timed out after {job.run.timeout_ms} ms"
         if job.state is _State.QUEUED:
-            self._unqueue(job)
+            self.dispatcher.unqueue(job)
             self._end_for_client(job, ResultCode.TIMEOUT, why, out)
             return
         # Running: answer now, tell the worker; the slot stays busy until it answers.
@@ -1194,16 +655,14 @@ class Switchboard:
             self._now = now
         self.draining = True
         out: list[Action] = []
-        for heap in self._queues.values():
+        for heap in self.dispatcher.queues.values():
             for _, _, job in sorted(heap):
                 if job.state is _State.QUEUED:
-                    self._set_done(job)
+                    self.deadlines.set_done(job)
                     self._end_for_client(
                         job, ResultCode.BROKER_WENT_AWAY, "the broker is shutting down", out
                     )
-        self._queues.clear()
-        self._queued = 0
-        self._dead_in_queues = 0
+        self.dispatcher.clear_queues()
         return out
 
     def finish(self, now: float | None = None) -> list[Action]:
@@ -1213,11 +672,11 @@ class Switchboard:
             out.extend(self.begin_drain(now))
         elif now is not None:
             self._now = now
-        for w in list(self._workers.values()):
+        for w in list(self.dispatcher.workers.values()):
             for job in sorted(w.running.values(), key=lambda j: j.seq):
-                self._release_slot(w, job)
+                self.dispatcher.release(w, job)
                 if job.abandoned:
-                    self._set_done(job)
+                    self.deadlines.set_done(job)
                     self._forget(job)
                 else:
                     self._end_for_client(
@@ -1227,11 +686,3 @@ class Switchboard:
         for conn in list(self._conns):
             out.append(Close(conn, "broker shutdown"))
         return out
-
-
-def _count(counts: dict[str, int], key: str) -> None:
-    counts[key] = counts.get(key, 0) + 1
-
-
-def _cookie_of(packet: Packet) -> bytes | None:
-    return getattr(packet, "cookie", None)

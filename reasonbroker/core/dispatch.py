@@ -1,0 +1,225 @@
+"""Dispatch: the registered workers, picking one, the queues, worker cookies.
+
+Owns the worker list dispatch scans, the least-loaded pick with its batch
+affinity (Limits.dispatch_batch_slack), a job's move onto a worker's slot and
+off it, the per-pipeline priority queues (lazily deleted entries, compacted
+when dead ones outnumber live ones), taking the best queued job a worker
+serves, and the broker-made cookie each attempt gets. Whether a job may go
+(codecs, answers, endings) is the board's.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Final
+
+from .deadlines import Deadlines
+from .state import Stats, _Conn, _Job, _State
+
+# Worker cookies are the broker's 8-byte prefix and a 64-bit big-endian
+# sequence number, made 256 at a time: the numbers k*256 .. k*256+255 share
+# their first 15 bytes, so a batch is one repeated stem with its last byte
+# set by a single slice assignment; each cookie is then one 16-byte slice.
+_WCOOKIE_BATCH: Final = 256
+_LOW_BYTES: Final = bytes(range(_WCOOKIE_BATCH))
+
+
+class Dispatcher:
+    __slots__ = (
+        "_deadlines",
+        "_stats",
+        "_use",
+        "_wcookie_at",
+        "_wcookie_batch",
+        "_wcookie_prefix",
+        "_wcookies",
+        "batch_slack",
+        "batch_worker",
+        "dead_in_queues",
+        "queued",
+        "queues",
+        "running",
+        "worker_list",
+        "workers",
+    )
+
+    def __init__(
+        self, cookie_prefix: bytes, batch_slack: float, stats: Stats, deadlines: Deadlines
+    ) -> None:
+        self._stats = stats
+        self._deadlines = deadlines
+        self.workers: dict[int, _Conn] = {}  # registered (capacity > 0)
+        # The same workers as a list, for dispatch to scan (rebuilt when a
+        # worker registers or goes; iterating a list is cheaper than a dict).
+        self.worker_list: list[_Conn] = []
+        self.queues: dict[str, list[tuple[int, int, _Job]]] = {}
+        self.queued = 0  # live entries across all queues
+        self.dead_in_queues = 0  # lazily deleted heap entries
+        self.running = 0  # jobs holding a worker slot
+        self._use = 0  # bumped at each dispatch: a worker's last_used orders equals
+        # The worker this batch's last RUN went to (see end_batch).
+        self.batch_worker: _Conn | None = None
+        self.batch_slack = batch_slack
+        self._wcookie_prefix = cookie_prefix
+        self._wcookie_batch = 0  # the next batch: sequence numbers from 256 times this
+        self._wcookies = self._wcookie_blob()  # the current batch, 16 bytes per cookie
+        self._wcookie_at = 16  # where the next one starts in it (0 is never used)
+
+    # -- workers ------------------------------------------------------------------
+
+    def add_worker(self, w: _Conn) -> None:
+        self.workers[w.id] = w
+        self.worker_list = list(self.workers.values())
+
+    def remove_worker(self, w: _Conn) -> None:
+        self.workers.pop(w.id, None)
+        self.worker_list = list(self.workers.values())
+        if self.batch_worker is w:
+            self.batch_worker = None
+
+    def pick(self, pipeline: str) -> tuple[_Conn | None, bool]:
+        """The least-loaded worker with a free slot serving `pipeline`, and whether any serves it.
+
+        Load is busy/capacity; among equals the least recently used wins,
+        which is round robin. Within a batch the worker the last RUN went to
+        is kept while it is within Limits.dispatch_batch_slack of that.
+        """
+        best: _Conn | None = None
+        best_used = 0
+        served = False
+        for w in self.worker_list:
+            if w.pipelines is not None and pipeline not in w.pipelines:
+                continue  # w.serves(pipeline), inline: this runs per worker per RUN
+            served = True
+            used = w.busy + w.resting
+            if used >= w.capacity:
+                continue
+            if best is None:
+                best = w
+                best_used = used
+                continue
+            lhs = used * best.capacity
+            rhs = best_used * w.capacity
+            if lhs < rhs or (lhs == rhs and w.last_used < best.last_used):
+                best = w
+                best_used = used
+        stay = self.batch_worker
+        if best is not None and stay is not None and stay is not best and stay.serves(pipeline):
+            used = stay.busy + stay.resting
+            if used < stay.capacity and (
+                (used - self.batch_slack * stay.capacity) * best.capacity
+                <= (best.busy + best.resting) * stay.capacity
+            ):
+                return stay, served
+        return best, served
+
+    def end_batch(self) -> None:
+        self.batch_worker = None
+
+    # -- slots ----------------------------------------------------------------------
+
+    def assign(self, job: _Job, w: _Conn) -> bytes:
+        """Put a job on one of the worker's slots; the attempt's cookie."""
+        wcookie = self._next_wcookie()
+        job.state = _State.RUNNING
+        job.worker = w
+        job.wcookie = wcookie
+        job.attempts += 1
+        w.running[wcookie] = job
+        w.busy += 1
+        self._use += 1
+        w.last_used = self._use
+        self.running += 1
+        self._stats.dispatched += 1
+        if self.batch_slack:
+            self.batch_worker = w
+        return wcookie
+
+    def release(self, w: _Conn, job: _Job) -> None:
+        w.busy -= 1
+        self.running -= 1
+        job.worker = None
+        job.wcookie = None
+
+    def _next_wcookie(self) -> bytes:
+        """A cookie no other attempt of any job has had in this broker's life."""
+        at = self._wcookie_at
+        if at == len(self._wcookies):
+            self._wcookies = self._wcookie_blob()
+            at = 0
+        self._wcookie_at = at + 16
+        return self._wcookies[at : at + 16]
+
+    def _wcookie_blob(self) -> bytes:
+        """The next batch of cookies, sequence numbers 256 * batch .. + 255."""
+        stem = self._wcookie_prefix + self._wcookie_batch.to_bytes(7, "big") + b"\x00"
+        self._wcookie_batch += 1
+        blob = bytearray(stem * _WCOOKIE_BATCH)
+        blob[15::16] = _LOW_BYTES
+        return bytes(blob)
+
+    # -- queues ---------------------------------------------------------------------
+
+    def enqueue(self, job: _Job) -> None:
+        job.state = _State.QUEUED
+        heap = self.queues.setdefault(job.run.pipeline, [])
+        heapq.heappush(heap, (-job.run.priority, job.seq, job))
+        self.queued += 1
+
+    def unqueue(self, job: _Job) -> None:
+        """Remove a queued job lazily: its heap entry is skipped when reached.
+
+        Dead entries hold their job's variables, so they are not left to pile
+        up: an empty queue drops every heap, and a queue with more dead entries
+        than live ones (past a small floor) is rebuilt, which is amortised O(1).
+        """
+        self._deadlines.set_done(job)
+        self.queued -= 1
+        if not self.queued:
+            self.queues.clear()
+            self.dead_in_queues = 0
+            return
+        self.dead_in_queues += 1
+        if self.dead_in_queues > self.queued:
+            self._compact_queues()
+
+    def clear_queues(self) -> None:
+        self.queues.clear()
+        self.queued = 0
+        self.dead_in_queues = 0
+
+    def _compact_queues(self) -> None:
+        for pipeline, heap in list(self.queues.items()):
+            live = [e for e in heap if e[2].state is _State.QUEUED]
+            if live:
+                heapq.heapify(live)
+                self.queues[pipeline] = live
+            else:
+                del self.queues[pipeline]
+        self.dead_in_queues = 0
+
+    def take(self, w: _Conn) -> _Job | None:
+        """The best queued job the worker serves, off its queue, if it has a free slot."""
+        if not (w.busy + w.resting < w.capacity and self.queued):
+            return None
+        best_heap: list[tuple[int, int, _Job]] | None = None
+        names = self.queues.keys() if w.pipelines is None else w.pipelines
+        for name in list(names):
+            heap = self.queues.get(name)
+            if heap is None:
+                continue
+            while heap and heap[0][2].state is not _State.QUEUED:
+                heapq.heappop(heap)
+                self.dead_in_queues -= 1
+            if not heap:
+                del self.queues[name]
+                continue
+            if best_heap is None or heap[0] < best_heap[0]:
+                best_heap = heap
+        if best_heap is None:
+            return None
+        _, _, job = heapq.heappop(best_heap)
+        if not best_heap:
+            del self.queues[job.run.pipeline]
+        self.queued -= 1
+        return job

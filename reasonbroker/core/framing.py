@@ -1,0 +1,377 @@
+"""Frames, sans-IO: the 4-byte length header, reading frames, writing them.
+
+Owns `PacketDecoder` (bytes in, packets out, the frame length checked from the
+header before any body is held, the codec fixed by the first frame, plain
+msgpack RUN/RESULT frames read in place) and `encode` / `encode_into`
+(packets in, whole frames out, as pieces for the broker's outbox). The body
+of a frame is the codecs' business (codecs.py). The contract is
+../shared/PROTOCOL.md; docs/protocol.md records the decisions taken here.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Final
+
+from mypy_extensions import i64
+
+from .codecs import (
+    _RC_THEN3,
+    _RC_THEN4,
+    _RESULT_OPEN3,
+    _RESULT_OPEN4,
+    _RUN_OPEN3,
+    _RUN_OPEN4,
+    _json_body,
+    _packb,
+    _pipeline_then,
+    _same,
+    _skip,
+    decode_body,
+    detect_codec,
+    packet_to_map,
+)
+from .errors import EncodeError, RemoteProtocolError
+from .packets import _RESULT_CODES_RAW, Codec, Packet, Raw, Result, ResultCode, Run, _unpack_value
+
+HEADER_BYTES: Final = 4
+_pack_length = struct.Struct(">I").pack
+_MAX_ENCODABLE: Final = 0xFFFFFFFF
+# Frame headers for the small sizes every RUN and RESULT of an everyday job
+# has, made once: indexing a tuple is cheaper than a struct call per frame.
+_SMALL_FRAME: Final = 4096
+_SMALL_HEADERS: Final = tuple(_pack_length(n) for n in range(_SMALL_FRAME))
+
+
+class PacketDecoder:
+    """Incremental decoder for one connection: feed bytes, get packets.
+
+    The first frame fixes the connection's codec. The length limit is checked
+    as soon as the 4-byte header is in, before any of the body is buffered.
+    Any `RemoteProtocolError` is final for the connection: the caller closes it.
+
+    With `raw_payloads` (the broker's decoders) the payload of a plain RUN or
+    RESULT comes out as `Raw`, its bytes unparsed; otherwise it is decoded.
+    """
+
+    __slots__ = (
+        "_held",
+        "_held_bytes",
+        "_max",
+        "_need",
+        "_pipe_name",
+        "_pipe_raw",
+        "_raw",
+        "codec",
+        "error",
+    )
+
+    def __init__(self, max_frame_bytes: int, raw_payloads: bool = False) -> None:
+        # The reads an unfinished frame has arrived in so far, kept as they
+        # came (bytes are immutable) and joined once it is whole: a large
+        # frame is copied once here, not once per read and again at the end.
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._max = max_frame_bytes
+        self._raw = raw_payloads
+        # Bytes held before a whole frame can be among them: a large frame
+        # arriving in many reads is gathered, not re-scanned.
+        self._need = 0
+        # The last pipeline name read, as wire bytes and as text: a connection
+        # names the same few pipelines over and over.
+        self._pipe_raw = b""
+        self._pipe_name = ""
+        self.codec: Codec | None = None
+        # Set when a bad frame followed good ones in the same feed: those good
+        # packets are returned first (a worker's RESULT just before garbage
+        # still counts) and the error is raised by the next feed.
+        self.error: RemoteProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        return self._held_bytes
+
+    def feed(self, data: bytes) -> list[Packet]:
+        if self.error is not None:
+            raise self.error
+        if self._held:
+            self._held.append(data)
+            self._held_bytes += len(data)
+            if self._held_bytes < self._need:
+                return []
+            # One copy of what was held; from here on, as if it all came at once.
+            data = b"".join(self._held)
+            self._held = []
+            self._held_bytes = 0
+        packets: list[Packet] = []
+        pos: i64 = 0
+        end: i64 = len(data)
+        limit: i64 = self._max
+        size: i64 = 0
+        native = self.codec is Codec.MSGPACK
+        mv: memoryview | None = None
+        try:
+            while end - pos >= HEADER_BYTES:
+                # The 4-byte big-endian length, read in place.
+                size = (
+                    (data[pos] << 24) | (data[pos + 1] << 16) | (data[pos + 2] << 8) | data[pos + 3]
+                )
+                if size == 0:
+                    raise RemoteProtocolError("frame length is 0")
+                if size > limit:
+                    raise RemoteProtocolError(
+                        f"frame length {size} exceeds max_frame_bytes {limit}"
+                    )
+                start = pos + HEADER_BYTES
+                stop = start + size
+                if stop > end:
+                    self._need = stop - pos
+                    break
+                pos = stop
+                if native:
+                    # The hot path: RUN and RESULT in their plain shape, read
+                    # straight from the bytes (see _plain).
+                    packet = self._plain(data, start, stop)
+                    if packet is not None:
+                        packets.append(packet)
+                        continue
+                if mv is None:
+                    mv = memoryview(data)  # zero-copy bodies: `data` is immutable
+                packets.append(self._decode(mv[start:stop]))
+                native = self.codec is Codec.MSGPACK
+            else:
+                self._need = 0
+        except RemoteProtocolError as exc:
+            self.error = exc
+            if not packets:
+                raise
+            return packets
+        if pos < end:
+            rest = data[pos:] if pos else data
+            self._held.append(rest)
+            self._held_bytes = len(rest)
+        return packets
+
+    def _decode(self, body: bytes | memoryview) -> Packet:
+        codec = detect_codec(body)
+        if self.codec is None:
+            self.codec = codec
+        elif codec is not self.codec:
+            raise RemoteProtocolError(f"{codec.value} frame on a {self.codec.value} connection")
+        return decode_body(body, codec)
+
+    def _plain(self, data: bytes, pos: i64, stop: i64) -> Packet | None:
+        """RUN {packet_type, cookie, pipeline[, variables]} or RESULT {packet_type,
+        cookie, rc[, result]} read from data[pos:stop] without decoding the map:
+        a fixmap of fixstr keys, a 16-byte bin cookie, a known rc.
+
+        None for anything else, even the same packet in another shape (keys
+        repeated or unknown, wider types, a payload `_skip` leaves alone): the
+        general path decodes that frame, and gives the same packet or raises
+        for the same bad input (tests/test_protocol.py checks both).
+        """
+        # Positions and lengths are i64: mypyc compiles them to C integers.
+        head: i64 = data[pos]
+        if head < 0x83 or head > 0x84:
+            return None
+        pos += 1
+        kind: i64 = 0  # 1 RUN, 2 RESULT
+        seen: i64 = 0
+        bit: i64 = 0
+        n: i64 = 0
+        cookie = b""
+        pipeline = ""
+        rc: ResultCode | None = None
+        payload: Any = None
+        keys = head & 0x0F
+        while keys:
+            keys -= 1
+            if pos >= stop:
+                return None
+            kb: i64 = data[pos]
+            if kb < 0xA2 or kb > 0xAB:  # a fixstr of 2 to 11 bytes
+                return None
+            k = pos + 1
+            klen = kb & 0x1F
+            pos = k + klen
+            if pos >= stop:  # the value must follow
+                return None
+            if klen == 11 and _same(data, k, b"packet_type"):
+                bit = 1
+                if _same(data, pos, b"\xa3RUN"):
+                    kind = 1
+                    pos += 4
+                elif _same(data, pos, b"\xa6RESULT"):
+                    kind = 2
+                    pos += 7
+                else:
+                    return None
+            elif klen == 6 and _same(data, k, b"cookie"):
+                bit = 2
+                if data[pos] != 0xC4 or pos + 18 > stop or data[pos + 1] != 16:
+                    return None
+                cookie = data[pos + 2 : pos + 18]
+                pos += 18
+            elif klen == 8 and _same(data, k, b"pipeline"):
+                bit = 4
+                vb: i64 = data[pos]
+                if vb >= 0xA1 and vb <= 0xBF:  # a non-empty fixstr
+                    n = vb & 0x1F
+                    pos += 1
+                elif vb == 0xD9 and pos + 1 < stop and data[pos + 1] > 0:  # str 8
+                    n = data[pos + 1]
+                    pos += 2
+                else:
+                    return None
+                if pos + n > stop:
+                    return None
+                if n == len(self._pipe_raw) and _same(data, pos, self._pipe_raw):
+                    pipeline = self._pipe_name
+                else:
+                    raw_name = data[pos : pos + n]
+                    try:
+                        pipeline = raw_name.decode()
+                    except UnicodeDecodeError:
+                        return None
+                    self._pipe_raw = raw_name
+                    self._pipe_name = pipeline
+                pos += n
+            elif klen == 2 and _same(data, k, b"rc"):
+                bit = 8
+                if _same(data, pos, b"\xa2OK"):
+                    rc = ResultCode.OK
+                    pos += 3
+                else:
+                    vb = data[pos]
+                    if vb < 0xA1 or vb > 0xBF:
+                        return None
+                    n = vb & 0x1F
+                    if pos + 1 + n > stop:
+                        return None
+                    rc = _RESULT_CODES_RAW.get(data[pos + 1 : pos + 1 + n])
+                    if rc is None:
+                        return None
+                    pos += 1 + n
+            elif (klen == 9 and _same(data, k, b"variables")) or (
+                klen == 6 and _same(data, k, b"result")
+            ):
+                bit = 16 if klen == 9 else 32
+                if data[pos] == 0xC0:
+                    payload = None
+                    pos += 1
+                else:
+                    value_end = _skip(data, pos, stop)
+                    if value_end < 0:
+                        return None
+                    span = data[pos:value_end]
+                    payload = Raw(span) if self._raw else _unpack_value(span)
+                    pos = value_end
+            else:
+                return None
+            if seen & bit:
+                return None  # a repeated key: the general path's map keeps the last
+            seen |= bit
+        if pos != stop:
+            return None
+        if kind == 1 and (seen | 16) == 1 | 2 | 4 | 16:
+            return Run(cookie, pipeline, payload)
+        if kind == 2 and rc is not None and (seen | 32) == 1 | 2 | 8 | 32:
+            return Result(cookie, rc, None, None, payload)
+        return None
+
+
+def _header(size: int) -> bytes:
+    if size < _SMALL_FRAME:
+        return _SMALL_HEADERS[size]
+    if size > _MAX_ENCODABLE:
+        raise EncodeError(f"packet body of {size} bytes cannot be framed")
+    return _pack_length(size)
+
+
+def _msgpack_parts(packet: Packet, out: list[bytes]) -> int:
+    """Append the frame's pieces (header first) to `out`; return its length.
+
+    The pieces are only appended once all of them are made, so a packet that
+    cannot be encoded leaves `out` as it was.
+    """
+    if type(packet) is Run:
+        run = packet
+        if (
+            not (run.detach or run.priority)
+            and run.timeout_ms is None
+            and run.max_attempts is None
+            and len(run.cookie) == 16
+        ):
+            opening = _RUN_OPEN3
+            if run.variables is None:
+                middle = _pipeline_then(run.pipeline, False)
+                payload = b""
+            else:
+                opening = _RUN_OPEN4
+                middle = _pipeline_then(run.pipeline, True)
+                variables = run.variables
+                payload = variables.data if type(variables) is Raw else _packb(variables)
+            return _append_plain(out, opening, run.cookie, middle, payload)
+    elif type(packet) is Result:
+        res = packet
+        cookie = res.cookie
+        if (
+            res.error is None
+            and res.stacktrace is None
+            and cookie is not None
+            and len(cookie) == 16
+        ):
+            if res.result is None:
+                return _append_plain(out, _RESULT_OPEN3, cookie, _RC_THEN3[res.rc], b"")
+            result = res.result
+            payload = result.data if type(result) is Raw else _packb(result)
+            return _append_plain(out, _RESULT_OPEN4, cookie, _RC_THEN4[res.rc], payload)
+    body: bytes = _packb(packet_to_map(packet))
+    head = _header(len(body))
+    out.append(head)
+    out.append(body)
+    return HEADER_BYTES + len(body)
+
+
+def _append_plain(
+    out: list[bytes], opening: bytes, cookie: bytes, middle: bytes, payload: bytes
+) -> int:
+    size = len(opening) + 16 + len(middle) + len(payload)
+    head = _header(size)
+    out.append(head)
+    out.append(opening)
+    out.append(cookie)
+    out.append(middle)
+    if payload:
+        out.append(payload)
+    return HEADER_BYTES + size
+
+
+def encode_into(packet: Packet, codec: Codec, out: list[bytes]) -> int:
+    """Append `packet`'s frame to `out` as pieces whose join is `encode(packet,
+    codec)`; return the frame's length. On EncodeError `out` is unchanged.
+
+    For a writer that joins many frames into one write anyway (the broker's
+    outbox): the pieces are copied once, by that join.
+    """
+    try:
+        if codec is Codec.MSGPACK:
+            return _msgpack_parts(packet, out)
+        body = _json_body(packet_to_map(packet))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"{codec.value} cannot carry this packet: {exc}") from exc
+    head = _header(len(body))
+    out.append(head)
+    out.append(body)
+    return HEADER_BYTES + len(body)
+
+
+def encode(packet: Packet, codec: Codec = Codec.MSGPACK) -> bytes:
+    """One whole frame (header and body) for `packet` in `codec`.
+
+    Raises EncodeError when the codec cannot carry a value (bytes to JSON, a
+    non-string payload to JSON, an object msgpack cannot pack).
+    """
+    parts: list[bytes] = []
+    encode_into(packet, codec, parts)
+    return b"".join(parts)
