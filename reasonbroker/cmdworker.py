@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from . import worker as _worker
-from .log import get_logger
+from .peer import library_logger
 
 __all__ = [
     "CommandFailed",
@@ -109,7 +109,7 @@ class CommandHandler:
         self.timeout = timeout
         self.kill_grace = kill_grace
         self._env = dict(os.environ if env is None else env)
-        self._log = get_logger(pipeline=pipeline)
+        self._log = library_logger("reasonbroker.cmdworker").bind(pipeline=pipeline)
 
     def environment(self) -> dict[str, str]:
         env = dict(self._env)
