@@ -290,7 +290,11 @@ def with_context(exc: OSError, what: str) -> OSError:
     those precisely.
     """
     cause = exc.strerror or exc
-    if exc.errno is not None and exc.errno in errno.errorcode and not isinstance(exc, socket.gaierror | _ssl.SSLError):
+    if (
+        exc.errno is not None
+        and exc.errno in errno.errorcode
+        and not isinstance(exc, socket.gaierror | _ssl.SSLError)
+    ):
         # The system's words for the errno: asyncio's own strerror
         # ("Connect call failed ('127.0.0.1', 1)") repeats what we were doing.
         cause = os.strerror(exc.errno)
