@@ -223,7 +223,12 @@ async def _serve(config: Config) -> int:
         if bound:
             raise
         log.error("listen_failed", error=str(exc))
-        click.echo(f"reasonbroker: cannot listen: {exc}", err=True)
+        # The transports' message says "cannot listen on URL: why"; say it once,
+        # without str()'s "[Errno 98]" in front.
+        why = exc.strerror or str(exc)
+        click.echo(
+            f"reasonbroker: {why if 'cannot listen' in why else f'cannot listen: {why}'}", err=True
+        )
         return EXIT_LISTEN_FAILED
     log.info("stopped")
     return EXIT_OK

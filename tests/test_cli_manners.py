@@ -298,6 +298,17 @@ def test_connection_refused_says_its_cause_once(command: list[str]) -> None:
     assert line == f"reasonbroker: cannot connect to {url}: Connection refused"
 
 
+def test_port_in_use_says_its_cause_once() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        url = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        rc, _, err = run("serve", "--both", url, "--log-format", "json")
+    assert rc == 1
+    said = [line for line in err.splitlines() if not line.startswith("{")]
+    assert said == [f"reasonbroker: cannot listen on {url}: Address already in use"]
+
+
 # --------------------------------------------------------------------------- 11: status
 
 
