@@ -249,7 +249,7 @@ class Worker:
         last = f" (last error: {self.last_error})" if self.last_error else ""
         if self._finished.is_set():
             raise BrokerConnectionError(
-                f"the worker stopped before registering with the broker at {self.url}{last}"
+                f"the worker has stopped: not registered with the broker at {self.url}{last}"
             )
         raise ConnectTimeout(
             f"not registered with the broker at {self.url} within {timeout} s{last}"

@@ -212,7 +212,7 @@ async def test_wait_registered_times_out_naming_the_broker_and_the_error() -> No
         w.stop()
         await serving
     # Once run() has ended there is nothing to wait for.
-    with pytest.raises(BrokerConnectionError, match="stopped before registering"):
+    with pytest.raises(BrokerConnectionError, match="the worker has stopped: not registered"):
         await w.wait_registered(WAIT_S)
 
 
