@@ -687,5 +687,6 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     for s, why in skipped.items():
         report["systems"][SIDES[s]] = {"available": False, "skipped": why, "version": None}
     report["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
+    report["meta"]["loadavg_at_end"] = list(os.getloadavg())
     print_table(report)
     return report
