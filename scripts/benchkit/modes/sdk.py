@@ -68,7 +68,7 @@ from ..processes import (
     stop_process,
     version_of,
 )
-from ..procfs import cpu_times
+from ..procfs import cpu_times, reset_peak_rss, status_kib
 from ..report import fmt_ratio, median_run, meta
 
 ROLES: Final = ("sdk-client", "sdk-worker")
@@ -448,6 +448,7 @@ async def run_client(
     ]
     if args.sdk_profile:
         cmd += ["--sdk-profile", args.sdk_profile]
+    reset_peak_rss(broker.pid)
     proc = await asyncio.create_subprocess_exec(
         *cmd,
         cwd=ROOT,
@@ -468,7 +469,9 @@ async def run_client(
     if doc is None:
         tail = err.decode(errors="replace").strip().splitlines()[-3:]
         return Run(error=f"client exited {proc.returncode} without a result: {' | '.join(tail)}")
-    return run_of(doc)
+    run = run_of(doc)
+    run.broker_peak_rss_kib = status_kib(broker.pid, "VmHWM") or status_kib(broker.pid, "VmRSS")
+    return run
 
 
 def run_of(doc: dict[str, Any]) -> Run:
@@ -605,6 +608,7 @@ def assemble(
         f"queue-group subscriber ({NATS_QUEUE!r}) each; echo handlers",
         "cpu us/job: utime+stime deltas from /proc over the measured window / jobs, for "
         "the client process, the worker processes (summed) and the broker; total = all three",
+        "broker_peak_rss_kib: VmHWM over the run (warm-up included), reset per run",
         f"ratios: {RATIO} (jobs/s > 1 and p99, cpu < 1 favour the SDK)",
         "each cell: median repeat by jobs/s; uvloop on both sides",
     ]
@@ -683,7 +687,10 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         log("nothing to run")
         return None
     started = time.monotonic()
+    at_start = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg": list(os.getloadavg())}
     report: dict[str, Any] = run_async(lambda: sdk_main(args, runnable, skipped))
+    report["meta"]["started"] = at_start["started"]
+    report["meta"]["loadavg_at_start"] = at_start["loadavg"]
     for s, why in skipped.items():
         report["systems"][SIDES[s]] = {"available": False, "skipped": why, "version": None}
     report["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
