@@ -3,17 +3,22 @@
 It runs the bench end to end against reasonbroker in both codecs (its own
 brokers, worker processes and load generator) and checks the JSON report's
 shape and that jobs flowed. It never asserts timings, and it never needs
-gearmand or nats-server.
+gearmand or nats-server. The `--sdk` smoke run (the SDK beside nats-py) needs
+nats-server and nats-py, and is skipped, saying which is missing, without them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "bench"
@@ -59,6 +64,61 @@ def test_bench_smoke_run_writes_the_report(tmp_path: Path) -> None:
             assert result["error"] is None, (cell["id"], system, result["error"])
             assert result["jobs"] > 0 and result["jobs_per_s"] > 0, (cell["id"], system)
             assert result["errors"] == 0 and result["unanswered"] == 0, (cell["id"], system)
+
+
+SDK_SIDES = ("reasonbroker-sdk", "nats-py")
+SDK_CPU_KEYS = {"client_cpu_us_per_job", "worker_cpu_us_per_job", "broker_cpu_us_per_job"}
+
+
+def test_bench_sdk_smoke_run_measures_both_sides(tmp_path: Path) -> None:
+    missing = [
+        what
+        for what, there in (
+            ("nats-server", _nats_server() is not None),
+            ("nats-py (pip install -e '.[bench]')", importlib.util.find_spec("nats") is not None),
+        )
+        if not there
+    ]
+    if missing:
+        reason = f"scripts/bench --sdk smoke run skipped: no {' and no '.join(missing)}"
+        print(reason)
+        pytest.skip(reason)
+    out = tmp_path / "bench-sdk.json"
+    stdout = _run(
+        BENCH,
+        "--sdk",
+        "--smoke",
+        "--duration",
+        "0.2",
+        "--systems",
+        "reasonbroker,nats",
+        "--no-install",
+        "--json",
+        str(out),
+    )
+    assert "sdk/nats" in stdout  # the table
+
+    report: dict[str, Any] = json.loads(out.read_text())
+    assert report["meta"]["mode"] == "sdk-smoke"
+    for side in SDK_SIDES:
+        assert report["systems"][side]["available"] is True
+    (cell,) = report["cells"]
+    assert CELL_KEYS <= set(cell)
+    for side in SDK_SIDES:
+        result = cell["results"][side]
+        assert (RESULT_KEYS | SDK_CPU_KEYS) <= set(result), side
+        assert result["error"] is None, (side, result["error"])
+        assert result["jobs"] > 0 and result["jobs_per_s"] > 0, side
+        assert result["errors"] == 0 and result["unanswered"] == 0, side
+        assert all(result[k] >= 0 for k in SDK_CPU_KEYS), side  # 10 ms ticks: may be 0
+    assert set(cell["ratios"]) == {"reasonbroker-sdk/nats-py"}
+
+
+def _nats_server() -> str | None:
+    return shutil.which("nats-server") or next(
+        (p for p in ("/usr/sbin/nats-server", "/usr/bin/nats-server") if os.access(p, os.X_OK)),
+        None,
+    )
 
 
 def test_hotpath_smoke_run_completes_every_job() -> None:

@@ -1,6 +1,6 @@
 """The command line: flags and their per-mode defaults (--smoke, --quick, the full grid,
---scale), then the run: the hidden `--role worker` process, or the mode, whose report
-goes to --json.
+--scale, --sdk), then the run: the hidden `--role worker` process (or the --sdk mode's
+`sdk-client` / `sdk-worker`), or the mode, whose report goes to --json.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from .common import SYSTEMS, log, run_async
-from .modes import grid, scale
+from .modes import grid, scale, sdk
 from .processes import raise_nofile
 from .worker import worker_main
 
@@ -39,6 +39,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="K in {16,128}, W=4, 1 s cells, 1 repeat")
     p.add_argument("--smoke", action="store_true", help="tiny run for the test suite")
     p.add_argument("--scale", action="store_true", help="scale figures for reasonbroker instead")
+    p.add_argument(
+        "--sdk",
+        action="store_true",
+        help="the Python SDK (Client/Worker) vs nats-py, instead of the adapters (2 s, 2 repeats)",
+    )
     p.add_argument(
         "--systems",
         default=",".join(SYSTEMS),
@@ -89,11 +94,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="scale: client counts for jobs/s (1,10,100,1000)",
     )
     # Hidden: the worker process.
-    p.add_argument("--role", choices=["bench", "worker"], default="bench", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--role", choices=["bench", "worker", *sdk.ROLES], default="bench", help=argparse.SUPPRESS
+    )
     p.add_argument("--system", choices=SYSTEMS, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--capacity", type=int, default=128, help=argparse.SUPPRESS)
     p.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
+    # Hidden: the --sdk roles (modes/sdk.py).
+    p.add_argument("--payload", type=int, default=100, help=argparse.SUPPRESS)
+    p.add_argument("--broker-pid", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-pids", type=int_list, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--sdk-profile", metavar="DIR", help="--sdk: cProfile both roles, .pstats files in DIR"
+    )
     args = p.parse_args(argv)
 
     if args.smoke:
@@ -108,6 +122,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         )
     if args.scale:
         defaults["duration"] = 2.0
+    elif args.sdk and not (args.smoke or args.quick):
+        defaults.update(duration=2.0, repeats=2)
     args.duration = args.duration if args.duration is not None else defaults["duration"]
     args.repeats = args.repeats if args.repeats is not None else defaults["repeats"]
     args.inflight_list = args.inflight or defaults["inflight"]
@@ -132,6 +148,8 @@ def mode_of(args: argparse.Namespace) -> ModuleType:
     """The mode module this run is (see modes/__init__.py): --scale, else the grid."""
     if args.scale:
         return scale
+    if args.sdk:
+        return sdk
     return grid
 
 
@@ -142,6 +160,8 @@ def main(argv: Sequence[str]) -> int:
             return int(run_async(lambda: worker_main(args)))
         except asyncio.CancelledError:  # SIGTERM
             return 0
+    if args.role in sdk.ROLES:
+        return sdk.role_main(args)
     raise_nofile()
     report = mode_of(args).main(args)
     if report is None:

@@ -81,12 +81,18 @@ def assemble(
     }
 
 
+def mode_name(args: argparse.Namespace) -> str:
+    """scale; smoke, quick or full (the grid); sdk-smoke, sdk-quick or sdk-full (--sdk)."""
+    if args.scale:
+        return "scale"
+    size = "smoke" if args.smoke else ("quick" if args.quick else "full")
+    return f"sdk-{size}" if args.sdk else size
+
+
 def meta(args: argparse.Namespace, systems: list[str], skipped: dict[str, str]) -> dict[str, Any]:
     return {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "mode": "scale"
-        if args.scale
-        else ("smoke" if args.smoke else ("quick" if args.quick else "full")),
+        "mode": mode_name(args),
         "python": platform.python_version(),
         "event_loop": "uvloop " + uvloop.__version__ if uvloop is not None else "asyncio",
         "cpus": os.cpu_count(),
