@@ -92,8 +92,8 @@ ERRORS_BEFORE_GIVING_UP: Final = 1000
 
 def _sdk() -> tuple[Any, Any]:
     """The SDK under test: the one place it is imported (its package layout is moving)."""
-    from reasonbroker.client import Client
-    from reasonbroker.worker import Worker
+    from reasonbroker.sdk.client import Client
+    from reasonbroker.sdk.worker import Worker
 
     return Client, Worker
 
