@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,9 @@ EXIT_CONFIG: Final = 2
 # before our handlers are in place.
 EXIT_INTERRUPTED: Final = 130
 
-# load_config names a bad override by its key; the user typed a flag.
+# load_config names a bad override by its key; the user typed a flag. Used
+# only for errors in the flags alone: a bad `log.level` in the TOML file is
+# named `log.level` (issue 19, item 7).
 _FLAG_OF_KEY = {
     "listeners.clients": "--client",
     "listeners.workers": "--worker",
@@ -63,7 +66,7 @@ def main() -> None:
     """reasonbroker: routes jobs from clients to workers, exactly one result per job."""
 
 
-@main.command()
+@main.command(short_help="Run the broker (SIGTERM drains, then exits).")
 @click.option(
     "--config",
     "config_path",
@@ -76,21 +79,24 @@ def main() -> None:
     "clients",
     multiple=True,
     metavar="URL",
-    help="Listen for clients at URL (repeatable; replaces the configured client listeners).",
+    help="Listen for clients at URL (repeatable; replaces the client listeners).",
 )
 @click.option(
     "--worker",
     "workers",
     multiple=True,
     metavar="URL",
-    help="Listen for workers at URL (repeatable; replaces the configured worker listeners).",
+    help="Listen for workers at URL (repeatable; replaces the worker listeners).",
 )
 @click.option(
     "--both",
     "boths",
     multiple=True,
     metavar="URL",
-    help="Listen for clients and workers at URL (repeatable; replaces the configured ones).",
+    help=(
+        "Listen for clients and workers at URL (repeatable; replaces the both listeners, "
+        "and the default ones: --both URL alone is that one listener)."
+    ),
 )
 @click.option(
     "--log-level",
@@ -141,18 +147,43 @@ def serve(
     if metrics_address is not None:
         overrides["metrics_address"] = metrics_address
     try:
+        # The flags alone first, so that an error in them names the flag and
+        # one in the file or the environment names its own key or variable.
+        load_config(None, {}, overrides)
+    except ConfigError as exc:
+        _config_error(exc, _FLAG_OF_KEY.get(exc.key, exc.key))
+    try:
         config = load_config(config_path, os.environ, overrides)
         configure(config.log_level, config.log_format)
         status = _run(config)
     except ConfigError as exc:
-        _config_error(exc)
+        _config_error(exc, exc.key)
     ctx.exit(status)
 
 
-def _config_error(exc: ConfigError) -> NoReturn:
-    key = _FLAG_OF_KEY.get(exc.key, exc.key)
+def _config_error(exc: ConfigError, key: str) -> NoReturn:
     click.echo(f"reasonbroker: config error: {key}: {exc.message}", err=True)
     raise SystemExit(EXIT_CONFIG)
+
+
+class _UsageError(click.ClickException):
+    """A usage error as one line on stderr ("reasonbroker: ..."), exit status 2."""
+
+    exit_code = EXIT_CONFIG
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"reasonbroker: {self.message}", err=True)
+
+
+def _check_broker_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--broker: a transport URL, checked before anything connects."""
+    import transports
+
+    try:
+        transports.parse_url(value)
+    except ValueError as exc:
+        raise _UsageError(f"--broker: {exc}") from None
+    return value
 
 
 def _run(config: Config) -> int:
@@ -192,7 +223,12 @@ async def _serve(config: Config) -> int:
         if bound:
             raise
         log.error("listen_failed", error=str(exc))
-        click.echo(f"reasonbroker: cannot listen: {exc}", err=True)
+        # The transports' message says "cannot listen on URL: why"; say it once,
+        # without str()'s "[Errno 98]" in front.
+        why = exc.strerror or str(exc)
+        click.echo(
+            f"reasonbroker: {why if 'cannot listen' in why else f'cannot listen: {why}'}", err=True
+        )
         return EXIT_LISTEN_FAILED
     log.info("stopped")
     return EXIT_OK
@@ -274,7 +310,13 @@ def _parse_vars(ctx: click.Context, param: click.Parameter, value: str | None) -
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON{where}: {exc}") from exc
+        hint = ""
+        if not where and text and text.lstrip()[:1] not in ("{", "[", '"'):
+            # `--vars hello`: the shell ate no quotes the JSON needs.
+            hint = f"; to send the string {text!r}, quote it for JSON and the shell: " + (
+                f"--vars '{json.dumps(text)}'" if "'" not in text else "--vars @FILE"
+            )
+        raise click.BadParameter(f"not valid JSON{where}: {exc}{hint}") from exc
 
 
 def _render(value: Any) -> str:
@@ -316,7 +358,7 @@ def _log_options(default_level: str) -> Callable[[F], F]:
     return decorate
 
 
-@main.command()
+@main.command(short_help="Run one job and print its result.")
 @click.argument("pipeline")
 @click.option(
     "--broker",
@@ -324,6 +366,7 @@ def _log_options(default_level: str) -> Callable[[F], F]:
     default=DEFAULT_CLIENT_URL,
     show_default=True,
     metavar="URL",
+    callback=_check_broker_url,
     help="The broker's client address.",
 )
 @click.option(
@@ -331,7 +374,10 @@ def _log_options(default_level: str) -> Callable[[F], F]:
     "variables",
     callback=_parse_vars,
     metavar="JSON|@FILE",
-    help="The job's variables: JSON text, or @FILE to read it from FILE (@- for stdin).",
+    help=(
+        "The job's variables: JSON text (a string quoted: '\"hello\"'), or @FILE to read "
+        "it from FILE (@- for stdin). Without --vars they are null."
+    ),
 )
 @click.option(
     "--timeout",
@@ -434,8 +480,8 @@ class _SubmitJob:
         try:
             try:
                 await client.connect()
-            except BrokerConnectionError as exc:
-                return self._fail(None, f"cannot connect: {exc}", EXIT_CONNECT_FAILED)
+            except BrokerConnectionError as exc:  # its message says it could not connect
+                return self._fail(None, str(exc), EXIT_CONNECT_FAILED)
             handle = await client.submit(
                 self.pipeline,
                 self.variables,
@@ -489,13 +535,14 @@ ENV_ADMIN_TOKEN: Final = "REASONBROKER_ADMIN_TOKEN"
 _STATUS_TIMEOUT_S: Final = 10.0
 
 
-@main.command()
+@main.command(short_help="Show the broker's workers, clients and queue.")
 @click.option(
     "--broker",
     "url",
     default=DEFAULT_CLIENT_URL,
     show_default=True,
     metavar="URL",
+    callback=_check_broker_url,
     help="A broker listener that has an admin_token.",
 )
 @click.option(
@@ -520,16 +567,17 @@ def status(ctx: click.Context, url: str, token: str | None, as_json: bool) -> No
 async def _status(url: str, token: str | None, as_json: bool) -> int:
     from .core import protocol as p
     from .sdk.errors import BrokerConnectionError, Unauthorized
-    from .sdk.peer import Peer
+    from .sdk.peer import Peer, library_logger
 
     hello = p.Hello(role=p.Role.ADMIN, token=token, name="reasonbroker status")
     try:
-        peer = await Peer.connect(url, hello, log=get_logger(), connect_timeout=_STATUS_TIMEOUT_S)
+        log = library_logger("reasonbroker.status")
+        peer = await Peer.connect(url, hello, log=log, connect_timeout=_STATUS_TIMEOUT_S)
     except Unauthorized as exc:
         click.echo(f"reasonbroker: unauthorized: {exc}", err=True)
         return EXIT_UNAUTHORIZED
-    except BrokerConnectionError as exc:  # ConnectTimeout too
-        click.echo(f"reasonbroker: cannot connect: {exc}", err=True)
+    except BrokerConnectionError as exc:  # ConnectTimeout too; it says what failed
+        click.echo(f"reasonbroker: {exc}", err=True)
         return EXIT_CONNECT_FAILED
     answer: dict[str, Any] | None = None
     failure = "the broker closed the connection"
@@ -552,6 +600,8 @@ async def _status(url: str, token: str | None, as_json: bool) -> int:
     if answer is None:
         click.echo(f"reasonbroker: status failed: {failure}", err=True)
         return EXIT_GENERIC
+    if isinstance(answer.get("uptime_s"), float):
+        answer["uptime_s"] = round(answer["uptime_s"], 3)  # no 12.300000001
     if as_json:
         click.echo(json.dumps(answer, ensure_ascii=False, sort_keys=True))
     else:
@@ -578,7 +628,7 @@ def format_status(status: dict[str, Any]) -> str:
         return lines
 
     lines = [
-        f"uptime {float(status.get('uptime_s', 0.0)):.1f} s, "
+        f"uptime {_duration(status.get('uptime_s', 0.0))}, "
         f"running {status.get('running', 0)}, queued {status.get('queued', 0)}"
         + (", compiled" if status.get("compiled") else ""),
         "",
@@ -596,7 +646,7 @@ def format_status(status: dict[str, Any]) -> str:
     clients = status.get("clients", [])
     lines += table(
         "clients",
-        ["conn", "name", "address", "jobs"],
+        ["conn", "name", "address", "in_flight"],
         [[c.get(k) for k in ("conn", "name", "address", "jobs")] for c in clients],
     )
     lines.append("")
@@ -605,10 +655,29 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _duration(seconds: Any) -> str:
+    """12.3 s, 5 min 3 s, 2 h 5 min, 3 d 4 h: no float noise, no more digits than help."""
+    try:
+        total = float(seconds)
+    except (TypeError, ValueError):
+        return "? s"
+    if total < 60:
+        return f"{total:.1f} s"
+    whole = int(total)
+    for unit, size, sub, sub_size in (
+        ("d", 86400, "h", 3600),
+        ("h", 3600, "min", 60),
+        ("min", 60, "s", 1),
+    ):
+        if whole >= size:
+            return f"{whole // size} {unit} {whole % size // sub_size} {sub}"
+    return f"{total:.1f} s"  # unreachable
+
+
 # --------------------------------------------------------------------------- worker
 
 
-@main.command()
+@main.command(short_help="Serve pipelines by running a command per job.")
 @click.option(
     "--pipeline",
     "pipelines",
@@ -630,7 +699,13 @@ def format_status(status: dict[str, Any]) -> str:
     default=DEFAULT_WORKER_URL,
     show_default=True,
     metavar="URL",
+    callback=_check_broker_url,
     help="The broker's worker address.",
+)
+@click.option(
+    "--name",
+    metavar="NAME",
+    help="This worker's name in `reasonbroker status` (default: HOST:PID).",
 )
 @click.option(
     "--timeout",
@@ -646,6 +721,7 @@ def worker(
     pipelines: tuple[str, ...],
     capacity: int,
     url: str,
+    name: str | None,
     timeout: float | None,
     log_level: str,
     log_format: str,
@@ -660,13 +736,26 @@ def worker(
     group gets SIGTERM, then SIGKILL. SIGTERM/SIGINT: stop taking jobs, let
     running ones finish, exit 0; a second signal exits at once.
     """
-    if any(not name for name in pipelines):
+    if any(not pipeline for pipeline in pipelines):
         raise click.BadParameter("must not be empty", param_hint="--pipeline")
-    program = command[0]
-    if os.sep not in program and shutil.which(program) is None:
-        raise click.BadParameter(f"{program!r} not found on PATH", param_hint="COMMAND")
+    _check_command(command[0])
+    if name is None:
+        name = f"{socket.gethostname()}:{os.getpid()}"
     configure(log_level, LogFormat(log_format))
-    ctx.exit(asyncio.run(_serve_commands(url, pipelines, capacity, command, timeout)))
+    ctx.exit(asyncio.run(_serve_commands(url, pipelines, capacity, command, timeout, name)))
+
+
+def _check_command(program: str) -> None:
+    """At start-up, not at the first job: the command must exist and be executable."""
+    if os.sep not in program:
+        if shutil.which(program) is None:
+            raise _UsageError(f"worker: command not found: {program!r} (not on PATH)")
+        return
+    path = Path(program)
+    if not path.exists():
+        raise _UsageError(f"worker: command not found: {program!r} (no such file)")
+    if path.is_dir() or not os.access(path, os.X_OK):
+        raise _UsageError(f"worker: command not executable: {program!r}")
 
 
 async def _serve_commands(
@@ -675,6 +764,7 @@ async def _serve_commands(
     capacity: int,
     command: tuple[str, ...],
     timeout: float | None,  # noqa: ASYNC109 (per command, passed on)
+    name: str,
 ) -> int:
     from .sdk.cmdworker import CommandHandler
     from .sdk.errors import JobError
@@ -682,9 +772,7 @@ async def _serve_commands(
 
     log = get_logger()
     handlers = {name: CommandHandler(command, name, timeout=timeout) for name in pipelines}
-    serving = Worker(
-        url, handlers=handlers, capacity=capacity, name=f"reasonbroker worker {command[0]}"
-    )
+    serving = Worker(url, handlers=handlers, capacity=capacity, name=name)
     task = asyncio.current_task()
     assert task is not None
     received = 0

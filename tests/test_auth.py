@@ -329,19 +329,20 @@ def test_environment_tokens_set_every_listener_of_their_role(tmp_path: Path) -> 
     env = {
         "REASONBROKER_CLIENT_TOKEN": CLIENT_TOKEN,
         "REASONBROKER_WORKER_TOKEN": WORKER_TOKEN,
-        "REASONBROKER_BOTH": "tcp://127.0.0.1:0",
+        "REASONBROKER_BOTH": "tcp://127.0.0.1:0",  # replaces both default listeners
+        "REASONBROKER_WORKER": "tcp://127.0.0.1:0",
     }
     # Applied after the flags too, so a listener given by a flag gets it.
     cfg = load_config(None, env, {"listeners.clients": ["tcp://127.0.0.1:0"] * 2})
     tokens = [(lc.role, lc.required_token) for lc in cfg.listeners]
     assert tokens == [
-        (ListenerRole.CLIENTS, CLIENT_TOKEN),
-        (ListenerRole.CLIENTS, CLIENT_TOKEN),
-        (ListenerRole.WORKERS, WORKER_TOKEN),
         (ListenerRole.BOTH, None),
+        (ListenerRole.WORKERS, WORKER_TOKEN),
+        (ListenerRole.CLIENTS, CLIENT_TOKEN),
+        (ListenerRole.CLIENTS, CLIENT_TOKEN),
     ]
     both = load_config(None, {"REASONBROKER_BOTH_TOKEN": "b", "REASONBROKER_BOTH": "unix:///x"}, {})
-    assert [lc.required_token for lc in both.listeners] == [None, None, "b"]
+    assert [lc.required_token for lc in both.listeners] == ["b"]  # the one listener
     with pytest.raises(ConfigError) as info:
         load_config(None, {"REASONBROKER_CLIENT_TOKEN": ""}, {})
     assert info.value.key == "REASONBROKER_CLIENT_TOKEN"

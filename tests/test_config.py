@@ -188,10 +188,10 @@ def test_environment_client_replaces_only_client_listeners() -> None:
 
 def test_environment_worker_and_both() -> None:
     env = {"REASONBROKER_WORKER": "tcp://127.0.0.1:3", "REASONBROKER_BOTH": "unix:///tmp/s"}
+    # The both listener stands in for the default client listener too (issue 19, item 4).
     assert load_config(None, env, {}).listeners == (
-        ListenerConfig("tcp://127.0.0.1:51500", CLIENTS),
-        ListenerConfig("tcp://127.0.0.1:3", WORKERS),
         ListenerConfig("unix:///tmp/s", BOTH),
+        ListenerConfig("tcp://127.0.0.1:3", WORKERS),
     )
 
 
@@ -250,8 +250,13 @@ def test_flag_role_replaces_environment_role_and_keeps_the_others() -> None:
 
 
 def test_flag_for_a_role_without_listeners_appends() -> None:
-    config = load_config(None, {}, {"listeners.both": ["tcp://127.0.0.1:0"]})
-    assert config.listeners == (*DEFAULT_LISTENERS, ListenerConfig("tcp://127.0.0.1:0", BOTH))
+    env = {"REASONBROKER_CLIENT": "tcp://127.0.0.1:1", "REASONBROKER_WORKER": "tcp://127.0.0.1:2"}
+    config = load_config(None, env, {"listeners.both": ["tcp://127.0.0.1:0"]})
+    assert config.listeners == (
+        ListenerConfig("tcp://127.0.0.1:1", CLIENTS),
+        ListenerConfig("tcp://127.0.0.1:2", WORKERS),
+        ListenerConfig("tcp://127.0.0.1:0", BOTH),
+    )
 
 
 # --------------------------------------------------------------------------- errors: TOML

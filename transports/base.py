@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import errno
+import os
 import socket
 import ssl as _ssl
 from collections.abc import Callable
@@ -287,7 +289,16 @@ def with_context(exc: OSError, what: str) -> OSError:
     (ConnectionRefusedError, PermissionError...), so callers can still catch
     those precisely.
     """
-    message = f"{what}: {exc.strerror or exc}"
+    cause = exc.strerror or exc
+    if (
+        exc.errno is not None
+        and exc.errno in errno.errorcode
+        and not isinstance(exc, socket.gaierror | _ssl.SSLError)
+    ):
+        # The system's words for the errno: asyncio's own strerror
+        # ("Connect call failed ('127.0.0.1', 1)") repeats what we were doing.
+        cause = os.strerror(exc.errno)
+    message = f"{what}: {cause}"
     if exc.errno is None:
         return OSError(message)
     if isinstance(exc, socket.gaierror):

@@ -24,7 +24,8 @@ Key names, as they appear in a `ConfigError`:
   `REASONBROKER_PURE` picks the build at import (reasonbroker/_native.py).
 - overrides (flags): the same dotted keys as TOML, plus `listeners.clients`,
   `listeners.workers`, `listeners.both` (a sequence of URLs that replaces the
-  listeners of that role).
+  listeners of that role; `both` ones, from a flag or the environment, also
+  replace the built-in default listeners, see `_replace_role`).
 """
 
 from __future__ import annotations
@@ -545,8 +546,19 @@ def _listener(
 def _replace_role(
     listeners: list[ListenerConfig], role: ListenerRole, new: list[ListenerConfig]
 ) -> list[ListenerConfig]:
-    """Every listener of `role` replaced by `new`, placed where the first old one was."""
-    at = next((i for i, lc in enumerate(listeners) if lc.role is role), len(listeners))
-    kept = [lc for lc in listeners[:at] if lc.role is not role]
-    rest = [lc for lc in listeners[at:] if lc.role is not role]
+    """Every listener of `role` replaced by `new`, placed where the first old one was.
+
+    A `both` listener serves clients and workers, so new ones also replace the
+    built-in default listeners still in place (there are none once a TOML file
+    has [[listeners]]): `--both unix:///tmp/rb.sock` alone is that one listener.
+    """
+
+    def replaced(lc: ListenerConfig) -> bool:
+        if lc.role is role:
+            return True
+        return bool(new) and role is ListenerRole.BOTH and any(lc is d for d in DEFAULT_LISTENERS)
+
+    at = next((i for i, lc in enumerate(listeners) if replaced(lc)), len(listeners))
+    kept = [lc for lc in listeners[:at] if not replaced(lc)]
+    rest = [lc for lc in listeners[at:] if not replaced(lc)]
     return kept + new + rest

@@ -4,7 +4,10 @@ Library modules call `get_logger(conn=..., peer=..., role=...)` and log
 snake_case events with the data in fields:
 `log.info("connection_opened", conn=3, peer="127.0.0.1:4444", role="client")`.
 `configure` decides where that goes: stderr, filtered by level, rendered as
-JSON (production) or for a human (a terminal).
+JSON (production) or for a human (a terminal). The client and worker
+libraries log through the stdlib `logging` tree instead (`peer.library_logger`,
+silent unless the application configures logging); `configure` renders those
+records the same way, on the same stream.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ _LEVELS = {
 
 # The arguments of the configuration in force, so that a repeated call is a no-op.
 _configured: tuple[str, LogFormat] | None = None
+# The handler configure() put on the "reasonbroker" stdlib logger, replaced on reconfiguring.
+_stdlib_handler: logging.Handler | None = None
 
 
 def configure(level: str, fmt: LogFormat) -> None:
@@ -38,7 +43,7 @@ def configure(level: str, fmt: LogFormat) -> None:
     (they are cached on first use, which keeps logging cheap): call it once,
     before anything logs.
     """
-    global _configured
+    global _configured, _stdlib_handler
     key = (level.lower(), LogFormat(fmt))
     if key == _configured:
         return
@@ -54,11 +59,31 @@ def configure(level: str, fmt: LogFormat) -> None:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    renderers: list[Processor]
     if resolved is LogFormat.JSON:
         # One line per event; a traceback becomes a string field, not extra lines.
-        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+        renderers = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=tty))
+        renderers = [structlog.dev.ConsoleRenderer(colors=tty)]
+    # The libraries' stdlib records ("reasonbroker.*"), rendered as the events below.
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                *processors,
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                *renderers,
+            ]
+        )
+    )
+    library = logging.getLogger("reasonbroker")
+    if _stdlib_handler is not None:
+        library.removeHandler(_stdlib_handler)
+    library.addHandler(handler)
+    library.setLevel(_LEVELS[key[0]])
+    library.propagate = False  # the CLI owns the process: not twice via the root logger
+    _stdlib_handler = handler
+    processors += renderers
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[key[0]]),

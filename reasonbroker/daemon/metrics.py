@@ -6,8 +6,11 @@ and its latency histogram (`Switchboard.stats`, `.latency`), and this module
 turns them into metric families only when Prometheus asks. The exposition
 format is prometheus_client's, never hand-written.
 
-The endpoint answers `GET /metrics` and 404 to anything else, one request per
-connection: it exists for a scraper on a trusted network, not for browsers.
+The endpoint answers `GET /metrics` (and `HEAD /metrics`, the same headers
+without the body), 405 with `Allow: GET, HEAD` to any other method, 404 to any
+other path, 400 to a request line that is not HTTP; one request per
+connection, and a request head over 8 KiB or slower than 5 s is closed
+unanswered. It exists for a scraper on a trusted network, not for browsers.
 """
 
 from __future__ import annotations
@@ -226,20 +229,33 @@ class MetricsServer:
 
     def _respond(self, head: bytes) -> bytes:
         request_line = head.split(b"\r\n", 1)[0].split()
-        method, target = [*request_line, b"", b""][:2]
+        if len(request_line) != 3 or not request_line[2].startswith(b"HTTP/"):
+            return _response(b"400 Bad Request", b"text/plain", b"bad request\n")
+        method, target, _ = request_line
+        if method not in (b"GET", b"HEAD"):
+            # RFC 9110 15.5.6: a 405 says which methods the resource takes.
+            return _response(
+                b"405 Method Not Allowed",
+                b"text/plain",
+                b"method not allowed: GET /metrics\n",
+                extra=b"\r\nAllow: GET, HEAD",
+            )
         path = target.split(b"?", 1)[0]
-        if method == b"GET" and path == b"/metrics":
-            try:
-                body = generate_latest(self._registry)
-            except Exception:
-                # A bug in collecting: say so to the scraper, keep the broker serving.
-                _log.exception("metrics_collect_failed")
-                return _response(b"500 Internal Server Error", b"text/plain", b"collect failed\n")
-            return _response(b"200 OK", CONTENT_TYPE_LATEST.encode(), body)
-        return _response(b"404 Not Found", b"text/plain", b"not found: GET /metrics\n")
+        if path != b"/metrics":
+            return _response(b"404 Not Found", b"text/plain", b"not found: GET /metrics\n")
+        try:
+            body = generate_latest(self._registry)
+        except Exception:
+            # A bug in collecting: say so to the scraper, keep the broker serving.
+            _log.exception("metrics_collect_failed")
+            return _response(b"500 Internal Server Error", b"text/plain", b"collect failed\n")
+        # HEAD: the headers GET would send (Content-Length included), no body.
+        return _response(b"200 OK", CONTENT_TYPE_LATEST.encode(), body, send_body=method == b"GET")
 
 
-def _response(status: bytes, content_type: bytes, body: bytes) -> bytes:
+def _response(
+    status: bytes, content_type: bytes, body: bytes, *, extra: bytes = b"", send_body: bool = True
+) -> bytes:
     return b"".join(
         [
             b"HTTP/1.1 ",
@@ -248,7 +264,8 @@ def _response(status: bytes, content_type: bytes, body: bytes) -> bytes:
             content_type,
             b"\r\nContent-Length: ",
             str(len(body)).encode(),
+            extra,
             b"\r\nConnection: close\r\n\r\n",
-            body,
+            body if send_body else b"",
         ]
     )

@@ -17,22 +17,20 @@ from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import Any, Final, Self
 
-import structlog
-import structlog.typing
-
 from ..core import protocol as p
 from .errors import (
     BadPacket,
     BrokerConnectionError,
     BrokerWentAway,
+    Cancelled,
     JobError,
     error_for,
 )
-from .peer import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_MAX_FRAME_BYTES, Peer
+from .peer import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_MAX_FRAME_BYTES, Peer, library_logger
 
 __all__ = ["Client", "JobHandle", "ProgressCallback"]
 
-log: structlog.typing.FilteringBoundLogger = structlog.get_logger("reasonbroker.client")
+log = library_logger("reasonbroker.client")
 
 # Called with each PROGRESS packet's `result`, in arrival order, on the event loop.
 ProgressCallback = Callable[[Any], None]
@@ -67,6 +65,8 @@ class JobHandle:
         self._on_progress = on_progress
         self._future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._cancel_sent = False
+        # How this client cancelled the job, for the Cancelled it then raises.
+        self._cancel_how: str | None = None
         self._abandoned = False
 
     def __repr__(self) -> str:
@@ -85,6 +85,7 @@ class JobHandle:
         if self._cancel_sent or (self._future.done() and not self.detach):
             return
         self._cancel_sent = True
+        self._cancel_how = "JobHandle.cancel()"
         peer = self._client._peer
         if peer is None or peer.closed:
             return  # the job has failed (or is failing) with BrokerWentAway
@@ -96,8 +97,18 @@ class JobHandle:
     def _resolve(self, result: p.Result) -> None:
         if result.rc is p.ResultCode.OK:
             self._settle(None, result.result)
-        else:
-            self._settle(error_for(result), None)
+            return
+        exc = error_for(result)
+        if isinstance(exc, Cancelled) and self._cancel_how is not None:
+            # The broker's or worker's words ("cancelled by client", "CANCEL
+            # from the broker") cannot say which client call it was; we can.
+            exc = Cancelled(
+                f"cancelled by this client ({self._cancel_how})",
+                rc=result.rc,
+                cookie=self.cookie,
+            )
+            exc.by = "client"
+        self._settle(exc, None)
 
     def _settle(self, exc: JobError | None, value: Any) -> None:
         if self._future.done():
@@ -106,8 +117,14 @@ class JobHandle:
             self._future.set_result(value)
         else:
             self._future.set_exception(exc)
-            if self._abandoned:
-                self._future.exception()  # nobody will await it: mark it retrieved
+            if self._abandoned or self._cancel_sent:
+                # Nobody will await it, or its caller asked for this end: mark
+                # it retrieved (awaiting it still raises).
+                self._future.exception()
+
+    def _mark_retrieved(self) -> None:
+        if self._future.done() and not self._future.cancelled():
+            self._future.exception()
 
     def _progress(self, value: Any) -> None:
         if self._on_progress is None:
@@ -128,6 +145,7 @@ class JobHandle:
         if self._cancel_sent or peer is None:
             return
         self._cancel_sent = True
+        self._cancel_how = "the task awaiting the job was cancelled"
         with contextlib.suppress(BrokerConnectionError):
             peer.send_nowait(p.Cancel(self._raw_cookie))
 
@@ -366,6 +384,11 @@ class Client:
             log.warning("broker_went_away", url=self.url, reason=reason, pending=len(jobs))
         for job in jobs.values():
             job._settle(BrokerWentAway(f"connection lost: {reason}", cookie=job.cookie), None)
+            if self._closed:
+                # close() with jobs pending was the application's choice: whoever
+                # awaits them still gets BrokerWentAway, but asyncio must not
+                # print "Future exception was never retrieved" for the others.
+                job._mark_retrieved()
 
 
 def _timeout_ms(timeout: float | None) -> int | None:

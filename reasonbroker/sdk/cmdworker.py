@@ -29,10 +29,8 @@ import signal
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-import structlog
-import structlog.typing
-
 from . import worker as _worker
+from .peer import library_logger
 
 __all__ = [
     "CommandFailed",
@@ -111,9 +109,7 @@ class CommandHandler:
         self.timeout = timeout
         self.kill_grace = kill_grace
         self._env = dict(os.environ if env is None else env)
-        self._log: structlog.typing.FilteringBoundLogger = structlog.get_logger(
-            "reasonbroker.cmdworker", pipeline=pipeline
-        )
+        self._log = library_logger("reasonbroker.cmdworker").bind(pipeline=pipeline)
 
     def environment(self) -> dict[str, str]:
         env = dict(self._env)

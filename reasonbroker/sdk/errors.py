@@ -135,9 +135,16 @@ class JobException(JobError):
 
 
 class Cancelled(JobError):
-    """The job was cancelled. Not an `asyncio.CancelledError`: catching it swallows nothing."""
+    """The job was cancelled. Not an `asyncio.CancelledError`: catching it swallows nothing.
+
+    `by` says who cancelled: "client" when this client asked (`JobHandle.cancel()`,
+    or the task awaiting `Client.run()` was cancelled), "broker" when the
+    CANCELLED came without this client asking. A deadline is `JobTimeout`,
+    a broker shutting down `BrokerWentAway`, never `Cancelled`.
+    """
 
     code = "CANCELLED"
+    by: str = "broker"
 
 
 class JobTimeout(JobError):

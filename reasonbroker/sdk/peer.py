@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl as _ssl
 from collections.abc import AsyncIterator
-from typing import Final
+from typing import Any, Final
 
-import structlog.typing
+import structlog
+import structlog.stdlib
+from structlog.typing import EventDict
 
 import transports
 
@@ -34,6 +37,45 @@ _READ_CHUNK: Final = 256 * 1024
 # How long close() waits for buffered bytes to flush before dropping them.
 _CLOSE_FLUSH_S: Final = 1.0
 
+# The libraries' loggers are children of "reasonbroker" in the stdlib logging
+# tree. A NullHandler there keeps them silent (no "last resort" printing of
+# warnings) until the application configures logging; the CLI does.
+logging.getLogger("reasonbroker").addHandler(logging.NullHandler())
+
+
+class _Event(dict[str, Any]):
+    """A structlog event as a stdlib record's `msg`: a dict for
+    `structlog.stdlib.ProcessorFormatter`, one readable line for any other
+    formatter ("worker_connect_failed url='tcp://...' error='...'")."""
+
+    def __str__(self) -> str:
+        fields = " ".join(f"{k}={v!r}" for k, v in self.items() if k != "event")
+        return f"{self.get('event', '')} {fields}".rstrip()
+
+
+def _to_stdlib(
+    logger: logging.Logger, name: str, event_dict: EventDict
+) -> tuple[tuple[EventDict], dict[str, dict[str, Any]]]:
+    # structlog's ProcessorFormatter.wrap_for_formatter, with a printable event.
+    return (_Event(event_dict),), {"extra": {"_logger": logger, "_name": name}}
+
+
+def library_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """A structlog logger for library code that logs through stdlib `logging.getLogger(name)`.
+
+    Events below the stdlib logger's effective level are dropped before any
+    processing. Nothing here touches structlog's global configuration, which
+    belongs to the application.
+    """
+    logger: structlog.stdlib.BoundLogger = structlog.wrap_logger(
+        logging.getLogger(name),
+        processors=[structlog.stdlib.filter_by_level, _to_stdlib],
+        wrapper_class=structlog.stdlib.BoundLogger,
+        context_class=dict,
+        cache_logger_on_first_use=True,
+    )
+    return logger
+
 
 class Peer:
     """One HELLO'd connection to the broker. Create it with `Peer.connect`."""
@@ -46,7 +88,7 @@ class Peer:
         decoder: p.PacketDecoder,
         broker_hello: p.Hello,
         pending: list[p.Packet],
-        log: structlog.typing.FilteringBoundLogger,
+        log: structlog.stdlib.BoundLogger,
     ) -> None:
         self.url = url
         self.broker_hello = broker_hello
@@ -70,7 +112,7 @@ class Peer:
         url: str,
         hello: p.Hello,
         *,
-        log: structlog.typing.FilteringBoundLogger,
+        log: structlog.stdlib.BoundLogger,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         ssl: _ssl.SSLContext | None = None,
@@ -87,7 +129,8 @@ class Peer:
                 try:
                     reader, writer = await transports.connect(url, ssl=ssl)
                 except OSError as exc:  # transports names the URL in the message
-                    raise BrokerConnectionError(str(exc)) from exc
+                    # strerror alone: str() would prefix "[Errno 111]" to it.
+                    raise BrokerConnectionError(exc.strerror or str(exc)) from exc
                 writer.write(p.encode(hello))
                 decoder = p.PacketDecoder(max_frame_bytes)
                 answer, pending = await _await_hello(url, reader, writer, decoder)

@@ -20,17 +20,14 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self
 
-import structlog
-import structlog.typing
-
 from ..core import protocol as p
 from ..core.errors import EncodeError
-from .errors import BrokerConnectionError
-from .peer import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_MAX_FRAME_BYTES, Peer
+from .errors import BrokerConnectionError, ConnectTimeout
+from .peer import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_MAX_FRAME_BYTES, Peer, library_logger
 
 __all__ = ["Handler", "Worker", "current_cookie", "progress", "reconnect_delay"]
 
-log: structlog.typing.FilteringBoundLogger = structlog.get_logger("reasonbroker.worker")
+log = library_logger("reasonbroker.worker")
 
 # async def handler(variables: Any) -> Any
 Handler = Callable[[Any], Awaitable[Any]]
@@ -45,6 +42,11 @@ def reconnect_delay(
 ) -> float:
     """Capped exponential backoff: first_s, 2*first_s, 4*first_s, ... at most cap_s."""
     return min(first_s * 2.0 ** min(attempt, 32), cap_s)
+
+
+def _worth_repeating(failures: int) -> bool:
+    """Whether the `failures`-th consecutive failure of the same kind is logged again."""
+    return failures & (failures - 1) == 0 or failures % 64 == 0
 
 
 @dataclass(eq=False, slots=True)
@@ -132,7 +134,11 @@ class Worker:
         self._started = False
         self._task: asyncio.Task[None] | None = None
         # Set while registered with a broker; cleared when the connection ends.
+        # `wait_registered(timeout)` waits for it without hanging forever.
         self.registered = asyncio.Event()
+        # Why the last connection attempt or session failed, None before any did.
+        self.last_error: str | None = None
+        self._finished = asyncio.Event()  # run() has returned or raised
         self._log = log.bind(url=url, worker=name)
 
     @property
@@ -171,11 +177,19 @@ class Worker:
         if self._started:
             raise RuntimeError("a Worker runs once")
         self._started = True
+        try:
+            await self._run()
+        finally:
+            self._finished.set()
+        self._log.info("worker_stopped")
+
+    async def _run(self) -> None:
         failures = 0  # consecutive failed sessions, for the backoff
+        logged_error: str | None = None  # the connect error last logged
         while not self._stopping.is_set():
             if failures:
                 delay = reconnect_delay(failures - 1)
-                self._log.info("worker_reconnecting", delay_s=delay, attempt=failures)
+                self._log.debug("worker_reconnecting", delay_s=delay, attempt=failures)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._stopping.wait()
@@ -187,15 +201,60 @@ class Worker:
                 if not self.reconnect:
                     raise
                 failures += 1
-                self._log.warning("worker_connect_failed", error=str(exc))
+                self.last_error = str(exc)
+                # One line when the failure starts or changes, then fewer and
+                # fewer while it lasts (the 1st, 2nd, 4th, 8th... attempt, then
+                # every 64th), not a line per retry forever.
+                if self.last_error != logged_error or _worth_repeating(failures):
+                    self._log.warning(
+                        "worker_connect_failed",
+                        error=self.last_error,
+                        attempts=failures,
+                        retry_in_s=reconnect_delay(failures - 1),
+                    )
+                    logged_error = self.last_error
                 continue
+            if failures > 1:
+                self._log.info("worker_connected", after_attempts=failures)
+            logged_error = None
             reason = await self._serve(peer)
             if reason is None or self._stopping.is_set():
                 break
             if not self.reconnect:
                 raise BrokerConnectionError(f"broker at {self.url} went away: {reason}")
+            self.last_error = reason
             failures = 1
-        self._log.info("worker_stopped")
+
+    async def wait_registered(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Wait until the worker is registered with the broker (`registered` is set).
+
+        Raises `ConnectTimeout` (a `TimeoutError`) when that takes longer than
+        `timeout` seconds, naming the broker and the last connection error, and
+        `BrokerConnectionError` when `run()` ends first. Use it instead of
+        ``await worker.registered.wait()``, which waits forever while the
+        broker is unreachable.
+        """
+        if self.registered.is_set():
+            return
+        waits = [
+            asyncio.create_task(self.registered.wait()),
+            asyncio.create_task(self._finished.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        if self.registered.is_set():
+            return
+        last = f" (last error: {self.last_error})" if self.last_error else ""
+        if self._finished.is_set():
+            raise BrokerConnectionError(
+                f"the worker has stopped: not registered with the broker at {self.url}{last}"
+            )
+        raise ConnectTimeout(
+            f"not registered with the broker at {self.url} within {timeout} s{last}"
+        )
 
     async def _connect(self) -> Peer:
         hello = p.Hello(role=p.Role.WORKER, token=self._token, name=self.name)
@@ -390,7 +449,10 @@ class Worker:
         # Every RUN gets exactly one RESULT: the task ended without answering,
         # because it was cancelled (possibly before it ever ran) or broke.
         if task.cancelled() and job.cancel_requested:
-            result = p.Result(job.cookie, p.ResultCode.CANCELLED, "cancelled by the broker")
+            # The broker sends CANCEL when the client cancels (a job it times
+            # out or whose client left has no one left to read this).
+            why = "cancelled by client (CANCEL from the broker)"
+            result = p.Result(job.cookie, p.ResultCode.CANCELLED, why)
         else:
             exc = None if task.cancelled() else task.exception()
             self._log.error("job_task_failed", pipeline=job.pipeline, error=repr(exc), exc_info=exc)
