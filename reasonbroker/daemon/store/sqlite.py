@@ -412,6 +412,8 @@ class SqliteStore(Store):
         self.transactions = 0
         #: Rows (net statements) committed so far, as `transactions`.
         self.rows_committed = 0
+        #: Failed attempts to commit a batch (first tries and retries).
+        self.failures = 0
 
         self._on_commit: OnCommit = _ignore_commit
         self._on_trouble: OnTrouble = _ignore_trouble
@@ -710,6 +712,7 @@ class SqliteStore(Store):
                 self.rows_committed += rows
             return None
         except Exception as exc:  # sqlite3.Error mostly; anything else is our bug, same answer
+            self.failures += 1
             if conn.in_transaction:
                 try:
                     conn.execute("ROLLBACK")
@@ -737,10 +740,11 @@ class SqliteStore(Store):
         """Fault injection for tests: cap the database file at `pages` pages.
 
         Runs ``PRAGMA max_page_count`` on the writer thread; None lifts the cap.
-        SQLite never sets the cap below the file's present size, so ``0`` caps
-        it at exactly that: the next write needing a new page fails with
-        SQLITE_FULL, as on a full disk. Returns the cap in effect. A batch that
-        was failing is retried as soon as this has run.
+        SQLite never sets the cap below the file's present size, so ``1`` caps
+        it at exactly that (``0`` would leave it unchanged): the next write
+        needing a new page fails with SQLITE_FULL, as on a full disk. Returns
+        the cap in effect. A batch that was failing is retried as soon as this
+        has run.
         """
         n = self._max_pages_default if pages is None else pages
         fut = self._call(lambda c: c.execute(f"PRAGMA max_page_count = {int(n)}").fetchone()[0])
