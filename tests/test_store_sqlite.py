@@ -622,8 +622,10 @@ async def test_disk_full_then_recovery(tmp_path: Path) -> None:
     assert reason is not None and str(path) in reason and "full" in reason
     # Retries fail quietly (on_trouble once), nothing is reported committed,
     # and new operations pile up in the next batch.
-    for _ in range(2):
-        await asyncio.wrap_future(store._call(lambda conn: None))  # each forces a retry
+    for _ in range(3):
+        # Each call makes the writer retry after it; the retry after call k is
+        # over once call k+1 has run: so the first try and two retries have failed.
+        await asyncio.wrap_future(store._call(lambda conn: None))
     assert store.failures >= 3 and rec.troubles == [reason]
     assert store.committed == first - 1
     store.accept(job(500))

@@ -755,12 +755,15 @@ class SqliteStore(Store):
     def _set_committed(self, number: int) -> None:
         self._busy = False
         self._n_flight = 0
-        self._committed = number
-        self._on_commit(number)
-        if self._ops and not self._busy and not self._closing:
-            self._hand_off()  # accumulated during the commit: start at once
+        if self._ops and not self._closing:
+            # Accumulated during the commit: start it at once, before the
+            # callback (which may raise, and whose work then overlaps the commit).
+            self._hand_off()
         if self._changed is not None:
             self._changed.set()
+        if number > self._committed:  # close() may have reported a later one already
+            self._committed = number
+            self._on_commit(number)
 
     def _set_trouble(self, reason: str | None) -> None:
         self._trouble = reason
