@@ -442,6 +442,9 @@ class SqliteStore(Store):
         self._on_commit = on_commit
         self._on_trouble = on_trouble
         ready: concurrent.futures.Future[Recovered] = concurrent.futures.Future()
+        # The connection is opened, used and closed on this thread only. A
+        # daemon thread: a broker dying without close() must not hang on it,
+        # and the journal needs no goodbye (WAL replays at the next open).
         self._thread = threading.Thread(
             target=self._writer, args=(now, ready), name="reasonbroker-journal", daemon=True
         )
