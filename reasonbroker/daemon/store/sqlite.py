@@ -214,6 +214,14 @@ _N_END: Final = 3  # [kind, ended, state, attempts]
 Statement = tuple[str, list[tuple[Any, ...]]]
 
 
+def _mutable(entry: list[Any]) -> list[Any]:
+    """The row of an _N_INSERT entry as a list (it starts as a tuple)."""
+    row = entry[1]
+    if type(row) is tuple:
+        row = entry[1] = list(row)
+    return row  # type: ignore[no-any-return]
+
+
 def plan(ops: Sequence[tuple[Any, ...]]) -> tuple[list[Statement], int]:
     """Coalesce a batch's operations per cookie into statements, one kind each.
 
@@ -228,10 +236,13 @@ def plan(ops: Sequence[tuple[Any, ...]]) -> tuple[list[Statement], int]:
         kind = op[0]
         if kind == _OP_ACCEPT:
             job: Accepted = op[1]
-            max_seq = max(max_seq, job.seq)
+            if job.seq > max_seq:
+                max_seq = job.seq
+            # A tuple: most accepted rows are inserted as they are (made a
+            # list only if a later operation in the batch changes them).
             net[job.cookie] = [
                 _N_INSERT,
-                [
+                (
                     job.cookie,
                     job.seq,
                     job.pipeline,
@@ -250,7 +261,7 @@ def plan(ops: Sequence[tuple[Any, ...]]) -> tuple[list[Statement], int]:
                     None,
                     None,
                     None,
-                ],
+                ),
             ]
         elif kind == _OP_DISPATCH or kind == _OP_REQUEUE:
             cookie: bytes = op[1]
@@ -259,8 +270,9 @@ def plan(ops: Sequence[tuple[Any, ...]]) -> tuple[list[Statement], int]:
             if entry is None or entry[0] == _N_STATE:
                 net[cookie] = [_N_STATE, state, op[2]]
             elif entry[0] == _N_INSERT:
-                entry[1][_C_STATE] = state
-                entry[1][_C_ATTEMPTS] = op[2]
+                row = _mutable(entry)
+                row[_C_STATE] = state
+                row[_C_ATTEMPTS] = op[2]
             elif entry[0] == _N_END:
                 entry[2] = state
                 entry[3] = op[2]
@@ -271,7 +283,7 @@ def plan(ops: Sequence[tuple[Any, ...]]) -> tuple[list[Statement], int]:
             if entry is None or entry[0] == _N_STATE or entry[0] == _N_END:
                 net[ended.cookie] = [_N_END, ended, _ENDED, ended.attempts]
             elif entry[0] == _N_INSERT:
-                _end_row(entry[1], ended)
+                _end_row(_mutable(entry), ended)
             else:  # deleted earlier in this batch: the upsert must not update the old row
                 net[ended.cookie] = [_N_INSERT, placeholder_row(ended)]
         else:
