@@ -419,6 +419,8 @@ class SqliteStore(Store):
         self.result_max = result_max
         # Bounds one transaction's WAL growth; a batch larger than this is
         # committed as several transactions but reported as one (its mark).
+        # A crash between them leaves each cookie either before or after the
+        # batch (a cookie's net statement is in one transaction), never between.
         self.max_batch_rows = max_batch_rows
         #: Transactions committed so far (writer thread; for tests and benchmarks).
         self.transactions = 0
@@ -669,16 +671,14 @@ class SqliteStore(Store):
             except queue.Empty:
                 item = None  # backoff over: retry
             if isinstance(item, _Stop):
-                # One last try each; report only an unbroken run of successes
-                # (a later batch committing does not make a failed one durable).
-                last, unbroken = 0, True
+                # One last try each, in order, stopping at the first failure:
+                # the journal always holds a prefix of the batches.
+                last = 0
                 for b in (batch, item.tail):
-                    if b is None:
-                        continue
-                    if self._commit(conn, b) is None:
-                        last = b.number if unbroken else last
-                    else:
-                        unbroken = False
+                    if b is not None:
+                        if self._commit(conn, b) is not None:
+                            break
+                        last = b.number
                 try:
                     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 except sqlite3.Error:
