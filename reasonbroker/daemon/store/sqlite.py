@@ -424,7 +424,7 @@ class SqliteStore(Store):
         self.max_batch_rows = max_batch_rows
         #: Transactions committed so far (writer thread; for tests and benchmarks).
         self.transactions = 0
-        #: Rows (net statements) committed so far, as `transactions`.
+        #: Job rows written so far (one per cookie per batch), as `transactions`.
         self.rows_committed = 0
         #: Failed attempts to commit a batch (first tries and retries).
         self.failures = 0
@@ -721,7 +721,8 @@ class SqliteStore(Store):
                 rows = 0
                 for sql, params in transaction:
                     conn.executemany(sql, params)
-                    rows += len(params)
+                    if sql is not _SQL_NEXT_SEQ:  # bookkeeping, not a job's row
+                        rows += len(params)
                 conn.execute("COMMIT")
                 self.transactions += 1
                 self.rows_committed += rows
