@@ -828,9 +828,7 @@ def test_a_live_cookie_is_taken_for_every_client() -> None:
     c1 = h.client()
     c2 = h.client()
     assert h.run(c1, 1, variables="from c1") == [("RUN", w, "from c1")]
-    assert h.run(c2, 1, variables="from c2") == [
-        ("RESULT", c2, 1, ResultCode.COOKIE_COLLISION)
-    ]
+    assert h.run(c2, 1, variables="from c2") == [("RESULT", c2, 1, ResultCode.COOKIE_COLLISION)]
     assert h.answer("from c1", result="r1") == [("RESULT", c1, 1, OK)]
     assert results(h.last) == [Result(ck(1), OK, None, None, "r1")]
     assert h.run(c2, 1, variables="from c2") == [("RUN", w, "from c2")]

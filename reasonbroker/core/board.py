@@ -727,7 +727,10 @@ class Switchboard:
 
     def _deliver(self, job: _Job, result: Result, out: list[Action]) -> None:
         """The one place a job's terminal RESULT is decided and goes to its clients:
-        the connection that sent the RUN and each that ATTACHed, once each."""
+        the connection that sent the RUN and each that ATTACHed, once each.
+        Its end is journaled first: the broker holds a RESULT until that is
+        committed (docs/durability.md)."""
+        self._conclude(job, result, out)
         if job.owed and job.client is not None:
             job.owed = False
             self._answer(job.client, result, out)
@@ -738,7 +741,6 @@ class Switchboard:
                 if client.jobs.get(job.cookie) is job:
                     del client.jobs[job.cookie]
                 self._answer(client, result, out)
-        self._conclude(job, result, out)
 
     def _conclude(self, job: _Job, result: Result, out: list[Action]) -> None:
         """The job is over for its clients: journal its end, keep its RESULT."""
