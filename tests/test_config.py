@@ -12,11 +12,11 @@ import pytest
 from reasonbroker.core.errors import ConfigError
 from reasonbroker.core.limits import Limits, ListenerRole
 from reasonbroker.daemon.config import (
-    default_journal_path,
     DEFAULT_LISTENERS,
     Config,
     ListenerConfig,
     LogFormat,
+    default_journal_path,
     load_config,
 )
 
