@@ -474,8 +474,8 @@ class Switchboard:
                 continue
             job.client = None
             job.owed = False
-            if job.run.detach or job.attached:
-                continue
+            if job.run.detach or job.attached or (self.durable and self.draining):
+                continue  # (a journal's drain: the job waits for the next start)
             self.stats.dropped += 1
             if job.state is _State.QUEUED:
                 self.dispatcher.unqueue(job)
