@@ -37,6 +37,7 @@ NATIVE_MODULES: Final = (
     "core.deadlines",
     "core.dispatch",
     "core.roles",
+    "core.retention",
     "core.board",
     "daemon.broker",
 )

@@ -49,6 +49,8 @@ _FLAG_OF_KEY = {
     "log.format": "--log-format",
     "uvloop": "--no-uvloop",
     "metrics_address": "--metrics",
+    "journal.path": "--journal",
+    "journal.sync": "--journal-sync",
 }
 
 
@@ -117,6 +119,20 @@ def main() -> None:
     metavar="ADDRESS",
     help='Serve Prometheus metrics at host:port (IPv6 "[::1]:9464"), GET /metrics. Default: off.',
 )
+@click.option(
+    "--journal",
+    "journal",
+    metavar="PATH|none",
+    help=(
+        "The SQLite journal that keeps accepted jobs across restarts "
+        "(default: $XDG_STATE_HOME/reasonbroker/journal.sqlite3); none: in memory only."
+    ),
+)
+@click.option(
+    "--journal-sync",
+    type=click.Choice(["full", "normal"], case_sensitive=False),
+    help="full (default): ACCEPTED jobs survive power loss; normal: a broker crash only.",
+)
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -128,6 +144,8 @@ def serve(
     log_format: str | None,
     no_uvloop: bool,
     metrics_address: str | None,
+    journal: str | None,
+    journal_sync: str | None,
 ) -> None:
     """Run the broker until SIGTERM or SIGINT (a second one ends the drain at once)."""
     overrides: dict[str, Any] = {}
@@ -146,6 +164,10 @@ def serve(
         overrides["uvloop"] = False
     if metrics_address is not None:
         overrides["metrics_address"] = metrics_address
+    if journal is not None:
+        overrides["journal.path"] = journal
+    if journal_sync is not None:
+        overrides["journal.sync"] = journal_sync
     try:
         # The flags alone first, so that an error in them names the flag and
         # one in the file or the environment names its own key or variable.
@@ -208,6 +230,7 @@ def _run(config: Config) -> int:
 
 async def _serve(config: Config) -> int:
     from .daemon.broker import Broker
+    from .daemon.store.base import JournalError
 
     log = get_logger()
     bound = False
@@ -219,6 +242,12 @@ async def _serve(config: Config) -> int:
                 await broker.serve()
             finally:
                 remove_handlers()
+    except JournalError as exc:
+        # Corrupt, not a journal, newer schema, not writable, locked: say which
+        # file and why, in one line, and touch nothing (exit 2, as a bad config).
+        log.error("journal_unusable", why=str(exc))
+        click.echo(f"reasonbroker: journal: {exc}", err=True)
+        return EXIT_CONFIG
     except OSError as exc:
         if bound:
             raise

@@ -16,10 +16,14 @@ from reasonbroker.daemon.config import (
     Config,
     ListenerConfig,
     LogFormat,
+    default_journal_path,
     load_config,
 )
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
+# What `load_config` gives with nothing set: a Config made in code has no
+# journal, `serve` keeps one at the default path.
+DEFAULT_CONFIG = Config(journal_path=default_journal_path({}))
 
 CLIENTS, WORKERS, BOTH = ListenerRole.CLIENTS, ListenerRole.WORKERS, ListenerRole.BOTH
 
@@ -47,32 +51,34 @@ def key_of(
 
 def test_defaults_without_file_env_or_flags() -> None:
     config = load_config(None, {}, {})
-    assert config == Config()
+    assert config == DEFAULT_CONFIG
     assert config.listeners == DEFAULT_LISTENERS
     assert config.limits.max_frame_bytes == 8 * 1024 * 1024
 
 
 def test_example_file_loads_to_exactly_the_defaults() -> None:
-    assert load_config(EXAMPLE, {}, {}) == Config()
+    assert load_config(EXAMPLE, {}, {}) == DEFAULT_CONFIG
 
 
 def test_example_file_names_every_key() -> None:
     # Equality with the defaults would also hold for an empty file: check each key is written out.
     doc = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
-    assert set(doc) == {"uvloop", "log", "limits", "listeners"}
+    assert set(doc) == {"uvloop", "log", "limits", "listeners", "journal"}
     assert set(doc["log"]) == {"level", "format"}
-    assert set(doc["limits"]) == {f.name for f in fields(Limits)}
+    journal_limits = {"result_ttl_s", "result_max", "result_max_bytes"}
+    assert set(doc["limits"]) == {f.name for f in fields(Limits)} - journal_limits
+    assert set(doc["journal"]) == {"sync"} | journal_limits
 
 
 def test_environment_without_our_prefix_is_ignored() -> None:
     env = {"PATH": "/bin", "REASONBROKERX": "1", "reasonbroker_queue_limit": "x"}
-    assert load_config(None, env, {}) == Config()
+    assert load_config(None, env, {}) == DEFAULT_CONFIG
 
 
 def test_environment_read_elsewhere_is_not_config() -> None:
     # REASONBROKER_PURE is read at import (which build runs), the admin token by `status`.
     env = {"REASONBROKER_PURE": "1", "REASONBROKER_ADMIN_TOKEN": "t"}
-    assert load_config(None, env, {}) == Config()
+    assert load_config(None, env, {}) == DEFAULT_CONFIG
     with pytest.raises(ConfigError, match="REASONBROKER_PURES"):
         load_config(None, {"REASONBROKER_PURES": "1"}, {})
 
@@ -145,10 +151,13 @@ def test_every_limit_is_settable_from_each_layer(tmp_path: Path, field: str) -> 
     # A value valid for every field: above the default, so cross-field rules still hold.
     default = getattr(Limits(), field)
     value = default * 2 if field != "default_max_attempts" else 2
-    path = write(tmp_path, f"[limits]\n{field} = {value!r}\n")
+    # The limits on retained results are set in [journal] (they bound what it keeps).
+    section = "journal" if field.startswith("result_") else "limits"
+    env_name = f"REASONBROKER_{'JOURNAL_' if section == 'journal' else ''}{field.upper()}"
+    path = write(tmp_path, f"[{section}]\n{field} = {value!r}\n")
     from_toml = load_config(path, {}, {}).limits
-    from_env = load_config(None, {f"REASONBROKER_{field.upper()}": str(value)}, {}).limits
-    from_flag = load_config(None, {}, {f"limits.{field}": value}).limits
+    from_env = load_config(None, {env_name: str(value)}, {}).limits
+    from_flag = load_config(None, {}, {f"{section}.{field}": value}).limits
     assert getattr(from_toml, field) == value
     assert from_toml == from_env == from_flag
 
@@ -414,3 +423,30 @@ def test_flag_error_is_not_blamed_on_the_file(tmp_path: Path) -> None:
         load_config(path, {"REASONBROKER_QUEUE_LIMIT": "6"}, {"limits.queue_limit": -1})
     assert info.value.key == "limits.queue_limit"
     assert str(path) not in info.value.message
+
+
+def test_journal_defaults_to_the_state_directory_and_none_turns_it_off(tmp_path: Path) -> None:
+    assert load_config(None, {"HOME": str(tmp_path)}, {}).journal_path == str(
+        tmp_path / ".local" / "state" / "reasonbroker" / "journal.sqlite3"
+    )
+    xdg = {"HOME": "/nowhere", "XDG_STATE_HOME": str(tmp_path / "st")}
+    assert load_config(None, xdg, {}).journal_path == str(
+        tmp_path / "st" / "reasonbroker" / "journal.sqlite3"
+    )
+    assert load_config(None, {"REASONBROKER_JOURNAL_PATH": "none"}, {}).journal_path is None
+    assert load_config(None, {}, {"journal.path": "None"}).journal_path is None
+    path = write(tmp_path, '[journal]\npath = "/srv/j.db"\nsync = "normal"\n')
+    config = load_config(path, {}, {})
+    assert (config.journal_path, config.journal_sync) == ("/srv/j.db", "normal")
+
+
+def test_journal_sync_must_be_full_or_normal(tmp_path: Path) -> None:
+    path = write(tmp_path, '[journal]\nsync = "sometimes"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {}, {})
+    assert info.value.key == "journal.sync"
+    with pytest.raises(ConfigError, match="REASONBROKER_JOURNAL_SYNC"):
+        load_config(None, {"REASONBROKER_JOURNAL_SYNC": "x"}, {})
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "[journal]\nbogus = 1\n"), {}, {})
+    assert info.value.key == "journal.bogus"

@@ -274,6 +274,8 @@ def test_snapshot_lists_workers_clients_and_live_queue_by_pipeline() -> None:
         "queue": {"a": 1, "b": 1},
         "running": 2,
         "queued": 2,
+        "retained": 0,
+        "journal": {"durable": False, "trouble": None},
     }
 
 

@@ -97,11 +97,11 @@ def results(out: list[Action]) -> list[Result]:
 class H:
     """A switchboard, a clock and a map from job tag to (worker, worker cookie)."""
 
-    def __init__(self, **limits: Any) -> None:
+    def __init__(self, durable: bool = False, **limits: Any) -> None:
         # Legacy workers' slots rest before reuse (Limits.legacy_slot_reuse_ms); the
         # tests of that rule set it, the others turn it off to keep time out of them.
         limits.setdefault("legacy_slot_reuse_ms", 0)
-        self.b = Switchboard(Limits(**limits))
+        self.b = Switchboard(Limits(**limits), durable=durable)
         self.now = 0.0
         self.jobs: dict[str, tuple[int, bytes]] = {}
         self.old: dict[str, list[tuple[int, bytes]]] = {}
@@ -819,18 +819,20 @@ def test_cookie_collision_for_a_live_cookie_of_the_same_client() -> None:
     assert h.run(c, 1) == []
 
 
-def test_same_cookie_on_two_clients_routes_separately() -> None:
+def test_a_live_cookie_is_taken_for_every_client() -> None:
+    # A cookie names one job across connections (docs/durability.md: it is
+    # the job's capability for ATTACH); it is free again once the job ended
+    # and (without a journal, not detached) its result is not retained.
     h = H()
     w = h.worker(2)
     c1 = h.client()
     c2 = h.client()
     assert h.run(c1, 1, variables="from c1") == [("RUN", w, "from c1")]
-    assert h.run(c2, 1, variables="from c2") == [("RUN", w, "from c2")]
-    assert h.wc("from c1") != h.wc("from c2")
-    assert h.answer("from c2", result="r2") == [("RESULT", c2, 1, OK)]
-    assert results(h.last) == [Result(ck(1), OK, None, None, "r2")]
+    assert h.run(c2, 1, variables="from c2") == [("RESULT", c2, 1, ResultCode.COOKIE_COLLISION)]
     assert h.answer("from c1", result="r1") == [("RESULT", c1, 1, OK)]
     assert results(h.last) == [Result(ck(1), OK, None, None, "r1")]
+    assert h.run(c2, 1, variables="from c2") == [("RUN", w, "from c2")]
+    assert h.answer("from c2", result="r2") == [("RESULT", c2, 1, OK)]
 
 
 def test_cancel_unknown_cookie() -> None:
@@ -1058,7 +1060,7 @@ def test_legacy_client_gets_cancelled_as_exception() -> None:
 # detach
 
 
-def test_detached_job_gets_no_result_and_its_cookie_is_live_until_it_ends() -> None:
+def test_detached_job_gets_no_result_and_its_result_is_retained() -> None:
     h = H()
     w = h.worker(2)
     c = h.client()
@@ -1067,7 +1069,9 @@ def test_detached_job_gets_no_result_and_its_cookie_is_live_until_it_ends() -> N
     assert h.answer("job1", result="r") == []
     assert h.b.live_jobs == 0
     assert h.b.stats.completed["OK"] == 1
-    assert h.run(c, 1) == [("RUN", w, "job1")]
+    # Its RESULT is kept for ATTACH, so the cookie stays taken until it expires.
+    assert h.run(c, 1) == [("RESULT", c, 1, ResultCode.COOKIE_COLLISION)]
+    assert len(h.b.retained) == 1
 
 
 def test_detached_refusal_is_still_answered() -> None:

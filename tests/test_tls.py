@@ -28,13 +28,19 @@ from reasonbroker.core import protocol as p
 from reasonbroker.core.errors import ConfigError
 from reasonbroker.core.limits import ListenerRole
 from reasonbroker.daemon.broker import Broker
-from reasonbroker.daemon.config import Config, ListenerConfig, load_config
+from reasonbroker.daemon.config import (
+    Config,
+    ListenerConfig,
+    default_journal_path,
+    load_config,
+)
 from reasonbroker.sdk.client import Client
 from reasonbroker.sdk.errors import BrokerConnectionError
 from reasonbroker.sdk.worker import Worker
 from tests.rawpeer import WAIT_S
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
+DEFAULT_CONFIG = Config(journal_path=default_journal_path({}))
 CLIENTS, WORKERS = ListenerRole.CLIENTS, ListenerRole.WORKERS
 
 # --------------------------------------------------------------------------- certificates
@@ -332,7 +338,7 @@ def test_tls_url_from_environment_or_flag_names_it() -> None:
 def test_example_file_documents_the_tls_keys() -> None:
     # The TLS listener there is commented out (the example loads to the
     # defaults); its keys must still be written out.
-    assert load_config(EXAMPLE, {}, {}) == Config()
+    assert load_config(EXAMPLE, {}, {}) == DEFAULT_CONFIG
     text = EXAMPLE.read_text(encoding="utf-8")
     for key in ("tls://", "certfile", "keyfile", "cafile", "verify_client"):
         assert f"# {key}" in text or f'"{key}' in text or f" {key} =" in text, key

@@ -13,8 +13,14 @@ heap), all working on the records in state.py.
 
 Routing model (decisions recorded in docs/protocol.md):
 
-- A client's cookies live in that client's own namespace: two clients may use
-  the same cookie, and nothing one client sends can name another's job.
+- A cookie names one job across every connection (PROTOCOL.md section 7: it
+  is the job's capability): live or retained, a RUN reusing it is
+  COOKIE_COLLISION; only the connections that sent the RUN or ATTACHed to
+  the job can CANCEL it. (It used to be per client; docs/durability.md.)
+- With `durable=True` (a journal behind the broker) every change of a job's
+  state is also a `Journal` action, accepted jobs wait for a worker of their
+  pipeline instead of NO_CAPACITY, a drain keeps the queue for the next
+  start, and `restore` brings back what the journal kept (docs/durability.md).
 - Each attempt of a job on a worker gets a fresh broker-made cookie, so a late
   RESULT from an earlier attempt (or from a worker we gave up on) can never be
   mistaken for the current one: it is dropped and counted.
@@ -28,20 +34,35 @@ from __future__ import annotations
 import heapq
 from typing import Any
 
-from .actions import Action, Close, Log, Send
+from .actions import (
+    J_ACCEPT,
+    J_DISPATCH,
+    J_END,
+    J_REQUEUE,
+    Action,
+    Close,
+    Journal,
+    Log,
+    Send,
+)
 from .codecs import can_carry, payload_kind
 from .deadlines import Deadlines
 from .dispatch import Dispatcher
 from .limits import Limits, ListenerRole
 from .packets import (
+    Accepted,
+    Attach,
     BadPacket,
     Cancel,
     Codec,
     Hello,
+    Job,
+    JobState,
     Packet,
     Ping,
     Pong,
     Progress,
+    Raw,
     Register,
     Result,
     ResultCode,
@@ -53,12 +74,39 @@ from .packets import (
     Unsupported,
     for_legacy,
 )
+from .retention import Ended, Retained
 from .roles import Refusal, assign_role, status_snapshot
 from .state import Latency, Stats, _Conn, _count, _Deadline, _Job, _State
 
 
+class Restored:
+    """A job the journal kept, as the broker hands it to `restore` (board times)."""
+
+    __slots__ = ("attempts", "crashes", "deadline", "max_attempts", "run", "seq", "was_running")
+
+    def __init__(
+        self,
+        run: Run,
+        seq: int,
+        max_attempts: int,
+        attempts: int,
+        crashes: int,
+        was_running: bool,
+        deadline: float | None,
+    ) -> None:
+        self.run = run
+        self.seq = seq
+        self.max_attempts = max_attempts
+        self.attempts = attempts
+        self.crashes = crashes
+        self.was_running = was_running
+        self.deadline = deadline
+
+
 class Switchboard:
-    def __init__(self, limits: Limits, cookie_prefix: bytes = bytes(8)) -> None:
+    def __init__(
+        self, limits: Limits, cookie_prefix: bytes = bytes(8), durable: bool = False
+    ) -> None:
         if len(cookie_prefix) != 8:
             raise ValueError("cookie_prefix must be 8 bytes")
         self.limits = limits
@@ -71,6 +119,17 @@ class Switchboard:
         self._slot_rest_s = limits.legacy_slot_reuse_ms / 1000.0
         self.stats = Stats()
         self.latency = Latency()
+        # A journal keeps what this board decides (docs/durability.md).
+        self.durable = durable
+        # Why the journal cannot be written now (None: it can): new RUNs
+        # get NO_CAPACITY with this reason until it clears.
+        self.journal_trouble: str | None = None
+        # Every live job by its cookie (section 7: one namespace), and the
+        # ended ones whose RESULT is kept.
+        self.jobs: dict[bytes, _Job] = {}
+        self.retained = Retained(
+            limits.result_ttl_s, limits.result_max, limits.result_max_bytes, durable
+        )
         # The time of the event being handled, for the latency of jobs ended
         # deep in a call chain that is not handed `now`.
         self._now = 0.0
@@ -217,6 +276,13 @@ class Switchboard:
                     self._forward_progress(c, cookie, packet, out)
                 else:
                     self._wrong_role(c, type(packet).__name__.upper(), out)
+            case Attach(cookie, wait):
+                if c.role is Role.CLIENT:
+                    self._attach(c, cookie, wait, now, out)
+                else:
+                    self._wrong_role(c, "ATTACH", out)
+            case Accepted() | Job():
+                self._wrong_role(c, type(packet).__name__.upper(), out)
             case Status():
                 if c.role is Role.ADMIN:
                     self._status(c, out)
@@ -241,7 +307,10 @@ class Switchboard:
         Connections are listed by id; the broker adds each one's address and
         its own uptime before the answer is encoded.
         """
-        return status_snapshot(self._conns, self.dispatcher)
+        snapshot = status_snapshot(self._conns, self.dispatcher)
+        snapshot["retained"] = len(self.retained)
+        snapshot["journal"] = {"durable": self.durable, "trouble": self.journal_trouble}
+        return snapshot
 
     # -- answering ------------------------------------------------------------
 
@@ -326,8 +395,12 @@ class Switchboard:
         if self.draining:
             self._reject(c, run, ResultCode.BROKER_WENT_AWAY, "the broker is shutting down", out)
             return
-        if run.cookie in c.jobs:
+        if run.cookie in self.jobs or run.cookie in self.retained:
             self._reject(c, run, ResultCode.COOKIE_COLLISION, "cookie is already in use", out)
+            return
+        if self.journal_trouble is not None:
+            why = f"the journal cannot be written: {self.journal_trouble}"
+            self._reject(c, run, ResultCode.NO_CAPACITY, why, out)
             return
         if len(c.jobs) >= self._max_inflight:
             self._reject(
@@ -339,7 +412,7 @@ class Switchboard:
             )
             return
         worker, served = self.dispatcher.pick(run.pipeline)
-        if not served:
+        if not served and not self.durable:
             self._reject(
                 c, run, ResultCode.NO_CAPACITY, f"no worker serves pipeline {run.pipeline!r}", out
             )
@@ -356,11 +429,18 @@ class Switchboard:
         self._seq += 1
         job = _Job(self._seq, c, run, attempts)
         c.jobs[run.cookie] = job
+        self.jobs[run.cookie] = job
         self.stats.accepted += 1
         job.accepted_at = now
         if run.timeout_ms is not None:
             job.deadline = now + run.timeout_ms / 1000.0
             self.deadlines.add(job.deadline, _Deadline.TIMEOUT, job, out)
+        if self.durable:
+            out.append(Journal(J_ACCEPT, run.cookie, run, job.seq, 0, attempts, job.deadline, now))
+        if c.hello and "accepted" in c.features:
+            # Before anything else about the job; with a journal the broker
+            # holds it until the row above is committed.
+            out.append(Send(c.id, Accepted(run.cookie)))
         if worker is not None:
             self._dispatch(job, worker, out)
         else:
@@ -384,20 +464,70 @@ class Switchboard:
             )
 
     def _client_gone(self, c: _Conn, out: list[Action]) -> None:
-        """Queued jobs are dropped, running ones cancelled; detached jobs run on."""
+        """Queued jobs are dropped, running ones cancelled; detached jobs run on,
+        and so do jobs another connection has ATTACHed to (an attacher leaving
+        never cancels)."""
         for job in c.jobs.values():
+            if job.client is not c:
+                if job.attached is not None and c in job.attached:
+                    job.attached.remove(c)
+                continue
             job.client = None
             job.owed = False
-            if job.run.detach:
-                continue
+            if job.run.detach or job.attached or (self.durable and self.draining):
+                continue  # (a journal's drain: the job waits for the next start)
             self.stats.dropped += 1
             if job.state is _State.QUEUED:
                 self.dispatcher.unqueue(job)
+                self._conclude(job, Result(job.cookie, ResultCode.CANCELLED, _CLIENT_LEFT), out)
             elif job.state is _State.RUNNING:
                 job.abandoned = True
+                self._conclude(job, Result(job.cookie, ResultCode.CANCELLED, _CLIENT_LEFT), out)
                 if not job.cancel_requested:
                     self._cancel_on_worker(job, out)
         c.jobs.clear()
+
+    def _attach(self, c: _Conn, cookie: bytes, wait: bool, now: float, out: list[Action]) -> None:
+        """ATTACH (section 7): join a live job's clients, collect a retained
+        RESULT, or (`wait` false) answer one JOB packet."""
+        job = self.jobs.get(cookie)
+        if job is not None:
+            if not wait:
+                state = JobState.QUEUED if job.state is _State.QUEUED else JobState.RUNNING
+                out.append(Send(c.id, Job(cookie, state, job.run.pipeline, job.attempts)))
+                return
+            if job.client is c or (job.attached is not None and c in job.attached):
+                return  # already one of its clients: still owed exactly one RESULT
+            if job.attached is None:
+                job.attached = [c]
+            else:
+                job.attached.append(c)
+            c.jobs[cookie] = job
+            self.stats.attached += 1
+            return
+        ended = self.retained.get(cookie, now)
+        if ended is None:
+            why = "no job with this cookie (unknown, or its result has expired)"
+            self._answer(c, Result(cookie, ResultCode.COOKIE_NOT_FOUND, why), out)
+            return
+        self.stats.collected += 1
+        if wait:
+            self._answer(c, ended.result, out)
+        else:
+            result = ended.result
+            out.append(
+                Send(
+                    c.id,
+                    Job(
+                        cookie,
+                        JobState.ENDED,
+                        ended.pipeline,
+                        ended.attempts,
+                        result.rc,
+                        result.error,
+                    ),
+                )
+            )
 
     # -- workers ------------------------------------------------------------------
 
@@ -462,14 +592,23 @@ class Switchboard:
         self, w: _Conn, wcookie: bytes, packet: Started | Progress, out: list[Action]
     ) -> None:
         job = w.running.get(wcookie)
-        if job is None or not job.owed or job.client is None or not job.client.hello:
+        if job is None or job.abandoned:
             return
-        client = job.client
+        if job.owed and job.client is not None and job.client.hello:
+            self._progress_to(job.client, job.cookie, packet, out)
+        if job.attached is not None:
+            for client in job.attached:
+                self._progress_to(client, job.cookie, packet, out)
+
+    @staticmethod
+    def _progress_to(
+        client: _Conn, cookie: bytes, packet: Started | Progress, out: list[Action]
+    ) -> None:
         if isinstance(packet, Started):
             if "started" in client.features:
-                out.append(Send(client.id, Started(job.cookie)))
+                out.append(Send(client.id, Started(cookie)))
         elif "progress" in client.features and can_carry(packet.result, client.codec):
-            out.append(Send(client.id, Progress(job.cookie, packet.result)))
+            out.append(Send(client.id, Progress(cookie, packet.result)))
 
     def _worker_gone(self, w: _Conn, out: list[Action]) -> None:
         """Each job re-queued while attempts allow, else WORKER_WENT_AWAY (section 5)."""
@@ -485,11 +624,13 @@ class Switchboard:
                 # Cancelled jobs are never re-run; ReasonChip's worker exits on
                 # CANCEL, which lands here.
                 self._end_for_client(job, ResultCode.CANCELLED, "cancelled by client", out)
-            elif self.draining:
+            elif self.draining and not self.durable:
                 self._end_for_client(
                     job, ResultCode.BROKER_WENT_AWAY, "the broker is shutting down", out
                 )
-            elif job.attempts < job.max_attempts and self.dispatcher.pick(job.run.pipeline)[1]:
+            elif job.attempts < job.max_attempts and (
+                self.durable or self.dispatcher.pick(job.run.pipeline)[1]
+            ):
                 self.stats.requeued += 1
                 out.append(
                     Log(
@@ -498,7 +639,9 @@ class Switchboard:
                         {"attempt": job.attempts, "max_attempts": job.max_attempts},
                     )
                 )
-                worker, _ = self.dispatcher.pick(job.run.pipeline)
+                if self.durable:
+                    out.append(Journal(J_REQUEUE, job.cookie, attempts=job.attempts))
+                worker = None if self.draining else self.dispatcher.pick(job.run.pipeline)[0]
                 if worker is not None:
                     self._dispatch(job, worker, out)
                 else:
@@ -517,7 +660,10 @@ class Switchboard:
 
         The contract answers a new RUN for such a pipeline NO_CAPACITY at once;
         jobs already waiting get the same answer rather than waiting forever.
+        With a journal they wait for a worker of their pipeline instead.
         """
+        if self.durable:
+            return
         for pipeline in list(self.dispatcher.queues):
             if self.dispatcher.pick(pipeline)[1]:
                 continue
@@ -554,13 +700,15 @@ class Switchboard:
             )
             return
         wcookie = self.dispatcher.assign(job, w)
+        if self.durable:
+            out.append(Journal(J_DISPATCH, job.cookie, attempts=job.attempts))
         out.append(Send(w.id, Run(wcookie, job.run.pipeline, job.run.variables)))
 
     def _fill(self, w: _Conn, out: list[Action]) -> None:
         """Give a worker with free slots the best queued jobs it serves."""
         dispatcher = self.dispatcher
-        if not dispatcher.queued:
-            return
+        if not dispatcher.queued or self.draining:
+            return  # (draining with a journal: the queue waits for the next start)
         while True:
             job = dispatcher.take(w)
             if job is None:
@@ -578,10 +726,45 @@ class Switchboard:
         self._forget(job)
 
     def _deliver(self, job: _Job, result: Result, out: list[Action]) -> None:
-        """The one place a job's terminal RESULT goes to its client."""
+        """The one place a job's terminal RESULT is decided and goes to its clients:
+        the connection that sent the RUN and each that ATTACHed, once each.
+        Its end is journaled first: the broker holds a RESULT until that is
+        committed (docs/durability.md)."""
+        self._conclude(job, result, out)
         if job.owed and job.client is not None:
             job.owed = False
             self._answer(job.client, result, out)
+        attached = job.attached
+        if attached is not None:
+            job.attached = None
+            for client in attached:
+                if client.jobs.get(job.cookie) is job:
+                    del client.jobs[job.cookie]
+                self._answer(client, result, out)
+
+    def _conclude(self, job: _Job, result: Result, out: list[Action]) -> None:
+        """The job is over for its clients: journal its end, keep its RESULT."""
+        if self.jobs.get(job.cookie) is job:
+            del self.jobs[job.cookie]
+        if self.durable:
+            out.append(
+                Journal(
+                    J_END,
+                    job.cookie,
+                    job.run,
+                    attempts=job.attempts,
+                    at=self._now,
+                    accepted_at=job.accepted_at,
+                    result=result,
+                )
+            )
+        elif not job.run.detach:
+            return  # without a journal only detached jobs' results are kept
+        self.retained.put(
+            job.cookie,
+            Ended(result, job.run.pipeline, job.attempts, job.accepted_at, self._now),
+            out,
+        )
 
     def _forget(self, job: _Job) -> None:
         if job.client is not None and job.client.jobs.get(job.cookie) is job:
@@ -625,6 +808,7 @@ class Switchboard:
                     job, Result(job.cookie, ResultCode.CANCELLED, "cancelled by client"), out
                 )
                 self._forget(job)
+        self.retained.expire(now, out)
         self.deadlines.rearm(out)
         return out
 
@@ -655,6 +839,8 @@ class Switchboard:
             self._now = now
         self.draining = True
         out: list[Action] = []
+        if self.durable:
+            return out  # the queue stays in the journal for the next start
         for heap in self.dispatcher.queues.values():
             for _, _, job in sorted(heap):
                 if job.state is _State.QUEUED:
@@ -675,7 +861,12 @@ class Switchboard:
         for w in list(self.dispatcher.workers.values()):
             for job in sorted(w.running.values(), key=lambda j: j.seq):
                 self.dispatcher.release(w, job)
-                if job.abandoned:
+                if self.durable and not job.abandoned:
+                    # Back to the queue for the next start, the attempt given
+                    # back: a polite stop is not the job's fault.
+                    job.attempts -= 1
+                    out.append(Journal(J_REQUEUE, job.cookie, attempts=job.attempts))
+                elif job.abandoned:
                     self.deadlines.set_done(job)
                     self._forget(job)
                 else:
@@ -686,3 +877,73 @@ class Switchboard:
         for conn in list(self._conns):
             out.append(Close(conn, "broker shutdown"))
         return out
+
+    # -- the journal ----------------------------------------------------------------
+
+    def set_journal_trouble(self, reason: str | None) -> None:
+        """The journal cannot be written (`reason`), or can again (None)."""
+        self.journal_trouble = reason
+
+    def restore(self, jobs: list[Restored], ended: list[Ended], now: float) -> list[Action]:
+        """Bring back what the journal kept, before any peer connects.
+
+        `jobs` in dispatch order; each is queued with its deadline, or ended
+        TIMEOUT (deadline passed) or BROKER_WENT_AWAY (more than
+        max_attempts_limit broker stops caught it running). `ended` are the
+        retained results, oldest first.
+        """
+        self._now = now
+        out: list[Action] = []
+        for record in ended:
+            if record.result.cookie is not None:
+                self.retained.put(record.result.cookie, record, out)
+        for r in jobs:
+            run = r.run
+            self._seq = max(self._seq, r.seq)
+            job = _Job(r.seq, None, run, r.max_attempts)
+            job.attempts = r.attempts
+            job.crashes = r.crashes
+            job.accepted_at = now  # latency of a recovered job counts from its recovery
+            self.jobs[run.cookie] = job
+            self.stats.recovered += 1
+            if r.was_running:
+                self.stats.reruns += 1
+            if r.crashes > self._attempts_limit:
+                why = (
+                    f"the broker stopped {r.crashes} times while this job ran "
+                    f"(max_attempts_limit {self._attempts_limit})"
+                )
+                self._end_for_client(job, ResultCode.BROKER_WENT_AWAY, why, out)
+                continue
+            if r.deadline is not None:
+                if r.deadline <= now:
+                    why = f"timed out after {run.timeout_ms} ms (while the broker was down)"
+                    self._end_for_client(job, ResultCode.TIMEOUT, why, out)
+                    continue
+                job.deadline = r.deadline
+                self.deadlines.add(r.deadline, _Deadline.TIMEOUT, job, out)
+            self.dispatcher.enqueue(job)
+        return out
+
+
+_CLIENT_LEFT = "the client went away"
+
+
+def restored_run(
+    cookie: bytes,
+    pipeline: str,
+    variables: bytes | None,
+    detach: bool,
+    priority: int,
+    timeout_ms: int | None,
+) -> Run:
+    """The RUN of a job read back from the journal (its payload as the Raw bytes it was)."""
+    return Run(
+        cookie,
+        pipeline,
+        None if variables is None else Raw(variables),
+        detach,
+        priority,
+        timeout_ms,
+        None,
+    )

@@ -24,10 +24,14 @@ from .errors import EncodeError, RemoteProtocolError
 from .packets import (
     _RESULT_CODES,
     MAX_TIMEOUT_MS,
+    Accepted,
+    Attach,
     BadPacket,
     Cancel,
     Codec,
     Hello,
+    Job,
+    JobState,
     Packet,
     Ping,
     Pong,
@@ -416,6 +420,29 @@ def packet_from_map(d: dict[Any, Any], codec: Codec) -> Packet:
                 if status is not None and not isinstance(status, dict):
                     raise _Bad(f"status is a {type(status).__name__}, not a map")
                 return Status(status)
+            case "ACCEPTED":
+                return Accepted(_cookie(d.get("cookie"), codec))
+            case "ATTACH":
+                wait = _opt_bool(d, "wait")
+                return Attach(_cookie(d.get("cookie"), codec), True if wait is None else wait)
+            case "JOB":
+                state_text = _opt_str(d, "state")
+                try:
+                    state = JobState(state_text or "")
+                except ValueError:
+                    raise _Bad(f"state {state_text!r} is not queued, running or ended") from None
+                rc_text = _opt_str(d, "rc")
+                rc = _RESULT_CODES.get(rc_text) if rc_text is not None else None
+                if rc_text is not None and rc is None:
+                    raise _Bad(f"rc {rc_text!r} is not a result code")
+                return Job(
+                    _cookie(d.get("cookie"), codec),
+                    state,
+                    _opt_str(d, "pipeline"),
+                    _opt_int(d, "attempts") or 0,
+                    rc,
+                    _opt_str(d, "error"),
+                )
             case _:
                 return Unsupported(ptype, _salvage_cookie(d, codec))
     except _Bad as bad:
@@ -491,6 +518,21 @@ def packet_to_map(packet: Packet) -> dict[str, Any]:
             if status is None:
                 return {"packet_type": "STATUS"}
             return {"packet_type": "STATUS", "status": status}
+        case Accepted(cookie):
+            return {"packet_type": "ACCEPTED", "cookie": cookie}
+        case Attach(cookie, wait):
+            return {"packet_type": "ATTACH", "cookie": cookie, "wait": wait}
+        case Job(cookie, state, pipeline, attempts, rc, error):
+            d = {"packet_type": "JOB", "cookie": cookie, "state": state.value}
+            d["attempts"] = attempts
+            for key, value in (
+                ("pipeline", pipeline),
+                ("rc", rc.value if rc is not None else None),
+                ("error", error),
+            ):
+                if value is not None:
+                    d[key] = value
+            return d
         case Unsupported() | BadPacket():
             raise EncodeError(f"{type(packet).__name__} is an inbound-only packet")
 

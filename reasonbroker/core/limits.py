@@ -77,6 +77,21 @@ class Limits:
     # Slots are never exceeded; at 0.25 a worker of capacity under 4 is
     # balanced exactly as least-loaded (ties aside).
     dispatch_batch_slack: float = 0.25
+    # How long an ended job's RESULT is kept for ATTACH / `reasonbroker job`
+    # (with a journal every job's, without one detached jobs' only): an hour
+    # covers a client that restarts or a batch collected later, and bounds
+    # the journal under steady load. Set as [journal] result_ttl_s.
+    result_ttl_s: float = 3_600.0
+    # ... and at most this many of them (the oldest go first), so a burst of
+    # short jobs cannot grow memory and the journal without bound.
+    result_max: int = 100_000
+    # ... and at most this many bytes of retained payload (result, error,
+    # stack trace) in memory, so large results cannot either.
+    result_max_bytes: int = 256 * MiB
+    # Journal operations recorded but not yet committed above which the broker
+    # stops reading from clients until the disk catches up: memory stays
+    # bounded when the journal is slower than the clients.
+    journal_backlog_max: int = 50_000
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -37,6 +37,10 @@ class PacketType(enum.StrEnum):
     STARTED = "STARTED"
     PROGRESS = "PROGRESS"
     STATUS = "STATUS"
+    # Durable jobs (PROTOCOL.md section 7).
+    ACCEPTED = "ACCEPTED"
+    ATTACH = "ATTACH"
+    JOB = "JOB"
 
 
 class ResultCode(enum.StrEnum):
@@ -246,6 +250,39 @@ class Status:
 
 
 @_packet
+class Accepted:
+    """ACCEPTED: the job is accepted and, with a journal, committed (section 7)."""
+
+    cookie: bytes
+
+
+@_packet
+class Attach:
+    """ATTACH: make this connection one of the job's clients (`wait`), or ask for its JOB."""
+
+    cookie: bytes
+    wait: bool = True
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    ENDED = "ended"
+
+
+@_packet
+class Job:
+    """JOB: the answer to ATTACH with `wait` false: where the job is."""
+
+    cookie: bytes
+    state: JobState
+    pipeline: str | None = None
+    attempts: int = 0
+    rc: ResultCode | None = None
+    error: str | None = None
+
+
+@_packet
 class Unsupported:
     """A well-formed packet whose type this broker does not handle (answered, not fatal)."""
 
@@ -274,6 +311,9 @@ Packet = (
     | Progress
     | Shutdown
     | Status
+    | Accepted
+    | Attach
+    | Job
     | Unsupported
     | BadPacket
 )

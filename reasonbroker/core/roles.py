@@ -21,7 +21,7 @@ from .limits import ListenerRole
 from .packets import BadPacket, Hello, Packet, Register, Result, ResultCode, Role
 from .state import _Conn, _cookie_of, _State
 
-FEATURES = ("started", "progress", "priority", "timeout", "attempts")
+FEATURES = ("started", "progress", "priority", "timeout", "attempts", "accepted", "attach")
 
 
 class Refusal:

@@ -83,10 +83,12 @@ class _Job:
     __slots__ = (
         "abandoned",
         "accepted_at",
+        "attached",
         "attempts",
         "cancel_requested",
         "client",
         "cookie",
+        "crashes",
         "deadline",
         "deadlines",
         "max_attempts",
@@ -98,8 +100,10 @@ class _Job:
         "worker",
     )
 
-    def __init__(self, seq: int, client: _Conn, run: Run, max_attempts: int) -> None:
+    def __init__(self, seq: int, client: _Conn | None, run: Run, max_attempts: int) -> None:
         self.seq = seq
+        # The connection that sent the RUN; None once it left, and for a job
+        # recovered from the journal (it has clients only once they ATTACH).
         self.client: _Conn | None = client
         self.cookie = run.cookie
         self.run = run
@@ -110,7 +114,12 @@ class _Job:
         self.wcookie: bytes | None = None
         # The client is still owed its one terminal RESULT (not detached,
         # connected, not yet answered).
-        self.owed = not run.detach
+        self.owed = client is not None and not run.detach
+        # Other connections that ATTACHed (PROTOCOL.md section 7): each is
+        # owed one terminal RESULT too. None until the first one.
+        self.attached: list[_Conn] | None = None
+        # Broker stops (crashes) that caught this job running (journal only).
+        self.crashes = 0
         # Over for the broker (timed out, cancel grace passed, client gone):
         # never re-run; if running it only holds its slot until the worker
         # answers or leaves.
@@ -139,6 +148,10 @@ class Stats:
     abandoned_results: int = 0  # worker answers for jobs already ended (timeout, cancel)
     dropped: int = 0  # non-detached jobs ended because their client left
     bad_packets: int = 0
+    attached: int = 0  # ATTACHes to a live job
+    collected: int = 0  # ATTACHes answered with a retained RESULT
+    recovered: int = 0  # jobs brought back from the journal at start
+    reruns: int = 0  # of those, ones that were running when the broker stopped
 
 
 # Job latency bucket bounds in seconds: from a millisecond echo to a ten-minute

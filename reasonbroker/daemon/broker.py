@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import time
 from collections.abc import Awaitable
 from types import TracebackType
 from typing import Any, Final
@@ -35,14 +36,16 @@ import structlog
 import transports
 from transports import Listener, Stream
 
-from ..core.actions import Action, Close, Log, Send, Wake
+from ..core.actions import Action, Close, Journal, Log, Send, Wake
 from ..core.board import Switchboard
 from ..core.errors import EncodeError, RemoteProtocolError
 from ..core.framing import PacketDecoder, encode_into
 from ..core.limits import ListenerRole
-from ..core.packets import Codec, Ping, Result, ResultCode, Status
+from ..core.packets import Codec, Ping, Result, ResultCode, Role, Status
 from .config import Config
+from .journal import JournalGlue
 from .metrics import MetricsServer, registry_for
+from .store.base import Store
 
 # True when this module runs as mypyc-compiled code (scripts/build_native).
 COMPILED = not __file__.endswith(".py")
@@ -138,9 +141,17 @@ class Broker:
     answer the rest BROKER_WENT_AWAY, close every connection.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
-        self.board = Switchboard(config.limits, cookie_prefix=os.urandom(8))
+        # The journal (docs/durability.md): the config's, unless a test hands one in.
+        self.store = store if store is not None else _store_for(config)
+        self.board = Switchboard(
+            config.limits, cookie_prefix=os.urandom(8), durable=self.store.durable
+        )
+        # Set when the store is durable: the commit barrier and the record glue.
+        self.journal: JournalGlue | None = None
+        self._reading_paused = False
+        self._store_closed = False
         self._conns: dict[int, _Connection] = {}
         self._ids = itertools.count(1)
         self._listeners: list[tuple[ListenerRole, Listener]] = []
@@ -180,6 +191,7 @@ class Broker:
         self._idle = asyncio.Event()
         self._closed_all = asyncio.Event()
         self._started_at = self._loop.time()
+        self._open_journal()
         try:
             for lc in self.config.listeners:
                 context = None
@@ -208,9 +220,73 @@ class Broker:
         except BaseException:
             await self._close_listeners()
             await self._close_metrics()
+            await self._close_store()
             raise
         self._schedule_sweep()
         return self
+
+    def _open_journal(self) -> None:
+        """Open the store and hand the board what it kept (raises JournalError)."""
+        store = self.store
+        loop = self.loop
+        recovered = store.open(time.time(), self._on_commit, self._on_trouble)
+        if not store.durable:
+            return
+        epoch = time.time() - loop.time()
+        self.journal = JournalGlue(store, epoch)
+        self.apply(self.journal.restore_into(self.board, recovered, loop.time()))
+        stats = self.board.stats
+        _log.info(
+            "journal_opened",
+            path=store.location,
+            sync=getattr(store, "sync", None),
+            recovered=stats.recovered,
+            reruns=stats.reruns,
+            retained=len(self.board.retained),
+            queued=self.board.queue_depth,
+        )
+
+    def _on_commit(self, number: int) -> None:
+        journal = self.journal
+        if journal is None:
+            return
+        ready = journal.on_commit(number)
+        if ready:
+            self.apply(ready, held_ok=False)
+        if (
+            self._reading_paused
+            and self.store.backlog() <= self.config.limits.journal_backlog_max // 2
+        ):
+            self._set_client_reading(True)
+
+    def _on_trouble(self, reason: str | None) -> None:
+        self.board.set_journal_trouble(reason)
+        if reason is None:
+            _log.warning("journal_recovered", path=self.store.location)
+        else:
+            _log.error("journal_failing", path=self.store.location, why=reason)
+
+    def _set_client_reading(self, on: bool) -> None:
+        """Pause (or resume) reading from clients while the journal lags behind them."""
+        self._reading_paused = not on
+        role_of = self.board.role_of
+        for conn in self._conns.values():
+            if role_of(conn.id) is Role.CLIENT:
+                if on:
+                    conn.stream.resume_reading()
+                else:
+                    conn.stream.pause_reading()
+        _log.warning(
+            "journal_backpressure",
+            reading="resumed" if on else "paused",
+            backlog=self.store.backlog(),
+        )
+
+    async def _close_store(self) -> None:
+        if self._store_closed:
+            return
+        self._store_closed = True
+        await self.store.close()
 
     async def __aexit__(
         self,
@@ -220,6 +296,7 @@ class Broker:
     ) -> None:
         await self._close_listeners()
         await self._close_metrics()
+        await self._close_store()
         for conn in list(self._streams.values()):
             conn.stream.abort()
             self.close_connection(conn, "broker exit")
@@ -309,6 +386,9 @@ class Broker:
         _log.info("shutdown_finishing", unfinished=self.board.running)
         self.apply(self.board.finish(self.loop.time()))
         self._flush()
+        # What the journal still owes a commit, then the answers held for it.
+        await self._close_store()
+        self._flush()
         # Closed streams flush what is queued before the transport lets go:
         # wait for that (bounded), so the last answers are not lost at exit.
         if self._streams:
@@ -369,6 +449,8 @@ class Broker:
         conn.stream.close()
         del self._conns[conn.id]
         conn.log.info("connection_closed", why=why)
+        if self.journal is not None:
+            self.journal.forget_conn(conn.id)
         self.apply(self.board.disconnect(conn.id, self.loop.time()))
 
     def stream_lost(self, conn: _Connection) -> None:
@@ -387,14 +469,20 @@ class Broker:
 
     # -- applying actions ------------------------------------------------------------
 
-    def apply(self, actions: list[Action]) -> None:
+    def apply(self, actions: list[Action], held_ok: bool = True) -> None:
         # A batch's sends mostly go to the same few peers (every RESULT to the
         # one client): the last lookup is kept. Ids are never reused, and a
         # closed connection is marked closed, so a kept one cannot go stale.
         last_id = -1
         target: _Connection | None = None
+        # With a journal, what a client must not see before a commit waits
+        # there (daemon/journal.py); `held_ok` False: these were held already.
+        journal = self.journal if held_ok else None
         for action in actions:
             if type(action) is Send:
+                if journal is not None and journal.holds(action.conn, action.packet):
+                    journal.hold(action.conn, action)
+                    continue
                 if action.conn != last_id:
                     last_id = action.conn
                     target = self._conns.get(last_id)
@@ -415,7 +503,16 @@ class Broker:
                     )
                 except EncodeError as exc:
                     conn.outbox_bytes += self._encode_failed(conn, action, exc)
+            elif type(action) is Journal:
+                if self.journal is not None:
+                    self.journal.record(action)
+                    if not self._flush_scheduled:
+                        self._flush_scheduled = True
+                        self.loop.call_soon(self._flush)
             elif type(action) is Close:
+                if journal is not None and journal.holds_close(action.conn):
+                    journal.hold(action.conn, action)
+                    continue
                 closing = self._conns.get(action.conn)
                 if closing is not None:
                     self.close_connection(closing, action.why)
@@ -462,6 +559,14 @@ class Broker:
     def _flush(self) -> None:
         self._flush_scheduled = False
         self.board.end_batch()
+        if self.journal is not None:
+            store = self.store
+            store.flush()  # the turn's journal operations: one batch, off the loop
+            if (
+                not self._reading_paused
+                and store.backlog() > self.config.limits.journal_backlog_max
+            ):
+                self._set_client_reading(False)
         dirty, self._dirty = self._dirty, []
         high_water = self.config.limits.outbox_high_water_bytes
         for conn in dirty:
@@ -574,3 +679,20 @@ def _stats_fields(broker: Broker) -> dict[str, Any]:
         "protocol_errors": broker.protocol_errors,
         "slow_consumers": broker.slow_consumers,
     }
+
+
+def _store_for(config: Config) -> Store:
+    """The journal the config asks for: SQLite at `journal_path`, or none (memory)."""
+    if config.journal_path is None:
+        from .store.memory import MemoryStore
+
+        return MemoryStore()
+    from .store.sqlite import SqliteStore
+
+    limits = config.limits
+    return SqliteStore(
+        config.journal_path,
+        sync=config.journal_sync,
+        result_ttl_s=limits.result_ttl_s,
+        result_max=limits.result_max,
+    )

@@ -36,7 +36,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from ..core.errors import ConfigError
@@ -180,6 +180,13 @@ class Config:
     uvloop: bool = True
     # "host:port" (IPv6 as "[::1]:9464") of the Prometheus /metrics endpoint; None = off.
     metrics_address: str | None = None
+    # The SQLite journal (docs/durability.md); None = in memory, nothing survives.
+    # A Config made in code has none; `load_config` (what `serve` uses) defaults
+    # to `default_journal_path()`.
+    journal_path: str | None = None
+    # "full": an ACCEPTED job survives power loss (fsync at every commit);
+    # "normal": it survives the broker process dying, not the machine.
+    journal_sync: Literal["full", "normal"] = "full"
 
     def __post_init__(self) -> None:
         if not self.listeners:
@@ -188,6 +195,22 @@ class Config:
             split_host_port(self.metrics_address, "metrics_address")
         if self.log_level.lower() not in _LOG_LEVELS:
             raise ConfigError("log_level", f"{self.log_level!r} is not one of {_LOG_LEVELS}")
+        if self.journal_sync not in _SYNCS:
+            raise ConfigError("journal.sync", f"must be one of {', '.join(_SYNCS)}")
+
+
+_SYNCS = ("full", "normal")
+
+
+def default_journal_path(env: Mapping[str, str]) -> str:
+    """Where `serve` keeps its journal when nothing says otherwise:
+    $XDG_STATE_HOME/reasonbroker/journal.sqlite3, else
+    ~/.local/state/reasonbroker/journal.sqlite3 (the XDG base directory spec's
+    place for state that should survive a restart)."""
+    state = env.get("XDG_STATE_HOME") or str(
+        Path(env.get("HOME") or Path.home()) / ".local" / "state"
+    )
+    return str(Path(state) / "reasonbroker" / "journal.sqlite3")
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -216,21 +239,36 @@ ENV_ADMIN_TOKEN = "REASONBROKER_ADMIN_TOKEN"
 # Read at import (reasonbroker/_native.py): run the source, not the compiled build.
 ENV_PURE = "REASONBROKER_PURE"
 
+# Limits set in the [journal] table (they bound what the journal keeps), not [limits].
+_JOURNAL_LIMITS = ("result_ttl_s", "result_max", "result_max_bytes")
 # The scalar settings by canonical (TOML dotted) key, with the kind of value each takes.
 _SCALARS: dict[str, str] = {
     "uvloop": "bool",
     "metrics_address": "address",
     "log.level": "level",
     "log.format": "format",
-    **{f"limits.{f.name}": "int" if f.type == "int" else "float" for f in fields(Limits)},
+    **{
+        f"limits.{f.name}": "int" if f.type == "int" else "float"
+        for f in fields(Limits)
+        if f.name not in _JOURNAL_LIMITS
+    },
+    "journal.path": "journal",
+    "journal.sync": "sync",
+    **{
+        f"journal.{f.name}": "int" if f.type == "int" else "float"
+        for f in fields(Limits)
+        if f.name in _JOURNAL_LIMITS
+    },
 }
 _CONFIG_FIELDS = {
     "uvloop": "uvloop",
     "metrics_address": "metrics_address",
     "log.level": "log_level",
     "log.format": "log_format",
+    "journal.path": "journal_path",
+    "journal.sync": "journal_sync",
 }
-_TOP_KEYS = ("uvloop", "metrics_address", "log", "limits", "listeners")
+_TOP_KEYS = ("uvloop", "metrics_address", "log", "limits", "listeners", "journal")
 _ROLES = tuple(role.value for role in ListenerRole)
 _FORMATS = tuple(fmt.value for fmt in LogFormat)
 _AUTH_KEYS = ("token", "token_file", "admin_token", "admin_token_file", "mode")
@@ -250,6 +288,8 @@ _KINDS_TEXT = {
     "level": f"one of {', '.join(_LOG_LEVELS)}",
     "format": f"one of {', '.join(_FORMATS)}",
     "address": "host:port (IPv6 as [::1]:9464), or empty for off",
+    "journal": "a file path, or none (no journal: jobs live in memory only)",
+    "sync": "full or normal",
 }
 _ENV_TRUE = ("true", "1")
 _ENV_FALSE = ("false", "0")
@@ -296,13 +336,18 @@ def load_config(path: Path | None, env: Mapping[str, str], overrides: Mapping[st
     ]
 
     limits = {k.removeprefix("limits."): v for k, v in values.items() if k.startswith("limits.")}
+    for name in _JOURNAL_LIMITS:
+        if f"journal.{name}" in values:
+            limits[name] = values[f"journal.{name}"]
     try:
         checked = Limits(**limits)
     except ConfigError as exc:
         # Limits names the bare field; name the layer that set it instead.
-        origin = origins.get(f"limits.{exc.key}", _Origin(f"limits.{exc.key}"))
+        section = "journal" if exc.key in _JOURNAL_LIMITS else "limits"
+        origin = origins.get(f"{section}.{exc.key}", _Origin(f"{section}.{exc.key}"))
         raise ConfigError(origin.key, exc.message + origin.where) from None
     kwargs: dict[str, Any] = {"listeners": tuple(listeners), "limits": checked}
+    kwargs["journal_path"] = default_journal_path(env)
     for key, name in _CONFIG_FIELDS.items():
         if key in values:
             kwargs[name] = values[key]
@@ -322,7 +367,7 @@ def _apply_toml(
     doc = _read_toml(path)
     where = f" (in {path})"
     _reject_unknown(doc, _TOP_KEYS, "", where)
-    for section in ("log", "limits"):
+    for section in ("log", "limits", "journal"):
         if section not in doc:
             continue
         table = doc[section]
@@ -491,6 +536,14 @@ def _check(kind: str, value: object, key: str, where: str) -> object:
         case "format":
             if isinstance(value, str) and value.lower() in _FORMATS:
                 return LogFormat(value.lower())
+        case "journal":
+            if isinstance(value, str) and value.strip().lower() in ("", "none"):
+                return None
+            if isinstance(value, str):
+                return value
+        case "sync":
+            if isinstance(value, str) and value.lower() in _SYNCS:
+                return value.lower()
         case "address":
             # Empty turns metrics off, so a later layer can undo an earlier one.
             if isinstance(value, str) and not value.strip():

@@ -174,6 +174,9 @@ async def start_broker(system: str, args: argparse.Namespace, tmp: Path) -> Brok
             f"tcp://{HOST}:{worker_port}",
             "--log-level",
             "warning",
+            # The in-memory rows: the journal's own rows pass a path (durable mode).
+            "--journal",
+            "none",
         ]
     elif system == GEARMAND:
         cmd = [
