@@ -86,6 +86,8 @@ def meta(args: argparse.Namespace, systems: list[str], skipped: dict[str, str]) 
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "mode": "scale"
         if args.scale
+        else "cluster-baseline"
+        if getattr(args, "cluster_baseline", False)
         else ("smoke" if args.smoke else ("quick" if args.quick else "full")),
         "python": platform.python_version(),
         "event_loop": "uvloop " + uvloop.__version__ if uvloop is not None else "asyncio",
