@@ -480,6 +480,7 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     sync = "default" if args.js_no_sync else "always"
     log(f"nats-server {version}: {binary}; sync_interval {sync}")
+    load_at_start = list(os.getloadavg())
     topologies = [Topology("1 server, R1", 1, 1), Topology("3 servers, R3", 3, 3)]
     rows: list[dict[str, Any]] = []
     for topo in topologies:
@@ -491,6 +492,7 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         sync_interval="default" if args.js_no_sync else "always",
         consumer_slots=CONSUMER_SLOTS,
         fetch_max=FETCH_MAX,
+        loadavg_at_start=load_at_start,  # meta() runs after the cells: it read the end
         loadavg_at_end=list(os.getloadavg()),
     )
     return report
