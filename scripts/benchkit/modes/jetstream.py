@@ -406,7 +406,7 @@ async def run_topology(topo: Topology, args: argparse.Namespace) -> list[dict[st
         # Fetch + ack only: prefill, then drain in batches of FETCH_MAX.
         stream, subject, _ = await fresh(with_kv=False)
         try:
-            n = args.js_prefill
+            n = min(args.js_prefill, 500) if args.smoke else args.js_prefill
             t = perf()
             futs = []
             for _ in range(n):
