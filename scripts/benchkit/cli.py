@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from .common import SYSTEMS, log, run_async
-from .modes import grid, scale, sdk
+from .modes import grid, jetstream, scale, sdk
 from .processes import raise_nofile
 from .worker import worker_main
 
@@ -43,6 +43,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--sdk",
         action="store_true",
         help="the Python SDK (Client/Worker) vs nats-py, instead of the adapters (2 s, 2 repeats)",
+    )
+    p.add_argument(
+        "--cluster-baseline",
+        action="store_true",
+        help="the bare JetStream work-queue pattern (nats-py) on 1 and 3 servers (issue #14)",
+    )
+    p.add_argument(
+        "--js-no-sync",
+        action="store_true",
+        help="cluster baseline: the server's default sync_interval instead of always",
+    )
+    p.add_argument(
+        "--js-prefill", type=int, default=5000, help="cluster baseline: jobs for fetch+ack"
     )
     p.add_argument(
         "--systems",
@@ -145,11 +158,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def mode_of(args: argparse.Namespace) -> ModuleType:
-    """The mode module this run is (see modes/__init__.py): --scale, else the grid."""
+    """The mode module this run is (see modes/__init__.py): --scale, --cluster-baseline, else
+    the grid."""
     if args.scale:
         return scale
     if args.sdk:
         return sdk
+    if args.cluster_baseline:
+        return jetstream
     return grid
 
 

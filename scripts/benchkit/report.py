@@ -85,6 +85,8 @@ def mode_name(args: argparse.Namespace) -> str:
     """scale; smoke, quick or full (the grid); sdk-smoke, sdk-quick or sdk-full (--sdk)."""
     if args.scale:
         return "scale"
+    if getattr(args, "cluster_baseline", False):
+        return "cluster-baseline"
     size = "smoke" if args.smoke else ("quick" if args.quick else "full")
     return f"sdk-{size}" if args.sdk else size
 

@@ -3,6 +3,8 @@
     grid   the default: every system over the grid of cells (closed loop K x W, the big
            payload, open loop), systems interleaved per repeat; the comparison table
     scale  --scale: reasonbroker alone, connections held, jobs queued, client counts
+    jetstream  --cluster-baseline: the bare JetStream work-queue pattern with nats-py on
+           1 and 3 nats-servers, and its building blocks (issue #14, docs/cluster.md)
 
 A mode module has `main(args) -> report | None`: it starts what it needs (brokers and
 workers through ..processes, load through ..loadgen), prints its table on stdout and
