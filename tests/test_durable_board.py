@@ -283,3 +283,13 @@ def test_journal_trouble_refuses_new_runs_with_the_reason_and_keeps_the_rest() -
     assert h.answer("job1") == [("RESULT", c, 1, OK)]
     h.b.set_journal_trouble(None)
     assert h.run(c, 3) == [("RUN", w, "job3")]
+
+
+def test_the_sender_of_a_detached_run_may_attach_to_it_on_the_same_connection() -> None:
+    h = H()
+    h.worker()
+    c = h.client(hello=True, features=ACCEPTS)
+    h.run(c, 1, detach=True)
+    assert h.feed(c, Attach(ck(1))) == []
+    assert h.answer("job1") == [("RESULT", c, 1, OK)]
+    assert h.feed(c, Attach(ck(1))) == [("RESULT", c, 1, OK)]  # retained: collected again

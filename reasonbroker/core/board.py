@@ -496,7 +496,12 @@ class Switchboard:
                 state = JobState.QUEUED if job.state is _State.QUEUED else JobState.RUNNING
                 out.append(Send(c.id, Job(cookie, state, job.run.pipeline, job.attempts)))
                 return
-            if job.client is c or (job.attached is not None and c in job.attached):
+            if job.client is c:
+                # The connection that sent the RUN: if it was detached, it
+                # now wants the RESULT after all; either way, exactly one.
+                job.owed = True
+                return
+            if job.attached is not None and c in job.attached:
                 return  # already one of its clients: still owed exactly one RESULT
             if job.attached is None:
                 job.attached = [c]
