@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from reasonbroker.core.limits import Limits, ListenerRole
 from reasonbroker.core.protocol import Attach, Hello, JobState, Result, ResultCode, Run
@@ -354,3 +356,38 @@ async def test_a_run_lost_before_accepted_is_resent_and_collision_means_attach()
     finally:
         await client.close()
         await fake.close()
+
+
+# -- the README's durable-jobs example is real code -----------------------------------
+
+
+def _readme_durable_example() -> str:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("### Durable jobs: accepted, attach, job, resume", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "the README lost its durable-jobs example"
+    return match.group(1)
+
+
+async def test_readme_durable_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    code = _readme_durable_example()
+
+    async def shout(variables: Any) -> Any:
+        return {"text": variables["text"].upper()}
+
+    # The broker's log lines are captured, so stdout is the example's alone.
+    with structlog.testing.capture_logs():
+        async with Broker(config()) as b:
+            w = Worker(b.address("worker"), handlers={"shout": shout})
+            serving = await registered(w)
+            code = code.replace("tcp://10.0.0.1:51500", b.address("client"))
+            body = "".join(f"    {line}\n" for line in code.splitlines())
+            namespace: dict[str, Any] = {}
+            exec(f"async def main():\n{body}", namespace)
+            async with asyncio.timeout(WAIT_S):
+                await namespace["main"]()
+            await stop(w, serving)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2
+    assert out[0].split()[0] in ("queued", "running", "ended")
+    assert out[1] == "{'text': 'LATER'}"
