@@ -174,6 +174,42 @@ async def test_attach_to_an_ended_detached_job_gets_the_retained_result(broker: 
     await stop(w, serving)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "core: the board ignores an ATTACH from the connection that sent the job's "
+        "RUN (job.client is c), but a detached job's client is not owed its RESULT"
+    ),
+)
+async def test_attach_from_the_connection_that_submitted_a_live_detached_job(
+    broker: Broker,
+) -> None:
+    gate = Gate()
+    w = Worker(broker.address("worker"), handlers={"hold": gate})
+    serving = await registered(w)
+    try:
+        async with (
+            Client(broker.address("client")) as client,
+            Client(broker.address("client")) as witness,
+        ):
+            handle = await client.submit("hold", "mine", detach=True)
+            async with asyncio.timeout(WAIT_S):
+                await gate.entered.wait()
+            attached = await client.attach(handle.cookie)
+            watched = await witness.attach(handle.cookie)
+            gate.release.set()
+            async with asyncio.timeout(WAIT_S):
+                assert await watched == "mine"
+                # The broker answers every client of the job in one turn, and
+                # this JOB comes after any RESULT on the same connection.
+                assert (await client.job(handle.cookie)).state is JobState.ENDED
+            assert attached.done()
+            assert await attached == "mine"
+    finally:
+        gate.release.set()
+        await stop(w, serving)
+
+
 async def test_attach_and_job_to_an_unknown_cookie_raise(broker: Broker) -> None:
     cookie = uuid.uuid4()
     async with Client(broker.address("client")) as client:
