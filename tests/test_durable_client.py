@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -20,13 +21,24 @@ import pytest
 import structlog
 
 from reasonbroker.core.limits import Limits, ListenerRole
-from reasonbroker.core.protocol import Attach, Hello, JobState, Result, ResultCode, Run
+from reasonbroker.core.protocol import (
+    Accepted,
+    Attach,
+    Cancel,
+    Hello,
+    Job,
+    JobState,
+    Result,
+    ResultCode,
+    Run,
+)
 from reasonbroker.daemon.broker import Broker
 from reasonbroker.daemon.config import Config, ListenerConfig
 from reasonbroker.sdk.client import Client, JobInfo, cookie_bytes
 from reasonbroker.sdk.errors import (
     BrokerConnectionError,
     BrokerWentAway,
+    Cancelled,
     CookieNotFound,
     NoCapacity,
     ResumeTimeout,
@@ -268,7 +280,7 @@ def test_cookie_bytes_takes_uuid_str_and_bytes() -> None:
 
 @pytest.mark.parametrize("journal", [False, True], ids=["memory", "journal"])
 async def test_resume_after_the_broker_restarts_on_the_same_port(
-    journal: bool, tmp_path: Path
+    journal: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The broker dies with a job a worker holds; a new one starts on the same ports.
 
@@ -277,6 +289,7 @@ async def test_resume_after_the_broker_restarts_on_the_same_port(
     parameter's config) it runs again and the handle resolves with its result.
     Either way: exactly once, and the client goes on working.
     """
+    caplog.set_level(logging.INFO, logger="reasonbroker.client")
     path = tmp_path / "journal.sqlite" if journal else None
     gate = Gate()
     first = Broker(config(journal=path))
@@ -314,6 +327,13 @@ async def test_resume_after_the_broker_restarts_on_the_same_port(
             assert await client.run("job", "after") == "after"
         await client.close()
         await stop(w2, serving2)
+    # One line per state change of the connection, none per job.
+    # (The library's records carry the structlog event dict as `msg`.)
+    logged: list[dict[str, Any]] = [
+        r.msg for r in caplog.records if r.name == "reasonbroker.client" and isinstance(r.msg, dict)
+    ]
+    assert [e["event"] for e in logged] == ["client_connected", "client_resuming", "client_resumed"]
+    assert (logged[2]["reattached"], logged[2]["resent"]) == (1, 0)
 
 
 async def test_resume_gives_up_after_resume_timeout_with_resume_timeout() -> None:
@@ -427,3 +447,45 @@ async def test_readme_durable_example_runs(capsys: pytest.CaptureFixture[str]) -
     assert len(out) == 2
     assert out[0].split()[0] in ("queued", "running", "ended")
     assert out[1] == "{'text': 'LATER'}"
+
+
+async def test_a_resuming_client_asks_again_and_cancels_after_reconnecting() -> None:
+    """A job() question and a cancel() made while the connection is down are
+    sent once the client is back, after the job's ATTACH."""
+    fake = FakeBroker(
+        route=False,
+        hello_answer=Hello(version="fake-1", features=("accepted", "attach"), heartbeat_ms=None),
+    )
+    await fake.start()
+    client = Client(fake.url, resume=True, resume_timeout=WAIT_S)
+    try:
+        await client.connect()
+        submitting = asyncio.create_task(client.submit("job", 1))
+        async with asyncio.timeout(WAIT_S):
+            [run] = await fake.wait_for(lambda: fake.seen(Run))
+            first = fake.conns[0]
+            first.send(Accepted(run.cookie))
+            handle = await submitting
+            assert handle.accepted
+            asking = asyncio.create_task(client.job(run.cookie))
+            await fake.wait_for(lambda: fake.seen_on(Attach, first))
+            first.drop()
+            await first.closed.wait()
+            await handle.cancel()  # while down: sent after the reconnect
+            await fake.wait_for(
+                lambda: len(fake.conns) == 2 and fake.seen_on(Cancel, fake.conns[1])
+            )
+            now = fake.conns[1]
+            sent = [pkt for c, pkt in fake.received if c is now and not isinstance(pkt, Hello)]
+            assert sent == [Attach(run.cookie, True), Cancel(run.cookie), Attach(run.cookie, False)]
+            now.send(Job(run.cookie, JobState.RUNNING, "job", 1))
+            info = await asking
+            assert info.state is JobState.RUNNING
+            now.send(Result(run.cookie, ResultCode.CANCELLED, "cancelled by client"))
+            with pytest.raises(Cancelled) as cancelled:
+                await handle
+            assert cancelled.value.by == "client"
+        assert client.in_flight == 0
+    finally:
+        await client.close()
+        await fake.close()
