@@ -1,11 +1,12 @@
-"""The command line: `reasonbroker serve`, `submit`, `status` and `worker`. It owns the process.
+"""The command line: `reasonbroker serve`, `submit`, `job`, `status` and `worker`.
 
-This is the one place that reads the real environment, configures logging,
-picks the event loop, installs signal handlers and chooses the exit status:
-0 after a clean shutdown, 1 when a listener cannot be bound, 2 on a
-configuration error (and on a usage error, as click does). `submit` exits
-with a status per result code (`SUBMIT_EXIT`), `status` with `STATUS_EXIT_*`; the shell worker's
-per-job logic lives in `cmdworker.py`.
+It owns the process. This is the one place that reads the real environment,
+configures logging, picks the event loop, installs signal handlers and
+chooses the exit status: 0 after a clean shutdown, 1 when a listener cannot
+be bound, 2 on a configuration error (and on a usage error, as click does).
+`submit` and `job` exit with a status per result code (`SUBMIT_EXIT`),
+`status` with `STATUS_EXIT_*`; the shell worker's per-job logic lives in
+`cmdworker.py`.
 """
 
 from __future__ import annotations
@@ -208,6 +209,16 @@ def _check_broker_url(ctx: click.Context, param: click.Parameter, value: str) ->
     return value
 
 
+def _check_broker_urls(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    """--broker for submit and job: one transport URL, or several, comma-separated."""
+    urls = tuple(url.strip() for url in value.split(",") if url.strip())
+    if not urls:
+        raise _UsageError("--broker: no URL given")
+    for url in urls:
+        _check_broker_url(ctx, param, url)
+    return urls
+
+
 def _run(config: Config) -> int:
     log = get_logger()
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
@@ -319,6 +330,9 @@ SUBMIT_EXIT: Final[dict[ResultCode, int]] = {
 EXIT_CONNECT_FAILED: Final = 9
 EXIT_OTHER_RESULT: Final = 10
 EXIT_GENERIC: Final = 1
+# `job`: the broker knows no job by that cookie (never, or its result expired).
+# Not 10: a script polling `reasonbroker job` must tell "no such job" apart.
+EXIT_NO_SUCH_JOB: Final = 12
 
 _LOG_FORMATS: Final = [fmt.value for fmt in LogFormat]
 
@@ -387,17 +401,30 @@ def _log_options(default_level: str) -> Callable[[F], F]:
     return decorate
 
 
+def _broker_list_option(f: F) -> F:
+    """--broker URL[,URL...] and --resume, shared by submit and job."""
+    f = click.option(
+        "--resume",
+        is_flag=True,
+        help=(
+            "If the connection is lost, reconnect (cycling through the URLs) and collect "
+            "the job's result; on by default with more than one URL."
+        ),
+    )(f)
+    return click.option(
+        "--broker",
+        "urls",
+        default=DEFAULT_CLIENT_URL,
+        show_default=True,
+        metavar="URL[,URL...]",
+        callback=_check_broker_urls,
+        help="The broker's client address; several, comma-separated, to resume across them.",
+    )(f)
+
+
 @main.command(short_help="Run one job and print its result.")
 @click.argument("pipeline")
-@click.option(
-    "--broker",
-    "url",
-    default=DEFAULT_CLIENT_URL,
-    show_default=True,
-    metavar="URL",
-    callback=_check_broker_url,
-    help="The broker's client address.",
-)
+@_broker_list_option
 @click.option(
     "--vars",
     "variables",
@@ -414,7 +441,11 @@ def _log_options(default_level: str) -> Callable[[F], F]:
     metavar="SECONDS",
     help="Deadline, enforced by the broker (result TIMEOUT).",
 )
-@click.option("--detach", is_flag=True, help="Do not wait: exit 0 once the broker has the job.")
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="Do not wait for the result: print the cookie, exit 0 once the broker accepted the job.",
+)
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher runs sooner.")
 @click.option(
     "--max-attempts",
@@ -430,7 +461,8 @@ def _log_options(default_level: str) -> Callable[[F], F]:
 def submit(
     ctx: click.Context,
     pipeline: str,
-    url: str,
+    urls: tuple[str, ...],
+    resume: bool,
     variables: Any,
     timeout: float | None,
     detach: bool,
@@ -446,19 +478,32 @@ def submit(
     JSON (repr when it is not JSON-serialisable). The exit status tells the
     result code: 0 OK, 3 PROCESSOR_EXCEPTION, 4 TIMEOUT, 5 CANCELLED,
     6 NO_CAPACITY, 7 WORKER_WENT_AWAY, 8 BROKER_WENT_AWAY, 9 broker
-    unreachable, 10 any other code. Ctrl-C cancels the job.
+    unreachable, 10 any other code. Ctrl-C cancels the job. --detach prints
+    only the job's cookie, once the broker has accepted it (a refusal exits
+    with its status).
     """
     if not pipeline:
         raise click.BadParameter("must not be empty", param_hint="PIPELINE")
     configure(log_level, LogFormat(log_format))
-    job = _SubmitJob(url, pipeline, variables, timeout, detach, priority, max_attempts, as_json)
+    job = _SubmitJob(
+        urls,
+        resume or len(urls) > 1,
+        pipeline,
+        variables,
+        timeout,
+        detach,
+        priority,
+        max_attempts,
+        as_json,
+    )
     ctx.exit(asyncio.run(job.main()))
 
 
 class _SubmitJob:
     def __init__(
         self,
-        url: str,
+        urls: tuple[str, ...],
+        resume: bool,
         pipeline: str,
         variables: Any,
         timeout: float | None,
@@ -467,7 +512,8 @@ class _SubmitJob:
         max_attempts: int | None,
         as_json: bool,
     ) -> None:
-        self.url = url
+        self.urls = urls
+        self.resume = resume
         self.pipeline = pipeline
         self.variables = variables
         self.timeout = timeout
@@ -505,7 +551,7 @@ class _SubmitJob:
         from .sdk.client import Client
         from .sdk.errors import BrokerConnectionError, JobError
 
-        client = Client(self.url, name="reasonbroker submit")
+        client = Client(self.urls, name="reasonbroker submit", resume=self.resume)
         try:
             try:
                 await client.connect()
@@ -536,7 +582,9 @@ class _SubmitJob:
         if self.as_json:
             out = {"rc": "OK", "result": _jsonable(value), "error": None, "cookie": self.cookie}
             click.echo(json.dumps(out, ensure_ascii=False))
-        elif not self.detach:
+        elif self.detach:
+            click.echo(self.cookie)  # only the cookie: `id=$(reasonbroker submit --detach ...)`
+        else:
             click.echo(_render(value))
         return EXIT_OK
 
@@ -554,6 +602,136 @@ class _SubmitJob:
             click.echo(json.dumps(out, ensure_ascii=False))
         click.echo(f"reasonbroker: {message}", err=True)
         return status
+
+
+# --------------------------------------------------------------------------- job
+
+
+@main.command(short_help="Show a job's state by its cookie, or wait for its result.")
+@click.argument("cookie")
+@_broker_list_option
+@click.option(
+    "--wait", is_flag=True, help="Wait for the job's result (ATTACH) and exit as submit does."
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="With --wait: print a JSON object {rc, result, error, cookie}.",
+)
+@_log_options(default_level="warning")
+@click.pass_context
+def job(
+    ctx: click.Context,
+    cookie: str,
+    urls: tuple[str, ...],
+    resume: bool,
+    wait: bool,
+    as_json: bool,
+    log_level: str,
+    log_format: str,
+) -> None:
+    """Print the state of the job COOKIE as one JSON object.
+
+    {"cookie", "state" (queued, running or ended), "pipeline", "attempts",
+    "rc", "error"}: rc and error are set once the job has ended. --wait
+    attaches to the job instead and prints its result as submit does, with
+    submit's exit statuses (PROGRESS values on stderr). 12: the broker knows
+    no job by this cookie (never did, or its result has expired); 9 broker
+    unreachable.
+    """
+    import uuid
+
+    try:
+        uuid.UUID(cookie)
+    except ValueError:
+        raise _UsageError(f"job: not a job cookie (a UUID): {cookie!r}") from None
+    configure(log_level, LogFormat(log_format))
+    query = _JobQuery(urls, resume or len(urls) > 1, cookie, wait, as_json)
+    ctx.exit(asyncio.run(query.main()))
+
+
+class _JobQuery:
+    def __init__(
+        self, urls: tuple[str, ...], resume: bool, cookie: str, wait: bool, as_json: bool
+    ) -> None:
+        self.urls = urls
+        self.resume = resume
+        self.cookie = cookie
+        self.wait = wait
+        self.as_json = as_json
+
+    async def main(self) -> int:
+        """Ask (or wait); SIGINT/SIGTERM stop waiting and leave the job alone."""
+        task = asyncio.current_task()
+        assert task is not None
+        received: list[signal.Signals] = []
+
+        def on_signal(sig: signal.Signals) -> None:
+            received.append(sig)
+            if len(received) == 1:
+                task.cancel()
+
+        remove = _add_signal_handlers(on_signal)
+        try:
+            return await self._run()
+        except asyncio.CancelledError:
+            if not received:
+                raise
+            task.uncancel()
+            click.echo(
+                f"reasonbroker: {received[0].name}: stopped waiting (the job runs on)", err=True
+            )
+            return 128 + received[0].value
+        finally:
+            remove()
+
+    async def _run(self) -> int:
+        from .sdk.client import Client
+        from .sdk.errors import BrokerConnectionError, CookieNotFound, JobError
+
+        client = Client(self.urls, name="reasonbroker job", resume=self.resume)
+        try:
+            try:
+                await client.connect()
+            except BrokerConnectionError as exc:
+                return self._fail(None, str(exc), EXIT_CONNECT_FAILED)
+            if not self.wait:
+                info = await client.job(self.cookie)
+                click.echo(json.dumps(info.as_dict(), ensure_ascii=False))
+                return EXIT_OK
+            handle = await client.attach(self.cookie, on_progress=_progress_to_stderr)
+            value = await handle
+        except CookieNotFound:
+            message = f"no job with cookie {self.cookie} (unknown, or its result has expired)"
+            return self._fail(ResultCode.COOKIE_NOT_FOUND, message, EXIT_NO_SUCH_JOB, message)
+        except JobError as exc:
+            status = SUBMIT_EXIT.get(exc.rc, EXIT_OTHER_RESULT)
+            return self._fail(exc.rc, str(exc), status, exc.error)
+        finally:
+            await client.close()
+        if self.as_json:
+            out = {"rc": "OK", "result": _jsonable(value), "error": None, "cookie": self.cookie}
+            click.echo(json.dumps(out, ensure_ascii=False))
+        else:
+            click.echo(_render(value))
+        return EXIT_OK
+
+    def _fail(self, rc: ResultCode | None, message: str, status: int, error: Any = None) -> int:
+        if self.as_json and self.wait:
+            out = {
+                "rc": None if rc is None else rc.value,
+                "result": None,
+                "error": message if rc is None else error,
+                "cookie": self.cookie,
+            }
+            click.echo(json.dumps(out, ensure_ascii=False))
+        click.echo(f"reasonbroker: {message}", err=True)
+        return status
+
+
+def _progress_to_stderr(value: Any) -> None:
+    click.echo(_render(value), err=True)
 
 
 # --------------------------------------------------------------------------- status

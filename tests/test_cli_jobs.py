@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -181,10 +182,100 @@ async def test_submit_detach_returns_at_once(served: tuple[str, Gate]) -> None:
     # The job holds in the gate until released: exiting 0 means submit did not wait.
     rc, out, err = await cli("submit", "gate", "--broker", url, "--detach", "--vars", "1")
     assert rc == 0, err
-    assert out == ""
+    [line] = out.splitlines()  # exactly one line: the cookie
+    assert out == line + "\n"
+    cookie = uuid.UUID(line)
     async with asyncio.timeout(WAIT_S):
         await gate.entered.wait()  # the job reached the worker after the client left
     assert not gate.cancelled.is_set()
+    async with Client(url) as client:
+        assert (await client.job(cookie)).pipeline == "gate"
+
+
+async def test_submit_detach_refused_exits_with_the_refusal(served: tuple[str, Gate]) -> None:
+    # Issue 19 item 1: a refused detached job is not a success.
+    url, _ = served
+    rc, out, err = await cli("submit", "nobody-serves-this", "--broker", url, "--detach")
+    assert rc == 6
+    assert out == ""
+    assert err.startswith("reasonbroker: NO_CAPACITY: ")
+    assert len(err.splitlines()) == 1
+
+
+async def test_submit_tries_each_broker_of_a_list(served: tuple[str, Gate], tmp_path: Path) -> None:
+    url, _ = served
+    urls = f"unix://{tmp_path / 'none.sock'},{url}"
+    rc, out, err = await cli("submit", "echo", "--broker", urls, "--vars", '"x"')
+    assert rc == 0, err
+    assert out == '"x"\n'
+
+
+# --------------------------------------------------------------------------- job
+
+
+async def test_job_prints_the_state_then_waits_for_the_result(
+    broker: Broker, served: tuple[str, Gate]
+) -> None:
+    url, gate = served
+    rc, out, err = await cli("submit", "gate", "--broker", url, "--detach", "--vars", "1")
+    assert rc == 0, err
+    cookie = out.strip()
+    async with asyncio.timeout(WAIT_S):
+        await gate.entered.wait()
+    rc, out, err = await cli("job", cookie, "--broker", url)
+    assert rc == 0, err
+    assert json.loads(out) == {
+        "cookie": cookie,
+        "state": "running",
+        "pipeline": "gate",
+        "attempts": 1,
+        "rc": None,
+        "error": None,
+    }
+    waiting = await _spawn("job", cookie, "--broker", url, "--wait")
+    try:
+        await _wait_for(lambda: broker.board.stats.attached == 1, "job --wait to attach")
+        gate.release.set()
+        rc, out, err = await _finish(waiting)
+    finally:
+        if waiting.returncode is None:
+            waiting.kill()
+            await waiting.wait()
+    assert rc == 0, err
+    assert out == "1\n"
+    rc, out, err = await cli("job", cookie, "--broker", url)
+    assert rc == 0, err
+    assert json.loads(out)["state"] == "ended"
+    assert json.loads(out)["rc"] == "OK"
+    # The ended job's retained result, at once, in submit's --json form.
+    rc, out, err = await cli("job", cookie, "--broker", url, "--wait", "--json")
+    assert rc == 0, err
+    assert json.loads(out) == {"rc": "OK", "result": 1, "error": None, "cookie": cookie}
+
+
+async def test_job_wait_exits_with_the_jobs_status(served: tuple[str, Gate]) -> None:
+    url, _ = served
+    async with Client(url) as client:
+        handle = await client.submit("boom", 5, detach=True)
+    rc, out, err = await cli("job", str(handle.cookie), "--broker", url, "--wait")
+    assert rc == 3
+    assert out == ""
+    assert "PROCESSOR_EXCEPTION: ValueError: boom 5" in err
+
+
+async def test_job_unknown_cookie_exits_12(served: tuple[str, Gate]) -> None:
+    url, _ = served
+    cookie = str(uuid.uuid4())
+    for extra in ((), ("--wait",)):
+        rc, out, err = await cli("job", cookie, "--broker", url, *extra)
+        assert rc == 12
+        assert out == ""
+        assert err == (
+            f"reasonbroker: no job with cookie {cookie} (unknown, or its result has expired)\n"
+        )
+    rc, _, err = await cli("job", "not-a-cookie", "--broker", url)
+    assert rc == 2
+    assert err == "reasonbroker: job: not a job cookie (a UUID): 'not-a-cookie'\n"
 
 
 async def test_submit_interrupted_cancels_the_job(served: tuple[str, Gate]) -> None:

@@ -250,7 +250,7 @@ def test_help_summaries_are_whole_sentences() -> None:
     rc, out, _ = run("--help")
     assert rc == 0
     commands = out.split("Commands:", 1)[1].strip().splitlines()
-    assert [line.split()[0] for line in commands] == ["serve", "status", "submit", "worker"]
+    assert [line.split()[0] for line in commands] == ["job", "serve", "status", "submit", "worker"]
     for line in commands:
         assert not line.rstrip().endswith("..."), line  # click's cut
         assert line.rstrip().endswith("."), line

@@ -279,7 +279,7 @@ async def test_run_returns_the_echo_and_both_sides_say_hello(fake: FakeBroker) -
         assert client.broker_hello.version == "fake-1"
         assert client.in_flight == 0
     [client_hello] = fake.seen(Hello, Role.CLIENT)
-    assert client_hello.features == ("started", "progress")
+    assert client_hello.features == ("started", "progress", "accepted", "attach")
     assert client_hello.name == "c1"
     [worker_hello] = fake.seen(Hello, Role.WORKER)
     assert worker_hello.name == "w1"

@@ -11,7 +11,7 @@ transports only: nothing here imports the daemon.
 
 from __future__ import annotations
 
-from .client import Client, JobHandle
+from .client import Client, JobHandle, JobInfo
 from .errors import (
     BadPacket,
     BrokerConnectionError,
@@ -25,6 +25,7 @@ from .errors import (
     JobTimeout,
     NoCapacity,
     ProcessorException,
+    ResumeTimeout,
     Unauthorized,
     UnsupportedPacketType,
     WorkerWentAway,
@@ -45,9 +46,11 @@ __all__ = [
     "JobError",
     "JobException",
     "JobHandle",
+    "JobInfo",
     "JobTimeout",
     "NoCapacity",
     "ProcessorException",
+    "ResumeTimeout",
     "Unauthorized",
     "UnsupportedPacketType",
     "Worker",

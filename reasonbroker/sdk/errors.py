@@ -38,6 +38,7 @@ __all__ = [
     "ProcessorException",
     "ReasonBrokerError",
     "RemoteProtocolError",
+    "ResumeTimeout",
     "Unauthorized",
     "UnsupportedPacketType",
     "WorkerWentAway",
@@ -120,6 +121,14 @@ class BrokerWentAway(JobError):
     """The broker answered BROKER_WENT_AWAY, or the connection to it was lost."""
 
     code = "BROKER_WENT_AWAY"
+
+
+class ResumeTimeout(BrokerWentAway, BrokerConnectionError):
+    """A resuming client lost its broker and could not reconnect within `resume_timeout`.
+
+    Both a `BrokerWentAway` (a job's error, like any lost connection) and a
+    `BrokerConnectionError`: whoever catches either catches this.
+    """
 
 
 class ProcessorException(JobError):

@@ -34,6 +34,9 @@ DEFAULT_MAX_FRAME_BYTES: Final = Limits().max_frame_bytes
 # PROTOCOL.md section 6: a peer silent for 3 heartbeats is gone.
 HEARTBEAT_MISSES: Final = 3
 _READ_CHUNK: Final = 256 * 1024
+# Reconnect backoff, shared by the worker and a resuming client.
+RECONNECT_FIRST_S: Final = 0.1
+RECONNECT_MAX_S: Final = 5.0
 # How long close() waits for buffered bytes to flush before dropping them.
 _CLOSE_FLUSH_S: Final = 1.0
 
@@ -75,6 +78,13 @@ def library_logger(name: str) -> structlog.stdlib.BoundLogger:
         cache_logger_on_first_use=True,
     )
     return logger
+
+
+def reconnect_delay(
+    attempt: int, first_s: float = RECONNECT_FIRST_S, cap_s: float = RECONNECT_MAX_S
+) -> float:
+    """Capped exponential backoff: first_s, 2*first_s, 4*first_s, ... at most cap_s."""
+    return min(first_s * 2.0 ** min(attempt, 32), cap_s)
 
 
 class Peer:

@@ -23,7 +23,13 @@ from typing import Any, Final, Self
 from ..core import protocol as p
 from ..core.errors import EncodeError
 from .errors import BrokerConnectionError, ConnectTimeout
-from .peer import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_MAX_FRAME_BYTES, Peer, library_logger
+from .peer import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_MAX_FRAME_BYTES,
+    Peer,
+    library_logger,
+    reconnect_delay,
+)
 
 __all__ = ["Handler", "Worker", "current_cookie", "progress", "reconnect_delay"]
 
@@ -32,16 +38,7 @@ log = library_logger("reasonbroker.worker")
 # async def handler(variables: Any) -> Any
 Handler = Callable[[Any], Awaitable[Any]]
 
-RECONNECT_FIRST_S: Final = 0.1
-RECONNECT_MAX_S: Final = 5.0
 _STOPPED: Final = "worker stopped"
-
-
-def reconnect_delay(
-    attempt: int, first_s: float = RECONNECT_FIRST_S, cap_s: float = RECONNECT_MAX_S
-) -> float:
-    """Capped exponential backoff: first_s, 2*first_s, 4*first_s, ... at most cap_s."""
-    return min(first_s * 2.0 ** min(attempt, 32), cap_s)
 
 
 def _worth_repeating(failures: int) -> bool:
