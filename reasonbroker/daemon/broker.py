@@ -152,6 +152,7 @@ class Broker:
         self.journal: JournalGlue | None = None
         self._reading_paused = False
         self._store_closed = False
+        self._finished = False  # board.finish() has run
         self._conns: dict[int, _Connection] = {}
         self._ids = itertools.count(1)
         self._listeners: list[tuple[ListenerRole, Listener]] = []
@@ -296,6 +297,13 @@ class Broker:
     ) -> None:
         await self._close_listeners()
         await self._close_metrics()
+        if self.journal is not None and not self._finished:
+            # Leaving without serve()'s drain: the board ends the way a drain
+            # does (running jobs back in the journal, the attempt given back),
+            # so the streams aborted below are the broker's going, not their
+            # clients' leaving: no job is cancelled for it.
+            self._finished = True
+            self.apply(self.board.finish(self.loop.time()))
         await self._close_store()
         for conn in list(self._streams.values()):
             conn.stream.abort()
@@ -384,6 +392,7 @@ class Broker:
                 idle.cancel()
                 force.cancel()
         _log.info("shutdown_finishing", unfinished=self.board.running)
+        self._finished = True
         self.apply(self.board.finish(self.loop.time()))
         self._flush()
         # What the journal still owes a commit, then the answers held for it.
