@@ -47,6 +47,11 @@ def assign_role(c: _Conn, packet: Packet, heartbeat_ms: int, out: list[Action]) 
         return _assign_admin(c, packet, admin_token, heartbeat_ms, out)
     if isinstance(packet, Hello):
         role = packet.role or Role.CLIENT
+    elif isinstance(packet, BadPacket) and packet.packet_type == "HELLO":
+        # A malformed HELLO (a token that is not a string, say) still says the
+        # peer speaks the extensions: it is answered as one, never as legacy.
+        c.hello = True
+        role = Role.CLIENT
     elif isinstance(packet, Register) or (
         isinstance(packet, BadPacket) and packet.packet_type == "REGISTER"
     ):
@@ -118,7 +123,9 @@ def _authenticate(c: _Conn, packet: Packet, out: list[Action]) -> Refusal | None
     constant time and never appears in an answer or a log line.
     """
     assert c.token is not None
-    if not isinstance(packet, Hello):
+    if isinstance(packet, BadPacket) and packet.packet_type == "HELLO":
+        reason = "malformed HELLO"
+    elif not isinstance(packet, Hello):
         reason = "not HELLO"  # legacy peers cannot authenticate
     elif packet.token is None:
         reason = "missing"
