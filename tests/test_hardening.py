@@ -8,12 +8,24 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
+import pytest
 
-from reasonbroker.core.actions import Action, Close, Send
+from reasonbroker.core.actions import Action, Close, Log, Send
 from reasonbroker.core.board import Switchboard
 from reasonbroker.core.codecs import decode_body
+from reasonbroker.core.errors import ConfigError
+from reasonbroker.core.guard import LOG_ITEMS, LOG_TEXT_CHARS, clip
 from reasonbroker.core.limits import Limits, ListenerRole
-from reasonbroker.core.packets import Codec, Result, ResultCode
+from reasonbroker.core.packets import (
+    Codec,
+    Hello,
+    Register,
+    Result,
+    ResultCode,
+    Role,
+    Run,
+    new_cookie,
+)
 
 
 def _results(actions: list[Action]) -> list[Result]:
@@ -46,3 +58,128 @@ def test_malformed_hello_without_a_token_listener_gets_bad_packet_not_a_close() 
     out = board.receive(1, _decoded({"packet_type": "HELLO", "token": [1, 2]}), 0.0)
     assert [r.rc for r in _results(out)] == [ResultCode.BAD_PACKET]
     assert not any(isinstance(a, Close) for a in out)
+
+
+# -- items 12 and 20: limits on what peers name -----------------------------------
+
+SMALL = Limits(
+    max_pipeline_name_bytes=8,
+    max_pipelines_per_worker=3,
+    max_hello_name_bytes=10,
+    max_hello_features=2,
+    max_hello_feature_bytes=8,
+)
+
+
+def _worker(board: Switchboard, conn: int = 1) -> None:
+    board.connect(conn, ListenerRole.BOTH)
+    board.receive(conn, Hello(role=Role.WORKER), 0.0)
+
+
+def _logs(actions: list[Action], event: str) -> list[Log]:
+    return [a for a in actions if isinstance(a, Log) and a.event == event]
+
+
+def test_register_with_a_long_pipeline_name_is_bad_packet_and_adds_nothing() -> None:
+    board = Switchboard(SMALL)
+    _worker(board)
+    out = board.receive(1, Register(5, ("x" * 9,)), 0.0)
+    assert [r.rc for r in _results(out)] == [ResultCode.BAD_PACKET]
+    assert board.slots(1) == (0, 0)
+    assert board.workers() == []
+
+
+def test_pipeline_name_limit_counts_utf8_bytes() -> None:
+    board = Switchboard(SMALL)
+    _worker(board)
+    out = board.receive(1, Register(1, ("\u00e9" * 5,)), 0.0)  # 5 chars, 10 bytes
+    assert [r.rc for r in _results(out)] == [ResultCode.BAD_PACKET]
+    out = board.receive(1, Register(1, ("\u00e9" * 4,)), 0.0)  # 8 bytes: fits
+    assert _results(out) == []
+
+
+def test_pipelines_per_worker_count_the_union_of_every_register() -> None:
+    board = Switchboard(SMALL)
+    _worker(board)
+    assert _results(board.receive(1, Register(1, ("a", "b")), 0.0)) == []
+    # Repeats, of this REGISTER's names and of earlier ones, count once.
+    assert _results(board.receive(1, Register(1, ("a", "b", "c", "c", "a")), 0.0)) == []
+    out = board.receive(1, Register(1, ("d",)), 0.0)
+    assert [r.rc for r in _results(out)] == [ResultCode.BAD_PACKET]
+    assert "max_pipelines_per_worker" in (_results(out)[0].error or "")
+    assert board.slots(1) == (2, 0)
+
+
+def test_worker_registered_logs_only_the_pipelines_added_and_clips_them() -> None:
+    board = Switchboard(Limits())
+    _worker(board)
+    names = tuple(f"p{i:04}" for i in range(100))
+    first = _logs(board.receive(1, Register(1, names), 0.0), "worker_registered")[0]
+    assert first.fields["pipelines_total"] == 100
+    logged = first.fields["pipelines"]
+    assert len(logged) == LOG_ITEMS + 1 and logged[-1] == f"... ({100 - LOG_ITEMS} more)"
+    again = _logs(board.receive(1, Register(1, (*names, "new")), 0.0), "worker_registered")[0]
+    assert again.fields["pipelines"] == ["new"]
+    assert again.fields["pipelines_total"] == 101
+
+
+def test_run_with_a_long_pipeline_name_is_bad_packet() -> None:
+    board = Switchboard(SMALL)
+    _worker(board)
+    board.receive(1, Register(1), 0.0)
+    board.connect(2, ListenerRole.BOTH)
+    cookie = new_cookie()
+    out = board.receive(2, Run(cookie, "y" * 9, None), 0.0)
+    assert [(r.cookie, r.rc) for r in _results(out)] == [(cookie, ResultCode.BAD_PACKET)]
+    assert board.live_jobs == 0
+
+
+@pytest.mark.parametrize(
+    "hello",
+    [
+        Hello(role=Role.CLIENT, name="n" * 11),
+        Hello(role=Role.CLIENT, features=("a", "b", "c")),
+        Hello(role=Role.CLIENT, features=("f" * 9,)),
+    ],
+    ids=["name", "features-count", "feature-length"],
+)
+def test_hello_over_its_limits_is_bad_packet_then_closed(hello: Hello) -> None:
+    board = Switchboard(SMALL)
+    board.connect(1, ListenerRole.BOTH)
+    out = board.receive(1, hello, 0.0)
+    assert [r.rc for r in _results(out)] == [ResultCode.BAD_PACKET]
+    assert any(isinstance(a, Close) for a in out)
+    assert not any(isinstance(a, Send) and isinstance(a.packet, Hello) for a in out)
+
+
+def test_hello_within_its_limits_is_welcome() -> None:
+    board = Switchboard(SMALL)
+    board.connect(1, ListenerRole.BOTH)
+    out = board.receive(1, Hello(role=Role.CLIENT, name="n" * 10, features=("f" * 8, "g")), 0.0)
+    assert any(isinstance(a, Send) and isinstance(a.packet, Hello) for a in out)
+
+
+def test_clip_bounds_strings_lists_and_maps() -> None:
+    assert clip("short") == "short"
+    long = clip("z" * 10_000)
+    assert len(long) < LOG_TEXT_CHARS + 40 and long.endswith("(9800 more chars)")
+    clipped = clip({"a": ["q" * 500] * 1000})
+    assert len(clipped["a"]) == LOG_ITEMS + 1
+    assert all(len(x) < LOG_TEXT_CHARS + 40 for x in clipped["a"])
+    assert clip(7) == 7 and clip(None) is None
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "max_pipeline_name_bytes",
+        "max_pipelines_per_worker",
+        "max_hello_name_bytes",
+        "max_hello_features",
+        "max_hello_feature_bytes",
+    ],
+)
+def test_the_new_limits_are_validated(field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Limits(**{field: 0})
+    assert info.value.key == field

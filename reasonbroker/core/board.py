@@ -32,6 +32,7 @@ from .actions import Action, Close, Log, Send
 from .codecs import can_carry, payload_kind
 from .deadlines import Deadlines
 from .dispatch import Dispatcher
+from .guard import check_register, pipeline_too_long, registered_fields, utf8_over
 from .limits import Limits, ListenerRole
 from .packets import (
     BadPacket,
@@ -69,6 +70,7 @@ class Switchboard:
         self._attempts_limit = limits.max_attempts_limit
         self._default_attempts = min(limits.default_max_attempts, limits.max_attempts_limit)
         self._slot_rest_s = limits.legacy_slot_reuse_ms / 1000.0
+        self._max_pipeline_bytes = limits.max_pipeline_name_bytes
         self.stats = Stats()
         self.latency = Latency()
         # The time of the event being handled, for the latency of jobs ended
@@ -172,7 +174,7 @@ class Switchboard:
 
     def _handle(self, c: _Conn, packet: Packet, now: float, out: list[Action]) -> None:
         if c.role is None:
-            verdict = assign_role(c, packet, self._heartbeat_ms, out)
+            verdict = assign_role(c, packet, self._heartbeat_ms, out, self.limits)
             if type(verdict) is Refusal:
                 self._answer(c, verdict.result, out, force=True)
                 self._close(c, verdict.why, out)
@@ -326,6 +328,9 @@ class Switchboard:
         if self.draining:
             self._reject(c, run, ResultCode.BROKER_WENT_AWAY, "the broker is shutting down", out)
             return
+        if utf8_over(run.pipeline, self._max_pipeline_bytes):
+            self._reject(c, run, ResultCode.BAD_PACKET, pipeline_too_long(self.limits), out)
+            return
         if run.cookie in c.jobs:
             self._reject(c, run, ResultCode.COOKIE_COLLISION, "cookie is already in use", out)
             return
@@ -402,6 +407,11 @@ class Switchboard:
     # -- workers ------------------------------------------------------------------
 
     def _register(self, c: _Conn, reg: Register, out: list[Action]) -> None:
+        too_big = check_register(reg, c.pipelines, self.limits)
+        if too_big is not None:
+            self._bad_packet(c, BadPacket("REGISTER", None, too_big), self._now, out)
+            return
+        before = c.pipelines
         limit = self.limits.max_worker_capacity
         capacity = c.capacity + reg.capacity
         if capacity > limit:
@@ -419,10 +429,7 @@ class Switchboard:
             Log(
                 "worker_registered",
                 c.id,
-                {
-                    "capacity": c.capacity,
-                    "pipelines": sorted(c.pipelines) if c.pipelines is not None else None,
-                },
+                registered_fields(c.capacity, before, c.pipelines),
             )
         )
         self._fill(c, out)

@@ -77,6 +77,16 @@ class Limits:
     # Slots are never exceeded; at 0.25 a worker of capacity under 4 is
     # balanced exactly as least-loaded (ties aside).
     dispatch_batch_slack: float = 0.25
+    # Peer-named strings the broker keeps and logs (issue 19): a pipeline name
+    # (RUN or REGISTER), the pipelines one worker may name in all, a HELLO's
+    # name, its features and each feature's length. Over them: BAD_PACKET.
+    # Generous for real use; small enough that no peer makes the broker hold
+    # (or log) megabytes of names.
+    max_pipeline_name_bytes: int = 1_024
+    max_pipelines_per_worker: int = 10_000
+    max_hello_name_bytes: int = 256
+    max_hello_features: int = 64
+    max_hello_feature_bytes: int = 64
 
     def __post_init__(self) -> None:
         for f in fields(self):

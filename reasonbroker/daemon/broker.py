@@ -39,6 +39,7 @@ from ..core.actions import Action, Close, Log, Send, Wake
 from ..core.board import Switchboard
 from ..core.errors import EncodeError, RemoteProtocolError
 from ..core.framing import PacketDecoder, encode_into
+from ..core.guard import clip, clip_fields
 from ..core.limits import ListenerRole
 from ..core.packets import Codec, Ping, Result, ResultCode, Status
 from .config import Config
@@ -368,7 +369,7 @@ class Broker:
             self._write_out(conn)
         conn.stream.close()
         del self._conns[conn.id]
-        conn.log.info("connection_closed", why=why)
+        conn.log.info("connection_closed", why=clip(why))
         self.apply(self.board.disconnect(conn.id, self.loop.time()))
 
     def stream_lost(self, conn: _Connection) -> None:
@@ -380,7 +381,7 @@ class Broker:
     def protocol_error(self, conn: _Connection, exc: RemoteProtocolError) -> None:
         # PROTOCOL.md section 1: send nothing more, log why, close.
         self.protocol_errors += 1
-        conn.log.warning("protocol_error", why=str(exc))
+        conn.log.warning("protocol_error", why=clip(str(exc)))
         conn.outbox.clear()
         conn.outbox_bytes = 0
         self.close_connection(conn, f"protocol error: {exc}")
@@ -422,16 +423,21 @@ class Broker:
             elif type(action) is Wake:
                 self._wake(action.at)
             elif type(action) is Log:
-                about = self._conns.get(action.conn) if action.conn is not None else None
-                if about is None:
-                    _log.info(action.event, conn=action.conn, **action.fields)
-                    continue
-                if action.event == "peer_identified":
-                    # From now on this connection's lines carry its real role.
-                    about.log = about.log.bind(role=action.fields["role"])
-                about.log.info(action.event, **action.fields)
+                self._log_action(action)
         if self._draining:
             self._check_idle()
+
+    def _log_action(self, action: Log) -> None:
+        # Every field clipped: the switchboard's lines carry what peers named.
+        fields = clip_fields(action.fields)
+        about = self._conns.get(action.conn) if action.conn is not None else None
+        if about is None:
+            _log.info(action.event, conn=action.conn, **fields)
+            return
+        if action.event == "peer_identified":
+            # From now on this connection's lines carry its real role.
+            about.log = about.log.bind(role=fields["role"])
+        about.log.info(action.event, **fields)
 
     def _enrich_status(self, packet: Status) -> Status:
         """The switchboard's STATUS snapshot plus what only the broker knows:
