@@ -183,3 +183,26 @@ def test_the_new_limits_are_validated(field: str) -> None:
     with pytest.raises(ConfigError) as info:
         Limits(**{field: 0})
     assert info.value.key == field
+
+
+# -- item 19: the pipeline-name cache is bounded in bytes -------------------------
+
+
+def test_pipeline_name_cache_keeps_no_long_names_and_stays_small_in_bytes() -> None:
+    from reasonbroker.core import codecs
+    from reasonbroker.core.framing import encode
+
+    codecs._PIPELINE_THEN3.clear()
+    codecs._PIPELINE_THEN4.clear()
+    for i in range(150):
+        name = f"{i:03}" + "n" * 100_000
+        frame = encode(Run(new_cookie(), name, "v"))
+        assert name.encode() in frame  # still encoded right
+    encode(Run(new_cookie(), "short", None))
+    held = sum(len(k) + len(v) for k, v in codecs._PIPELINE_THEN4.items())
+    held += sum(len(k) + len(v) for k, v in codecs._PIPELINE_THEN3.items())
+    assert held < 1_000
+    assert list(codecs._PIPELINE_THEN3) == ["short"]
+    # The bound in bytes: entries x (the longest cached name, 4 bytes a char, + keys).
+    bound = codecs._PACKED_NAMES_MAX * (4 * codecs._PACKED_NAME_MAX_CHARS + 40)
+    assert bound < 2 * 1024 * 1024

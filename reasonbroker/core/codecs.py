@@ -535,19 +535,27 @@ _RC_THEN4: Final = {rc: _RC_KEY + _packb(rc.value) + _RESULT_KEY for rc in Resul
 
 # The same for RUN, by pipeline name: the pipeline key and the packed name,
 # with and without the variables key after them. A broker sends the same few
-# names all day; the cache is bounded against a client inventing names.
+# names all day; the cache is bounded against a client inventing names, in
+# entries and in bytes: only names of up to _PACKED_NAME_MAX_CHARS characters
+# are kept (at most 4 bytes each), so it holds at most about 4096 x 270 bytes
+# per dict however long the names peers send (a long name is packed each time:
+# its own bytes dwarf that cost).
 _PIPELINE_THEN3: Final[dict[str, bytes]] = {}
 _PIPELINE_THEN4: Final[dict[str, bytes]] = {}
 _PACKED_NAMES_MAX: Final = 4096
+_PACKED_NAME_MAX_CHARS: Final = 64
 
 
 def _pipeline_then(name: str, with_variables: bool) -> bytes:
     cache = _PIPELINE_THEN4 if with_variables else _PIPELINE_THEN3
     packed = cache.get(name)
     if packed is None:
-        packed = _PIPELINE_KEY + _packb(name)
+        fresh: bytes = _PIPELINE_KEY + _packb(name)
         if with_variables:
-            packed += _VARIABLES_KEY
+            fresh += _VARIABLES_KEY
+        if len(name) > _PACKED_NAME_MAX_CHARS:
+            return fresh  # never cached: the cache stays small in bytes
+        packed = fresh
         if len(cache) >= _PACKED_NAMES_MAX:
             cache.clear()  # a client inventing names: start over, stay bounded
         cache[name] = packed
