@@ -17,6 +17,7 @@ from reasonbroker.core.limits import Limits, ListenerRole
 from reasonbroker.core.packets import Hello, Ping, Pong, Register, Result, Role
 from reasonbroker.daemon.broker import Broker
 from reasonbroker.daemon.config import Config, ListenerConfig
+from reasonbroker.daemon.ratelimit import LogRateLimiter
 from tests.rawpeer import WAIT_S, RawPeer
 
 
@@ -67,3 +68,46 @@ async def test_repeated_registers_of_many_long_pipelines_log_small_lines(broker:
     assert registered[1]["pipelines"] == [] and registered[2]["pipelines"] == []
     assert any(e["event"] == "bad_packet" for e in logs)
     assert max(_line_bytes(e) for e in logs) < 8_000, max(logs, key=_line_bytes)
+
+
+# -- item 14: peer-caused log events are rate-limited, with a summary ---------------
+
+
+def test_rate_limiter_allows_a_few_per_window_then_summarises() -> None:
+    limiter = LogRateLimiter(per_s=2)
+    assert [limiter.allow("bad_packet", 0.0 + i / 100)[0] for i in range(5)] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert limiter.allow("protocol_error", 0.1) == (True, 0)  # each event its own budget
+    assert limiter.allow("connection_opened", 0.1) == (True, 0)  # not peer-caused: never limited
+    # The next window's first line reports the suppressed ones of the last.
+    assert limiter.allow("bad_packet", 1.5) == (True, 3)
+    for _ in range(4):
+        limiter.allow("bad_packet", 1.6)
+    assert limiter.flush(2.0) == []  # that window is not over yet
+    assert limiter.flush(2.6) == [("bad_packet", 3)]  # 1 + 1 allowed, 3 not
+    assert limiter.flush(9.0) == []
+    assert LogRateLimiter(per_s=0).allow("bad_packet", 0.0) == (True, 0)
+
+
+async def test_a_flood_of_bad_connections_logs_a_few_lines_and_a_summary() -> None:
+    config = _config(peer_log_lines_per_s=3, heartbeat_ms=400)
+    with structlog.testing.capture_logs() as logs:
+        async with Broker(config) as broker:
+            url = broker.address("client")
+            for _ in range(12):
+                peer = await RawPeer.connect(url)
+                peer.send_bytes(b"\x00\x00\x00\x03abc")  # neither msgpack nor JSON
+                assert await peer.closed_by_peer()
+                await peer.close()
+            await until(lambda: broker.protocol_errors == 12)
+            await until(lambda: any(e["event"] == "log_suppressed" for e in logs))
+    errors = [e for e in logs if e["event"] == "protocol_error"]
+    summaries = [e for e in logs if e["event"] == "log_suppressed"]
+    assert 3 <= len(errors) < 12
+    assert all(e["of"] == "protocol_error" for e in summaries)
+    assert len(errors) + sum(e["suppressed"] for e in summaries) == 12

@@ -87,6 +87,10 @@ class Limits:
     max_hello_name_bytes: int = 256
     max_hello_features: int = 64
     max_hello_feature_bytes: int = 64
+    # Peer-caused log events (protocol errors, bad packets, auth failures,
+    # idle timeouts, ...): at most this many lines per event per second, the
+    # rest counted in one "log_suppressed" line. 0 = no limit.
+    peer_log_lines_per_s: int = 20
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -98,7 +102,12 @@ class Limits:
                 raise ConfigError(f.name, f"must be {kind}, got {value!r}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f.name, f"must be finite, got {value!r}")
-        may_be_zero = ("queue_limit", "legacy_slot_reuse_ms", "dispatch_batch_slack")
+        may_be_zero = (
+            "queue_limit",
+            "legacy_slot_reuse_ms",
+            "dispatch_batch_slack",
+            "peer_log_lines_per_s",
+        )
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in may_be_zero:

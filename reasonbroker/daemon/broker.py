@@ -44,6 +44,7 @@ from ..core.limits import ListenerRole
 from ..core.packets import Codec, Ping, Result, ResultCode, Status
 from .config import Config
 from .metrics import MetricsServer, registry_for
+from .ratelimit import WINDOW_S, LogRateLimiter
 
 # True when this module runs as mypyc-compiled code (scripts/build_native).
 COMPILED = not __file__.endswith(".py")
@@ -166,6 +167,7 @@ class Broker:
         self.metrics_registry = registry_for(self)
         self._metrics: MetricsServer | None = None
         self._started_at: float | None = None
+        self._log_limit = LogRateLimiter(config.limits.peer_log_lines_per_s)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -340,12 +342,13 @@ class Broker:
         def on_stream(stream: Stream) -> None:
             if self._draining or len(self._conns) >= self.config.limits.max_connections:
                 self.refused_connections += 1
-                _log.warning(
-                    "connection_refused",
-                    peer=stream.peer,
-                    role=role.value,
-                    why="draining" if self._draining else "max_connections reached",
-                )
+                if self.peer_log_allowed("connection_refused"):
+                    _log.warning(
+                        "connection_refused",
+                        peer=stream.peer,
+                        role=role.value,
+                        why="draining" if self._draining else "max_connections reached",
+                    )
                 stream.abort()
                 return
             conn = _Connection(self, next(self._ids), stream, role)
@@ -381,7 +384,8 @@ class Broker:
     def protocol_error(self, conn: _Connection, exc: RemoteProtocolError) -> None:
         # PROTOCOL.md section 1: send nothing more, log why, close.
         self.protocol_errors += 1
-        conn.log.warning("protocol_error", why=clip(str(exc)))
+        if self.peer_log_allowed("protocol_error"):
+            conn.log.warning("protocol_error", why=clip(str(exc)))
         conn.outbox.clear()
         conn.outbox_bytes = 0
         self.close_connection(conn, f"protocol error: {exc}")
@@ -432,12 +436,22 @@ class Broker:
         fields = clip_fields(action.fields)
         about = self._conns.get(action.conn) if action.conn is not None else None
         if about is None:
-            _log.info(action.event, conn=action.conn, **fields)
+            if self.peer_log_allowed(action.event):
+                _log.info(action.event, conn=action.conn, **fields)
             return
         if action.event == "peer_identified":
             # From now on this connection's lines carry its real role.
             about.log = about.log.bind(role=fields["role"])
-        about.log.info(action.event, **fields)
+        if self.peer_log_allowed(action.event):
+            about.log.info(action.event, **fields)
+
+    def peer_log_allowed(self, event: str) -> bool:
+        """Whether to log this line of a peer-caused event (ratelimit.py); the
+        summary of a window that suppressed lines is logged first."""
+        allowed, suppressed = self._log_limit.allow(event, self.loop.time())
+        if suppressed:
+            _log.warning("log_suppressed", of=event, suppressed=suppressed, window_s=WINDOW_S)
+        return allowed
 
     def _enrich_status(self, packet: Status) -> Status:
         """The switchboard's STATUS snapshot plus what only the broker knows:
@@ -554,11 +568,14 @@ class Broker:
                 elif silent_s >= beat_s:
                     self.apply([Send(conn.id, Ping())])
         finally:
+            for event, suppressed in self._log_limit.flush(now):
+                _log.warning("log_suppressed", of=event, suppressed=suppressed, window_s=WINDOW_S)
             self._schedule_sweep()
 
     def _drop(self, conn: _Connection, event: str, why: str) -> None:
         self.dead_peers += 1
-        conn.log.warning(event, why=why)
+        if self.peer_log_allowed(event):
+            conn.log.warning(event, why=why)
         conn.outbox.clear()
         conn.outbox_bytes = 0
         conn.stream.abort()  # a dead peer will not read what we would flush
