@@ -14,7 +14,8 @@ import pytest
 import structlog
 
 from reasonbroker.core.limits import Limits, ListenerRole
-from reasonbroker.core.packets import Hello, Ping, Pong, Register, Result, Role
+from reasonbroker.core.packets import Hello, Ping, Pong, Register, Result, ResultCode, Role
+from reasonbroker.daemon.authguard import AuthThrottle, Verdict, source_of
 from reasonbroker.daemon.broker import Broker
 from reasonbroker.daemon.config import Config, ListenerConfig
 from reasonbroker.daemon.ratelimit import LogRateLimiter
@@ -111,3 +112,97 @@ async def test_a_flood_of_bad_connections_logs_a_few_lines_and_a_summary() -> No
     assert 3 <= len(errors) < 12
     assert all(e["of"] == "protocol_error" for e in summaries)
     assert len(errors) + sum(e["suppressed"] for e in summaries) == 12
+
+
+# -- item 13: failed authentication throttled per source address --------------------
+
+TOKEN = "a-long-enough-t0ken-for-tests"
+
+
+def test_auth_throttle_delays_then_blocks_then_forgets() -> None:
+    limits = Limits(
+        auth_failures_before_delay=2,
+        auth_failures_before_block=4,
+        auth_block_s=10.0,
+        auth_failure_delay_ms=250,
+    )
+    throttle = AuthThrottle(limits)
+    verdicts = [throttle.failed("10.0.0.1", float(i)) for i in range(4)]
+    assert verdicts == [Verdict.CLOSE, Verdict.DELAY, Verdict.DELAY, Verdict.BLOCK]
+    assert throttle.delay_s == 0.25
+    assert throttle.blocked("10.0.0.1", 5.0) and not throttle.blocked("10.0.0.2", 5.0)
+    assert not throttle.blocked("10.0.0.1", 13.5)  # blocked from 3.0 for 10 s
+    throttle.prune(14.0)
+    assert len(throttle) == 0
+    assert throttle.failed("10.0.0.1", 14.0) is Verdict.CLOSE  # a fresh window
+
+
+def test_source_address_is_the_host() -> None:
+    assert source_of("127.0.0.1:5555") == "127.0.0.1"
+    assert source_of("[::1]:5555") == "[::1]"
+    assert source_of("unix:/tmp/rb.sock") == "unix"
+
+
+async def _refused_after(url: str, token: str) -> tuple[float, list[Any]]:
+    loop = asyncio.get_running_loop()
+    peer = await RawPeer.connect(url)
+    started = loop.time()
+    peer.send(Hello(role=Role.CLIENT, token=token))
+    assert await peer.closed_by_peer()
+    await peer.close()
+    return loop.time() - started, peer.inbox
+
+
+async def test_repeated_wrong_tokens_are_delayed_then_the_address_is_blocked() -> None:
+    config = Config(
+        listeners=(
+            ListenerConfig("tcp://127.0.0.1:0", ListenerRole.BOTH, token=TOKEN),
+            ListenerConfig("tcp://127.0.0.1:0", ListenerRole.BOTH),
+        ),
+        limits=Limits(
+            auth_failures_before_delay=2,
+            auth_failures_before_block=4,
+            auth_failure_delay_ms=300,
+            auth_block_s=30.0,
+        ),
+    )
+    with structlog.testing.capture_logs() as logs:
+        async with Broker(config) as broker:
+            url, plain = broker.addresses[0][1], broker.addresses[1][1]
+            took, inbox = await _refused_after(url, "wrong-1")
+            assert took < 0.25 and [p.rc for p in inbox] == [ResultCode.UNAUTHORIZED]
+            for n in (2, 3, 4):  # held before the answer from the 2nd on
+                took, inbox = await _refused_after(url, f"wrong-{n}")
+                assert took >= 0.28, n
+                assert [p.rc for p in inbox] == [ResultCode.UNAUTHORIZED]
+            # Blocked: even the right token is closed at once, unanswered.
+            took, inbox = await _refused_after(url, TOKEN)
+            assert inbox == [] and took < 0.25
+            assert (broker.auth_failures, broker.auth_refused) == (4, 1)
+            # A listener without a token is not affected.
+            peer = await RawPeer.connect(plain)
+            peer.send(Hello(role=Role.CLIENT), Ping())
+            await peer.recv_type(Hello)
+            await peer.recv_type(Pong)
+            await peer.close()
+            metrics = {m.name: m for m in broker.metrics_registry.collect()}
+            assert metrics["reasonbroker_auth_failures"].samples[0].value == 4
+            assert metrics["reasonbroker_auth_refused"].samples[0].value == 1
+    blocked = [e for e in logs if e["event"] == "auth_blocked"]
+    assert len(blocked) == 1 and blocked[0]["source"] == "127.0.0.1"
+    assert all(TOKEN not in json.dumps(e, default=str) for e in logs)
+
+
+async def test_a_short_token_is_warned_about_at_start_up_without_showing_it() -> None:
+    config = Config(
+        listeners=(
+            ListenerConfig("tcp://127.0.0.1:0", ListenerRole.CLIENTS, token="sh0rt"),
+            ListenerConfig("tcp://127.0.0.1:0", ListenerRole.WORKERS, token=TOKEN),
+        )
+    )
+    with structlog.testing.capture_logs() as logs:
+        async with Broker(config):
+            pass
+    short = [e for e in logs if e["event"] == "token_short"]
+    assert [(e["key"], e["bytes"]) for e in short] == [("token", 5)]
+    assert all("sh0rt" not in json.dumps(e, default=str) for e in logs)

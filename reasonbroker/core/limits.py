@@ -91,6 +91,16 @@ class Limits:
     # idle timeouts, ...): at most this many lines per event per second, the
     # rest counted in one "log_suppressed" line. 0 = no limit.
     peer_log_lines_per_s: int = 20
+    # Failed authentication, per source address (host), counted over
+    # auth_block_s: from the auth_failures_before_delay-th failure on, the
+    # UNAUTHORIZED answer is held auth_failure_delay_ms before it is sent; the
+    # auth_failures_before_block-th blocks the address: its connections to
+    # listeners with a token are closed at once for auth_block_s. A token
+    # guesser then gets about 10 guesses a minute.
+    auth_failures_before_delay: int = 3
+    auth_failure_delay_ms: int = 1_000
+    auth_failures_before_block: int = 10
+    auth_block_s: float = 60.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -123,5 +133,7 @@ class Limits:
             )
         if self.dispatch_batch_slack > 1:
             raise ConfigError("dispatch_batch_slack", "must be <= 1 (a fraction of capacity)")
+        if self.auth_failures_before_delay > self.auth_failures_before_block:
+            raise ConfigError("auth_failures_before_delay", "must be <= auth_failures_before_block")
         if self.default_max_attempts > self.max_attempts_limit:
             raise ConfigError("default_max_attempts", "must be <= max_attempts_limit")

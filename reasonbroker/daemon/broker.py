@@ -42,6 +42,7 @@ from ..core.framing import PacketDecoder, encode_into
 from ..core.guard import clip, clip_fields
 from ..core.limits import ListenerRole
 from ..core.packets import Codec, Ping, Result, ResultCode, Status
+from .authguard import AuthThrottle, Verdict, source_of
 from .config import Config
 from .metrics import MetricsServer, registry_for
 from .ratelimit import WINDOW_S, LogRateLimiter
@@ -64,6 +65,7 @@ class _Connection:
         "closed",
         "codec",
         "decoder",
+        "hold_close_s",
         "id",
         "last_rx",
         "listener_role",
@@ -94,6 +96,9 @@ class _Connection:
         self.spoke = False
         # On a listener with a token, until the switchboard has accepted its HELLO.
         self.needs_auth = False
+        # > 0: its authentication failed from a throttled address; its refusal
+        # is held this long before it is sent (authguard.py).
+        self.hold_close_s = 0.0
 
     # StreamHandler
 
@@ -168,6 +173,9 @@ class Broker:
         self._metrics: MetricsServer | None = None
         self._started_at: float | None = None
         self._log_limit = LogRateLimiter(config.limits.peer_log_lines_per_s)
+        self._auth = AuthThrottle(config.limits)
+        self.auth_failures = 0
+        self.auth_refused = 0
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -204,6 +212,7 @@ class Broker:
                 )
                 self._listeners.append((lc.role, listener))
                 _log.info("listening", url=listener.address, role=lc.role.value)
+                _warn_short_tokens(listener.address, token, admin_token)
             if self.config.metrics_address is not None:
                 self._metrics = MetricsServer(self.metrics_registry, self.config.metrics_address)
                 await self._metrics.start()
@@ -351,6 +360,8 @@ class Broker:
                     )
                 stream.abort()
                 return
+            if (token is not None or admin_token is not None) and self._auth_blocked(stream, role):
+                return
             conn = _Connection(self, next(self._ids), stream, role)
             stream.set_handler(conn)
             self._conns[conn.id] = conn
@@ -422,7 +433,9 @@ class Broker:
                     conn.outbox_bytes += self._encode_failed(conn, action, exc)
             elif type(action) is Close:
                 closing = self._conns.get(action.conn)
-                if closing is not None:
+                if closing is not None and closing.hold_close_s:
+                    self._close_later(closing, action.why)
+                elif closing is not None:
                     self.close_connection(closing, action.why)
             elif type(action) is Wake:
                 self._wake(action.at)
@@ -435,6 +448,8 @@ class Broker:
         # Every field clipped: the switchboard's lines carry what peers named.
         fields = clip_fields(action.fields)
         about = self._conns.get(action.conn) if action.conn is not None else None
+        if action.event == "auth_failed" and about is not None:
+            self._auth_failed(about)
         if about is None:
             if self.peer_log_allowed(action.event):
                 _log.info(action.event, conn=action.conn, **fields)
@@ -452,6 +467,54 @@ class Broker:
         if suppressed:
             _log.warning("log_suppressed", of=event, suppressed=suppressed, window_s=WINDOW_S)
         return allowed
+
+    # -- failed authentication (authguard.py) ----------------------------------
+
+    def _auth_failed(self, conn: _Connection) -> None:
+        """Count a failed authentication by its source address; past the
+        thresholds, hold the refusal (and so the close), or block the address."""
+        self.auth_failures += 1
+        source = source_of(conn.stream.peer)
+        verdict = self._auth.failed(source, self.loop.time())
+        if verdict is not Verdict.CLOSE:
+            conn.hold_close_s = self._auth.delay_s
+        if verdict is Verdict.BLOCK:
+            limits = self.config.limits
+            _log.warning(
+                "auth_blocked",
+                source=clip(source),
+                failures=limits.auth_failures_before_block,
+                for_s=limits.auth_block_s,
+            )
+
+    def _auth_blocked(self, stream: Stream, role: ListenerRole) -> bool:
+        """A new connection to a listener with a token from a blocked address:
+        closed at once, counted, logged (rate-limited)."""
+        source = source_of(stream.peer)
+        if not self._auth.blocked(source, self.loop.time()):
+            return False
+        self.auth_refused += 1
+        if self.peer_log_allowed("auth_refused"):
+            _log.warning("auth_refused", peer=stream.peer, role=role.value, why="address blocked")
+        stream.abort()
+        return True
+
+    def _close_later(self, conn: _Connection, why: str) -> None:
+        """Close a connection after its hold: nothing more is read from it or
+        routed to it (the switchboard has let go of it already), and its
+        answer is written only when the hold is over."""
+        delay_s, conn.hold_close_s = conn.hold_close_s, 0.0
+        conn.closed = True  # _flush and data_received leave it alone
+        conn.stream.pause_reading()
+        self.loop.call_later(delay_s, self._close_held, conn, why)
+
+    def _close_held(self, conn: _Connection, why: str) -> None:
+        if self._conns.pop(conn.id, None) is None:
+            return
+        if conn.outbox:
+            self._write_out(conn)
+        conn.stream.close()
+        conn.log.info("connection_closed", why=clip(why))
 
     def _enrich_status(self, packet: Status) -> Status:
         """The switchboard's STATUS snapshot plus what only the broker knows:
@@ -568,6 +631,7 @@ class Broker:
                 elif silent_s >= beat_s:
                     self.apply([Send(conn.id, Ping())])
         finally:
+            self._auth.prune(now)
             for event, suppressed in self._log_limit.flush(now):
                 _log.warning("log_suppressed", of=event, suppressed=suppressed, window_s=WINDOW_S)
             self._schedule_sweep()
@@ -584,6 +648,22 @@ class Broker:
     def _check_idle(self) -> None:
         if self.board.running == 0 and self._idle is not None:
             self._idle.set()
+
+
+# Below this many bytes a token is guessable by a patient peer, even throttled.
+_TOKEN_MIN_BYTES: Final = 16
+
+
+def _warn_short_tokens(url: str, token: str | None, admin_token: str | None) -> None:
+    for key, value in (("token", token), ("admin_token", admin_token)):
+        if value is not None and len(value.encode("utf-8")) < _TOKEN_MIN_BYTES:
+            _log.warning(
+                "token_short",
+                url=url,
+                key=key,
+                bytes=len(value.encode("utf-8")),
+                advice=f"use at least {_TOKEN_MIN_BYTES} random bytes, e.g. `openssl rand -hex 16`",
+            )
 
 
 def _stats_fields(broker: Broker) -> dict[str, Any]:
