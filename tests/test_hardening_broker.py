@@ -206,3 +206,55 @@ async def test_a_short_token_is_warned_about_at_start_up_without_showing_it() ->
     short = [e for e in logs if e["event"] == "token_short"]
     assert [(e["key"], e["bytes"]) for e in short] == [("token", 5)]
     assert all("sh0rt" not in json.dumps(e, default=str) for e in logs)
+
+
+# -- item 17: unfinished frames are bounded in time and in bytes ---------------------
+
+
+async def test_a_frame_begun_and_never_finished_is_closed_after_frame_timeout() -> None:
+    config = _config(frame_timeout_ms=300, heartbeat_ms=60_000)
+    with structlog.testing.capture_logs() as logs:
+        async with Broker(config) as broker:
+            peer = await RawPeer.connect(broker.address("client"))
+            peer.send(Hello(role=Role.CLIENT), Ping())
+            await peer.recv_type(Hello)
+            await peer.recv_type(Pong)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            peer.send_bytes((1024 * 1024).to_bytes(4, "big") + b"\x84" + bytes(1000))
+            await until(lambda: broker.buffered_input > 0)
+            assert await peer.closed_by_peer()
+            took = loop.time() - started
+            await peer.close()
+            assert 0.25 <= took < 2.0
+            assert broker.buffered_input == 0
+    assert any(e["event"] == "frame_timeout" for e in logs)
+
+
+async def test_buffered_partial_input_is_capped_across_connections() -> None:
+    config = _config(max_frame_bytes=512 * 1024, max_buffered_input_bytes=1024 * 1024)
+    async with Broker(config) as broker:
+        url = broker.address("client")
+        partial = (500 * 1024).to_bytes(4, "big") + b"\x84" + bytes(400 * 1024)
+        first, second, third = [await RawPeer.connect(url) for _ in range(3)]
+        first.send_bytes(partial)
+        await until(lambda: broker.buffered_input >= 400 * 1024)
+        second.send_bytes(partial)
+        await until(lambda: broker.buffered_input >= 800 * 1024)
+        third.send_bytes(partial)  # past the cap: this one is closed
+        assert await third.closed_by_peer()
+        assert broker.input_drops == 1
+        assert broker.connections == 2
+        await until(lambda: broker.buffered_input <= 1024 * 1024)
+        for peer in (first, second, third):
+            await peer.close()
+        await until(lambda: broker.connections == 0)
+        assert broker.buffered_input == 0
+
+
+def test_max_buffered_input_must_hold_one_frame() -> None:
+    from reasonbroker.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        Limits(max_frame_bytes=1024, max_buffered_input_bytes=1000, outbox_high_water_bytes=4096)
+    assert info.value.key == "max_buffered_input_bytes"

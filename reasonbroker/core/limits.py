@@ -101,6 +101,15 @@ class Limits:
     auth_failure_delay_ms: int = 1_000
     auth_failures_before_block: int = 10
     auth_block_s: float = 60.0
+    # A frame once begun (its first bytes in) must be whole within this, or
+    # the connection is closed (frame_timeout): no other timeout covers a peer
+    # that has spoken and then sends half a frame forever. 8 MiB in 30 s is
+    # about 2.2 Mbit/s.
+    frame_timeout_ms: int = 30_000
+    # Unfinished frames buffered across all connections; the connection whose
+    # read goes past it is closed (input_cap_reached). Without it the bound is
+    # max_connections x max_frame_bytes. Must hold one maximal frame.
+    max_buffered_input_bytes: int = 256 * MiB
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -130,6 +139,10 @@ class Limits:
         if self.outbox_high_water_bytes < self.max_frame_bytes:
             raise ConfigError(
                 "outbox_high_water_bytes", "must be >= max_frame_bytes (one frame must fit)"
+            )
+        if self.max_buffered_input_bytes < self.max_frame_bytes:
+            raise ConfigError(
+                "max_buffered_input_bytes", "must be >= max_frame_bytes (one frame must fit)"
             )
         if self.dispatch_batch_slack > 1:
             raise ConfigError("dispatch_batch_slack", "must be <= 1 (a fraction of capacity)")

@@ -65,6 +65,7 @@ class _Connection:
         "closed",
         "codec",
         "decoder",
+        "held",
         "hold_close_s",
         "id",
         "last_rx",
@@ -74,6 +75,7 @@ class _Connection:
         "opened_at",
         "outbox",
         "outbox_bytes",
+        "partial_since",
         "spoke",
         "stream",
     )
@@ -99,6 +101,10 @@ class _Connection:
         # > 0: its authentication failed from a throttled address; its refusal
         # is held this long before it is sent (authguard.py).
         self.hold_close_s = 0.0
+        # Bytes of an unfinished frame the decoder holds (counted in the
+        # broker's buffered_input), and since when (0.0: none; frame_timeout_ms).
+        self.held = 0
+        self.partial_since = 0.0
 
     # StreamHandler
 
@@ -113,6 +119,11 @@ class _Connection:
             except RemoteProtocolError as exc:
                 broker.protocol_error(self, exc)
                 return
+            held = self.decoder.buffered
+            if held or self.held:
+                broker.input_held(self, held, bool(packets))
+                if self.closed:
+                    return
             if self.codec is None and self.decoder.codec is not None:
                 self.codec = self.decoder.codec
                 broker.board.set_codec(self.id, self.codec)
@@ -176,6 +187,9 @@ class Broker:
         self._auth = AuthThrottle(config.limits)
         self.auth_failures = 0
         self.auth_refused = 0
+        # Bytes of unfinished frames across all connections (max_buffered_input_bytes).
+        self.buffered_input = 0
+        self.input_drops = 0
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -379,6 +393,7 @@ class Broker:
         if conn.closed:
             return
         conn.closed = True
+        self._release_input(conn)
         if conn.outbox:
             self._write_out(conn)
         conn.stream.close()
@@ -391,6 +406,25 @@ class Broker:
         self._streams.pop(conn.id, None)
         if not self._streams and self._closed_all is not None:
             self._closed_all.set()
+
+    def input_held(self, conn: _Connection, held: int, whole: bool) -> None:
+        """A read left `held` bytes of an unfinished frame (after `whole`
+        frames, if any): time the frame, and keep the total under its cap."""
+        self.buffered_input += held - conn.held
+        conn.held = held
+        if not held:
+            conn.partial_since = 0.0
+            return
+        if whole or not conn.partial_since:
+            conn.partial_since = conn.last_rx  # a new frame has begun
+        cap = self.config.limits.max_buffered_input_bytes
+        if self.buffered_input > cap:
+            self.input_drops += 1
+            self._drop(conn, "input_cap_reached", f"buffered input over {cap} bytes")
+
+    def _release_input(self, conn: _Connection) -> None:
+        self.buffered_input -= conn.held
+        conn.held = 0
 
     def protocol_error(self, conn: _Connection, exc: RemoteProtocolError) -> None:
         # PROTOCOL.md section 1: send nothing more, log why, close.
@@ -505,6 +539,7 @@ class Broker:
         answer is written only when the hold is over."""
         delay_s, conn.hold_close_s = conn.hold_close_s, 0.0
         conn.closed = True  # _flush and data_received leave it alone
+        self._release_input(conn)
         conn.stream.pause_reading()
         self.loop.call_later(delay_s, self._close_held, conn, why)
 
@@ -592,7 +627,15 @@ class Broker:
     def _schedule_sweep(self) -> None:
         limits = self.config.limits
         # Half the shortest interval, so a peer is judged at most half a beat late.
-        every_s = min(limits.heartbeat_ms, limits.idle_timeout_ms, limits.auth_timeout_ms) / 2000.0
+        every_s = (
+            min(
+                limits.heartbeat_ms,
+                limits.idle_timeout_ms,
+                limits.auth_timeout_ms,
+                limits.frame_timeout_ms,
+            )
+            / 2000.0
+        )
         self._sweeper = self.loop.call_later(every_s, self._sweep)
 
     def _sweep(self) -> None:
@@ -602,6 +645,7 @@ class Broker:
         beat_s = limits.heartbeat_ms / 1000.0
         idle_s = limits.idle_timeout_ms / 1000.0
         auth_s = limits.auth_timeout_ms / 1000.0
+        frame_s = limits.frame_timeout_ms / 1000.0
         board = self.board
         try:
             for conn in list(self._conns.values()):
@@ -617,6 +661,13 @@ class Broker:
                             f"not authenticated within {limits.auth_timeout_ms} ms",
                         )
                         continue
+                if conn.partial_since and now - conn.partial_since >= frame_s:
+                    self._drop(
+                        conn,
+                        "frame_timeout",
+                        f"a frame begun was not finished within {limits.frame_timeout_ms} ms",
+                    )
+                    continue
                 if not conn.spoke:
                     if now - conn.opened_at >= idle_s:
                         self._drop(
