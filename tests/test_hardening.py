@@ -17,8 +17,10 @@ from reasonbroker.core.errors import ConfigError
 from reasonbroker.core.guard import LOG_ITEMS, LOG_TEXT_CHARS, clip
 from reasonbroker.core.limits import Limits, ListenerRole
 from reasonbroker.core.packets import (
+    Cancel,
     Codec,
     Hello,
+    Raw,
     Register,
     Result,
     ResultCode,
@@ -206,3 +208,104 @@ def test_pipeline_name_cache_keeps_no_long_names_and_stays_small_in_bytes() -> N
     # The bound in bytes: entries x (the longest cached name, 4 bytes a char, + keys).
     bound = codecs._PACKED_NAMES_MAX * (4 * codecs._PACKED_NAME_MAX_CHARS + 40)
     assert bound < 2 * 1024 * 1024
+
+
+# -- item 18: payload bytes budgeted; payloads kept raw on every msgpack path -------
+
+BUDGET = Limits(
+    max_frame_bytes=100,
+    outbox_high_water_bytes=100,
+    max_payload_bytes_per_client=100,
+    max_payload_bytes_total=150,
+)
+
+
+def _client(board: Switchboard, conn: int) -> None:
+    board.connect(conn, ListenerRole.BOTH)
+    board.receive(conn, Hello(role=Role.CLIENT), 0.0)
+
+
+def _run_rc(board: Switchboard, conn: int, cookie: bytes, size: int) -> ResultCode | None:
+    out = board.receive(conn, Run(cookie, "p", Raw(msgpack.packb(b"x" * (size - 2)))), 0.0)
+    results = _results(out)
+    return results[0].rc if results else None
+
+
+def test_payload_bytes_are_budgeted_per_client_and_in_total() -> None:
+    board = Switchboard(BUDGET)
+    _worker(board)
+    board.receive(1, Register(1), 0.0)
+    for conn in (2, 3, 4):
+        _client(board, conn)
+    first, second = new_cookie(), new_cookie()
+    assert _run_rc(board, 2, first, 60) is None  # running
+    assert _run_rc(board, 2, second, 30) is None  # queued: 90 for client 2
+    out = board.receive(2, Run(new_cookie(), "p", Raw(msgpack.packb("y" * 18))), 0.0)
+    (refused,) = _results(out)
+    assert refused.rc is ResultCode.NO_CAPACITY
+    assert "max_payload_bytes_per_client (100)" in (refused.error or "")
+    assert _run_rc(board, 3, new_cookie(), 50) is None  # 140 in all
+    out = board.receive(4, Run(new_cookie(), "p", Raw(msgpack.packb("z" * 18))), 0.0)
+    assert "max_payload_bytes_total (150)" in (_results(out)[0].error or "")
+    assert board.payload_bytes == 140
+    # Endings release: a cancelled queued job, a finished one, a client gone.
+    board.receive(2, Cancel(second), 0.0)
+    assert board.payload_bytes == 110
+    wcookie = next(iter(board._conns[1].running))
+    board.receive(1, Result(wcookie, ResultCode.OK), 0.0)  # frees the slot: client 3's job runs
+    assert board.payload_bytes == 50
+    board.disconnect(3, 0.0)
+    assert board.payload_bytes == 50  # running, though its client is gone: still held
+    wcookie = next(iter(board._conns[1].running))
+    board.receive(1, Result(wcookie, ResultCode.OK), 0.0)
+    assert board.payload_bytes == 0
+    assert board._conns[2].payload_bytes == 0
+
+
+def test_a_client_gone_releases_its_queued_payloads() -> None:
+    board = Switchboard(BUDGET)
+    _worker(board)
+    board.receive(1, Register(1), 0.0)
+    _client(board, 2)
+    for _ in range(3):
+        assert _run_rc(board, 2, new_cookie(), 30) is None
+    board.disconnect(2, 0.0)
+    assert board.payload_bytes == 30  # the running one, until its worker answers
+    board.disconnect(1, 0.0)
+    assert board.payload_bytes == 0
+
+
+def test_the_broker_decoder_keeps_payloads_raw_off_the_plain_path_too() -> None:
+    import tracemalloc
+
+    from reasonbroker.core.framing import PacketDecoder, encode
+
+    variables = [f"s{i % 1000}" for i in range(200_000)]  # ~1 MB of short strings
+    frame = encode(Run(new_cookie(), "p", variables, priority=5, timeout_ms=1_000))
+    tracemalloc.start()
+    try:
+        (packet,) = PacketDecoder(8 * 1024 * 1024, raw_payloads=True).feed(frame)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(packet, Run) and packet.priority == 5 and packet.timeout_ms == 1_000
+    assert isinstance(packet.variables, Raw)
+    assert packet.variables.value() == variables
+    assert peak < 3 * len(frame), (peak, len(frame))  # decoded it would be > 10x
+    # A decoder that decodes payloads (the SDK's) still does.
+    (decoded,) = PacketDecoder(8 * 1024 * 1024).feed(frame)
+    assert isinstance(decoded, Run) and decoded.variables == variables
+
+
+def test_raw_map_reading_refuses_what_msgpack_refuses() -> None:
+    from reasonbroker.core.codecs import _unpack_map, unpack_map_raw
+    from reasonbroker.core.errors import RemoteProtocolError
+
+    good = msgpack.packb({"packet_type": "RUN", "variables": [1, {"a": b"x"}], 7: None})
+    assert unpack_map_raw(good)["variables"] == Raw(msgpack.packb([1, {"a": b"x"}]))
+    assert unpack_map_raw(good)[7] is None
+    for bad in (good + b"\x00", good[:-1], b"\x81\x91\x01\x02", b"\x81\xc1\x00"):
+        with pytest.raises(RemoteProtocolError):
+            _unpack_map(bad)
+        with pytest.raises(RemoteProtocolError):
+            unpack_map_raw(bad)

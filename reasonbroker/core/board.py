@@ -29,7 +29,7 @@ import heapq
 from typing import Any
 
 from .actions import Action, Close, Log, Send
-from .codecs import can_carry, payload_kind
+from .codecs import can_carry, payload_kind, payload_size
 from .deadlines import Deadlines
 from .dispatch import Dispatcher
 from .guard import check_register, pipeline_too_long, registered_fields, utf8_over
@@ -99,6 +99,11 @@ class Switchboard:
     def running(self) -> int:
         """Jobs holding a worker slot."""
         return self.dispatcher.running
+
+    @property
+    def payload_bytes(self) -> int:
+        """The bytes of live jobs' variables (the payload budgets)."""
+        return self.deadlines.payload_bytes
 
     @property
     def live_jobs(self) -> int:
@@ -347,6 +352,9 @@ class Switchboard:
                 out,
             )
             return
+        size = payload_size(run.variables)
+        if size and self._over_budget(c, run, size, out):
+            return
         worker, served = self.dispatcher.pick(run.pipeline)
         if not served:
             self._reject(
@@ -364,6 +372,11 @@ class Switchboard:
         )
         self._seq += 1
         job = _Job(self._seq, c, run, attempts)
+        if size:
+            job.payload_bytes = size
+            job.payer = c
+            c.payload_bytes += size
+            self.deadlines.payload_bytes += size
         c.jobs[run.cookie] = job
         self.stats.accepted += 1
         job.accepted_at = now
@@ -374,6 +387,21 @@ class Switchboard:
             self._dispatch(job, worker, out)
         else:
             self.dispatcher.enqueue(job)
+
+    def _over_budget(self, c: _Conn, run: Run, size: int, out: list[Action]) -> bool:
+        """Refuse a RUN whose variables would pass a payload budget (NO_CAPACITY)."""
+        limits = self.limits
+        if c.payload_bytes + size > limits.max_payload_bytes_per_client:
+            why = (
+                f"max_payload_bytes_per_client ({limits.max_payload_bytes_per_client}) reached: "
+                f"this client's queued and running jobs hold {c.payload_bytes} bytes"
+            )
+        elif self.deadlines.payload_bytes + size > limits.max_payload_bytes_total:
+            why = f"max_payload_bytes_total ({limits.max_payload_bytes_total}) reached"
+        else:
+            return False
+        self._reject(c, run, ResultCode.NO_CAPACITY, why, out)
+        return True
 
     def _cancel(self, c: _Conn, cookie: bytes, now: float, out: list[Action]) -> None:
         job = c.jobs.get(cookie)

@@ -42,6 +42,7 @@ from .packets import (
     Started,
     Status,
     Unsupported,
+    _unpack_value,
     cookie_str,
 )
 
@@ -254,6 +255,58 @@ def _unpack_map(body: bytes | memoryview) -> dict[Any, Any]:
     if type(obj) is not dict:
         raise RemoteProtocolError(f"body is a {type(obj).__name__}, not a map")
     return obj
+
+
+_PAYLOAD_KEYS: Final = (b"\xa9variables", b"\xa6result")
+
+
+def unpack_map_raw(body: bytes) -> dict[Any, Any]:
+    """`_unpack_map(body)`, but with the payloads (`variables`, `result`) kept
+    as `Raw` bytes, never decoded: the broker only forwards them, and a
+    payload decoded into Python objects can take 15 times its frame
+    (1.6 M short strings in an 8 MB frame: 112 MiB).
+
+    Reads the top-level map entry by entry with `_skip`; anything it does not
+    read (an extension type, deep nesting, a truncated or trailing byte) goes
+    to `_unpack_map`, which decodes or refuses it exactly as before.
+    """
+    stop: i64 = len(body)
+    if stop < 1:
+        return _unpack_map(body)
+    head: i64 = body[0]
+    pos: i64 = 1
+    if 0x80 <= head <= 0x8F:
+        n = head & 0x0F
+    elif head == 0xDE or head == 0xDF:
+        width: i64 = 2 if head == 0xDE else 4
+        if stop < 1 + width:
+            return _unpack_map(body)
+        n = _uint(body, 1, width)
+        pos = 1 + width
+    else:
+        return _unpack_map(body)
+    d: dict[Any, Any] = {}
+    while n:
+        n -= 1
+        key_end = _skip(body, pos, stop)
+        if key_end < 0:
+            return _unpack_map(body)
+        key_span = body[pos:key_end]
+        value_end = _skip(body, key_end, stop)
+        if value_end < 0:
+            return _unpack_map(body)
+        if key_span in _PAYLOAD_KEYS and body[key_end] != 0xC0:
+            value: Any = Raw(body[key_end:value_end])
+        else:
+            value = _unpack_value(body[key_end:value_end])
+        key = _unpack_value(key_span)
+        if isinstance(key, list | dict):
+            return _unpack_map(body)  # an unhashable key: msgpack refuses it
+        d[key] = value
+        pos = value_end
+    if pos != stop:
+        return _unpack_map(body)  # trailing bytes: msgpack says what is wrong
+    return d
 
 
 class _Bad(Exception):
@@ -638,3 +691,16 @@ def can_carry(value: Any, codec: Codec) -> bool:
 def payload_kind(value: Any) -> str:
     """A payload's type, for a message saying why it could not be carried."""
     return type(value.value() if isinstance(value, Raw) else value).__name__
+
+
+def payload_size(value: Any) -> int:
+    """The bytes a payload holds, for the payload budgets: a Raw's or a
+    string's length (characters, for a JSON peer's text), 0 for none; any
+    other value (the rare payload the raw path leaves to msgpack) packed."""
+    if value is None:
+        return 0
+    if type(value) is Raw:
+        return len(value.data)
+    if isinstance(value, str | bytes):
+        return len(value)
+    return len(_packb(value))

@@ -110,6 +110,12 @@ class Limits:
     # read goes past it is closed (input_cap_reached). Without it the bound is
     # max_connections x max_frame_bytes. Must hold one maximal frame.
     max_buffered_input_bytes: int = 256 * MiB
+    # The bytes of queued and running jobs' variables, for one client and in
+    # all: the queue limits count jobs, and 60 queued 8 MiB RUNs are 480 MiB.
+    # Over either: NO_CAPACITY, with the budget named. Each must hold one
+    # maximal frame.
+    max_payload_bytes_per_client: int = 256 * MiB
+    max_payload_bytes_total: int = 1024 * MiB
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -144,6 +150,12 @@ class Limits:
             raise ConfigError(
                 "max_buffered_input_bytes", "must be >= max_frame_bytes (one frame must fit)"
             )
+        if self.max_payload_bytes_per_client < self.max_frame_bytes:
+            raise ConfigError(
+                "max_payload_bytes_per_client", "must be >= max_frame_bytes (one job must fit)"
+            )
+        if self.max_payload_bytes_total < self.max_payload_bytes_per_client:
+            raise ConfigError("max_payload_bytes_total", "must be >= max_payload_bytes_per_client")
         if self.dispatch_batch_slack > 1:
             raise ConfigError("dispatch_batch_slack", "must be <= 1 (a fraction of capacity)")
         if self.auth_failures_before_delay > self.auth_failures_before_block:

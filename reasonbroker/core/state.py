@@ -35,6 +35,7 @@ class _Conn:
         "last_used",
         "listener",
         "name",
+        "payload_bytes",
         "pipelines",
         "resting",
         "role",
@@ -65,6 +66,8 @@ class _Conn:
         self.closing = False
         # client side: the client's live cookies
         self.jobs: dict[bytes, _Job] = {}
+        # The payload bytes of its live jobs (Limits.max_payload_bytes_per_client).
+        self.payload_bytes = 0
         # worker side
         self.capacity = 0
         self.busy = 0
@@ -91,6 +94,8 @@ class _Job:
         "deadlines",
         "max_attempts",
         "owed",
+        "payer",
+        "payload_bytes",
         "run",
         "seq",
         "state",
@@ -120,6 +125,11 @@ class _Job:
         self.accepted_at = 0.0  # set by _run: latency runs from acceptance to the terminal RESULT
         # Entries in the switchboard's deadline heap that name this job.
         self.deadlines = 0
+        # The bytes of its variables charged to the payload budgets, and the
+        # client they are charged to (kept after the client has gone);
+        # released once, when the job ends (Deadlines.set_done).
+        self.payload_bytes = 0
+        self.payer: _Conn | None = None
 
 
 @dataclass(slots=True)
