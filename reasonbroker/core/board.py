@@ -466,7 +466,7 @@ class Switchboard:
         )
         self._fill(c, out)
         if narrowed:
-            self._fail_unserved(out)  # jobs only this worker served must not wait forever
+            self._fail_unserved(out, None)  # jobs only this worker served must not wait forever
 
     def _worker_result(self, w: _Conn, res: Result, now: float, out: list[Action]) -> None:
         cookie = res.cookie
@@ -528,7 +528,7 @@ class Switchboard:
                 self._end_for_client(
                     job, ResultCode.BROKER_WENT_AWAY, "the broker is shutting down", out
                 )
-            elif job.attempts < job.max_attempts and self.dispatcher.pick(job.run.pipeline)[1]:
+            elif job.attempts < job.max_attempts and self.dispatcher.served(job.run.pipeline):
                 self.stats.requeued += 1
                 out.append(
                     Log(
@@ -549,17 +549,17 @@ class Switchboard:
                     f"the worker went away (attempt {job.attempts} of {job.max_attempts})",
                     out,
                 )
-        self._fail_unserved(out)
+        self._fail_unserved(out, w.pipelines)
 
-    def _fail_unserved(self, out: list[Action]) -> None:
+    def _fail_unserved(self, out: list[Action], candidates: set[str] | None) -> None:
         """Queued jobs whose pipeline no connected worker serves any more get NO_CAPACITY.
 
         The contract answers a new RUN for such a pipeline NO_CAPACITY at once;
         jobs already waiting get the same answer rather than waiting forever.
         """
-        for pipeline in list(self.dispatcher.queues):
-            if self.dispatcher.pick(pipeline)[1]:
-                continue
+        # Only `candidates` (None: every queued pipeline) can have lost their
+        # last worker; the dispatcher knows who serves what in O(1).
+        for pipeline in self.dispatcher.unserved(candidates):
             heap = self.dispatcher.queues.pop(pipeline)
             for _, _, job in sorted(heap):
                 if job.state is not _State.QUEUED:
