@@ -38,6 +38,7 @@ from .packets import (
     BadPacket,
     Cancel,
     Codec,
+    Drain,
     Hello,
     Packet,
     Ping,
@@ -46,6 +47,7 @@ from .packets import (
     Register,
     Result,
     ResultCode,
+    Return,
     Role,
     Run,
     Shutdown,
@@ -229,6 +231,11 @@ class Switchboard:
                     self._status(c, out)
                 else:
                     self._wrong_role(c, "STATUS", out)
+            case Drain() | Return():
+                if c.role is Role.WORKER and c.hello:
+                    self._drain_worker(c, packet, out)
+                else:
+                    self._wrong_role(c, type(packet).__name__.upper(), out)
             case Shutdown():
                 self._unsupported(c, "SHUTDOWN", None, out)
             case Unsupported(ptype, cookie):
@@ -456,7 +463,8 @@ class Switchboard:
             # it serves the union of the names it has given.
             narrowed = c.pipelines is None and c.id in self.dispatcher.workers
             c.pipelines = (c.pipelines or set()) | set(reg.pipelines)
-        self.dispatcher.add_worker(c)
+        if not c.draining:  # a draining worker stays out of dispatch
+            self.dispatcher.add_worker(c)
         out.append(
             Log(
                 "worker_registered",
@@ -551,6 +559,53 @@ class Switchboard:
                 )
         self._fail_unserved(out, w.pipelines)
 
+    def _drain_worker(self, w: _Conn, packet: Drain | Return, out: list[Action]) -> None:
+        """DRAIN: the worker is stopping: no more RUNs reach it, its running
+        jobs run on, and the DRAIN is echoed. RETURN: a RUN it did not start,
+        given to another worker without counting the attempt; it drains the
+        worker too, so that a RUN never goes back and forth (docs/protocol.md,
+        Draining workers)."""
+        if not w.draining:
+            w.draining = True
+            self.dispatcher.remove_worker(w)  # no more picks, no more fills
+            out.append(Log("worker_draining", w.id, {"running": len(w.running)}))
+            self._fail_unserved(out, w.pipelines)
+        if type(packet) is not Return:
+            # The echo: every RUN sent to this worker before it is ahead of it
+            # on the wire, so once it arrives the worker has all it must return.
+            out.append(Send(w.id, Drain()))
+            return
+        job = w.running.get(packet.cookie)
+        if job is None:
+            self.stats.results_dropped += 1
+            out.append(Log("result_dropped", w.id, {"reason": "RETURN of an unknown cookie"}))
+            return
+        del w.running[packet.cookie]
+        self.dispatcher.release(w, job)
+        job.attempts -= 1  # it never ran
+        if job.abandoned:
+            self.deadlines.set_done(job)
+            self._forget(job)
+        elif job.cancel_requested:
+            self._end_for_client(job, ResultCode.CANCELLED, "cancelled by client", out)
+        elif self.draining:
+            self._end_for_client(
+                job, ResultCode.BROKER_WENT_AWAY, "the broker is shutting down", out
+            )
+        else:
+            worker, served = self.dispatcher.pick(job.run.pipeline)
+            if worker is not None:
+                self._dispatch(job, worker, out)
+            elif served:
+                self.dispatcher.enqueue(job)  # accepted work: may exceed queue_limit
+            else:
+                self._end_for_client(
+                    job,
+                    ResultCode.NO_CAPACITY,
+                    f"no worker serves pipeline {job.run.pipeline!r} any more",
+                    out,
+                )
+
     def _fail_unserved(self, out: list[Action], candidates: set[str] | None) -> None:
         """Queued jobs whose pipeline no connected worker serves any more get NO_CAPACITY.
 
@@ -598,7 +653,7 @@ class Switchboard:
     def _fill(self, w: _Conn, out: list[Action]) -> None:
         """Give a worker with free slots the best queued jobs it serves."""
         dispatcher = self.dispatcher
-        if not dispatcher.queued:
+        if not dispatcher.queued or w.draining:
             return
         while True:
             job = dispatcher.take(w)

@@ -27,6 +27,7 @@ from .packets import (
     BadPacket,
     Cancel,
     Codec,
+    Drain,
     Hello,
     Packet,
     Ping,
@@ -36,6 +37,7 @@ from .packets import (
     Register,
     Result,
     ResultCode,
+    Return,
     Role,
     Run,
     Shutdown,
@@ -464,6 +466,10 @@ def packet_from_map(d: dict[Any, Any], codec: Codec) -> Packet:
                 return Progress(_cookie(d.get("cookie"), codec), _payload(d, "result", codec))
             case "SHUTDOWN":
                 return Shutdown()
+            case "DRAIN":
+                return Drain()
+            case "RETURN":
+                return Return(_cookie(d.get("cookie"), codec))
             case "STATUS":
                 status = d.get("status")
                 if status is not None and not isinstance(status, dict):
@@ -540,6 +546,10 @@ def packet_to_map(packet: Packet) -> dict[str, Any]:
             return {"packet_type": "PROGRESS", "cookie": cookie, "result": result}
         case Shutdown():
             return {"packet_type": "SHUTDOWN"}
+        case Drain():
+            return {"packet_type": "DRAIN"}
+        case Return(cookie):
+            return {"packet_type": "RETURN", "cookie": cookie}
         case Status(status):
             if status is None:
                 return {"packet_type": "STATUS"}

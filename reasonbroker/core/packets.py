@@ -37,6 +37,8 @@ class PacketType(enum.StrEnum):
     STARTED = "STARTED"
     PROGRESS = "PROGRESS"
     STATUS = "STATUS"
+    DRAIN = "DRAIN"
+    RETURN = "RETURN"
 
 
 class ResultCode(enum.StrEnum):
@@ -239,6 +241,19 @@ class Shutdown:
 
 
 @_packet
+class Drain:
+    """DRAIN, from a worker that said HELLO: it is stopping; send it no more RUNs."""
+
+
+@_packet
+class Return:
+    """RETURN, from a worker that said HELLO: the RUN `cookie` was not started;
+    the broker gives it to another worker without counting an attempt."""
+
+    cookie: bytes
+
+
+@_packet
 class Status:
     """STATUS: from an admin peer a request (`status` None), from the broker the answer."""
 
@@ -274,6 +289,8 @@ Packet = (
     | Progress
     | Shutdown
     | Status
+    | Drain
+    | Return
     | Unsupported
     | BadPacket
 )

@@ -22,7 +22,7 @@ from .limits import Limits, ListenerRole
 from .packets import BadPacket, Hello, Packet, Register, Result, ResultCode, Role
 from .state import _Conn, _cookie_of, _State
 
-FEATURES = ("started", "progress", "priority", "timeout", "attempts")
+FEATURES = ("started", "progress", "priority", "timeout", "attempts", "drain")
 
 
 class Refusal:

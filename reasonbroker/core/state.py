@@ -28,6 +28,7 @@ class _Conn:
         "capacity",
         "closing",
         "codec",
+        "draining",
         "features",
         "hello",
         "id",
@@ -74,6 +75,8 @@ class _Conn:
         self.pipelines: set[str] | None = None
         self.running: dict[bytes, _Job] = {}
         self.last_used = 0
+        # Said DRAIN (or returned a RUN): sent no more RUNs, its jobs run on.
+        self.draining = False
         # Slots a legacy worker freed with a RESULT but may not have let go of
         # yet (see Limits.legacy_slot_reuse_ms); not usable until they rest.
         self.resting = 0
