@@ -29,7 +29,7 @@ from . import COMPILED
 from ._version import __version__
 from .core.errors import ConfigError
 from .core.packets import ResultCode
-from .daemon.config import LOG_LEVELS, Config, LogFormat, load_config
+from .daemon.config import LOG_LEVELS, Config, LogFormat, check_exposure, load_config
 from .daemon.log import configure, get_logger
 
 EXIT_OK: Final = 0
@@ -177,6 +177,7 @@ def serve(
         _config_error(exc, _FLAG_OF_KEY.get(exc.key, exc.key))
     try:
         config = load_config(config_path, os.environ, overrides)
+        check_exposure(config)
         configure(config.log_level, config.log_format)
         status = _run(config)
     except ConfigError as exc:

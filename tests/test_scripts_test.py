@@ -19,6 +19,8 @@ SANS_IO = [
     "tests/test_switchboard.py",
     "tests/test_properties.py",
     "tests/test_native.py",
+    "tests/test_hardening.py",
+    "tests/test_dispatch_index.py",
 ]
 _RECORDER = """#!/usr/bin/env bash
 echo "$(basename "$0") PURE=${REASONBROKER_PURE:-} $*" >> "$CALLS"

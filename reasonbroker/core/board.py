@@ -45,9 +45,10 @@ from .actions import (
     Log,
     Send,
 )
-from .codecs import can_carry, payload_kind
+from .codecs import can_carry, payload_kind, payload_size
 from .deadlines import Deadlines
 from .dispatch import Dispatcher
+from .guard import check_register, pipeline_too_long, registered_fields, utf8_over
 from .limits import Limits, ListenerRole
 from .packets import (
     Accepted,
@@ -55,6 +56,7 @@ from .packets import (
     BadPacket,
     Cancel,
     Codec,
+    Drain,
     Hello,
     Job,
     JobState,
@@ -66,6 +68,7 @@ from .packets import (
     Register,
     Result,
     ResultCode,
+    Return,
     Role,
     Run,
     Shutdown,
@@ -117,6 +120,7 @@ class Switchboard:
         self._attempts_limit = limits.max_attempts_limit
         self._default_attempts = min(limits.default_max_attempts, limits.max_attempts_limit)
         self._slot_rest_s = limits.legacy_slot_reuse_ms / 1000.0
+        self._max_pipeline_bytes = limits.max_pipeline_name_bytes
         self.stats = Stats()
         self.latency = Latency()
         # A journal keeps what this board decides (docs/durability.md).
@@ -156,6 +160,11 @@ class Switchboard:
     def running(self) -> int:
         """Jobs holding a worker slot."""
         return self.dispatcher.running
+
+    @property
+    def payload_bytes(self) -> int:
+        """The bytes of live jobs' variables (the payload budgets)."""
+        return self.deadlines.payload_bytes
 
     @property
     def live_jobs(self) -> int:
@@ -231,7 +240,7 @@ class Switchboard:
 
     def _handle(self, c: _Conn, packet: Packet, now: float, out: list[Action]) -> None:
         if c.role is None:
-            verdict = assign_role(c, packet, self._heartbeat_ms, out)
+            verdict = assign_role(c, packet, self._heartbeat_ms, out, self.limits)
             if type(verdict) is Refusal:
                 self._answer(c, verdict.result, out, force=True)
                 self._close(c, verdict.why, out)
@@ -288,6 +297,11 @@ class Switchboard:
                     self._status(c, out)
                 else:
                     self._wrong_role(c, "STATUS", out)
+            case Drain() | Return():
+                if c.role is Role.WORKER and c.hello:
+                    self._drain_worker(c, packet, out)
+                else:
+                    self._wrong_role(c, type(packet).__name__.upper(), out)
             case Shutdown():
                 self._unsupported(c, "SHUTDOWN", None, out)
             case Unsupported(ptype, cookie):
@@ -395,6 +409,13 @@ class Switchboard:
         if self.draining:
             self._reject(c, run, ResultCode.BROKER_WENT_AWAY, "the broker is shutting down", out)
             return
+        # Length first: a name of up to a quarter of the limit always fits, and
+        # the common case makes no call out of this (compiled) module.
+        if len(run.pipeline) * 4 > self._max_pipeline_bytes and utf8_over(
+            run.pipeline, self._max_pipeline_bytes
+        ):
+            self._reject(c, run, ResultCode.BAD_PACKET, pipeline_too_long(self.limits), out)
+            return
         if run.cookie in self.jobs or run.cookie in self.retained:
             self._reject(c, run, ResultCode.COOKIE_COLLISION, "cookie is already in use", out)
             return
@@ -410,6 +431,9 @@ class Switchboard:
                 f"max_inflight_per_client ({self.limits.max_inflight_per_client}) reached",
                 out,
             )
+            return
+        size = payload_size(run.variables)
+        if size and self._over_budget(c, run, size, out):
             return
         worker, served = self.dispatcher.pick(run.pipeline)
         if not served and not self.durable:
@@ -428,6 +452,11 @@ class Switchboard:
         )
         self._seq += 1
         job = _Job(self._seq, c, run, attempts)
+        if size:
+            job.payload_bytes = size
+            job.payer = c
+            c.payload_bytes += size
+            self.deadlines.payload_bytes += size
         c.jobs[run.cookie] = job
         self.jobs[run.cookie] = job
         self.stats.accepted += 1
@@ -445,6 +474,21 @@ class Switchboard:
             self._dispatch(job, worker, out)
         else:
             self.dispatcher.enqueue(job)
+
+    def _over_budget(self, c: _Conn, run: Run, size: int, out: list[Action]) -> bool:
+        """Refuse a RUN whose variables would pass a payload budget (NO_CAPACITY)."""
+        limits = self.limits
+        if c.payload_bytes + size > limits.max_payload_bytes_per_client:
+            why = (
+                f"max_payload_bytes_per_client ({limits.max_payload_bytes_per_client}) reached: "
+                f"this client's queued and running jobs hold {c.payload_bytes} bytes"
+            )
+        elif self.deadlines.payload_bytes + size > limits.max_payload_bytes_total:
+            why = f"max_payload_bytes_total ({limits.max_payload_bytes_total}) reached"
+        else:
+            return False
+        self._reject(c, run, ResultCode.NO_CAPACITY, why, out)
+        return True
 
     def _cancel(self, c: _Conn, cookie: bytes, now: float, out: list[Action]) -> None:
         job = c.jobs.get(cookie)
@@ -537,6 +581,11 @@ class Switchboard:
     # -- workers ------------------------------------------------------------------
 
     def _register(self, c: _Conn, reg: Register, out: list[Action]) -> None:
+        too_big = check_register(reg, c.pipelines, self.limits)
+        if too_big is not None:
+            self._bad_packet(c, BadPacket("REGISTER", None, too_big), self._now, out)
+            return
+        before = c.pipelines
         limit = self.limits.max_worker_capacity
         capacity = c.capacity + reg.capacity
         if capacity > limit:
@@ -549,20 +598,18 @@ class Switchboard:
             # it serves the union of the names it has given.
             narrowed = c.pipelines is None and c.id in self.dispatcher.workers
             c.pipelines = (c.pipelines or set()) | set(reg.pipelines)
-        self.dispatcher.add_worker(c)
+        if not c.draining:  # a draining worker stays out of dispatch
+            self.dispatcher.add_worker(c)
         out.append(
             Log(
                 "worker_registered",
                 c.id,
-                {
-                    "capacity": c.capacity,
-                    "pipelines": sorted(c.pipelines) if c.pipelines is not None else None,
-                },
+                registered_fields(c.capacity, before, c.pipelines),
             )
         )
         self._fill(c, out)
         if narrowed:
-            self._fail_unserved(out)  # jobs only this worker served must not wait forever
+            self._fail_unserved(out, None)  # jobs only this worker served must not wait forever
 
     def _worker_result(self, w: _Conn, res: Result, now: float, out: list[Action]) -> None:
         cookie = res.cookie
@@ -634,7 +681,7 @@ class Switchboard:
                     job, ResultCode.BROKER_WENT_AWAY, "the broker is shutting down", out
                 )
             elif job.attempts < job.max_attempts and (
-                self.durable or self.dispatcher.pick(job.run.pipeline)[1]
+                self.durable or self.dispatcher.served(job.run.pipeline)
             ):
                 self.stats.requeued += 1
                 out.append(
@@ -658,9 +705,58 @@ class Switchboard:
                     f"the worker went away (attempt {job.attempts} of {job.max_attempts})",
                     out,
                 )
-        self._fail_unserved(out)
+        self._fail_unserved(out, w.pipelines)
 
-    def _fail_unserved(self, out: list[Action]) -> None:
+    def _drain_worker(self, w: _Conn, packet: Drain | Return, out: list[Action]) -> None:
+        """DRAIN: the worker is stopping: no more RUNs reach it, its running
+        jobs run on, and the DRAIN is echoed. RETURN: a RUN it did not start,
+        given to another worker without counting the attempt; it drains the
+        worker too, so that a RUN never goes back and forth (docs/protocol.md,
+        Draining workers)."""
+        if not w.draining:
+            w.draining = True
+            self.dispatcher.remove_worker(w)  # no more picks, no more fills
+            out.append(Log("worker_draining", w.id, {"running": len(w.running)}))
+            self._fail_unserved(out, w.pipelines)
+        if type(packet) is not Return:
+            # The echo: every RUN sent to this worker before it is ahead of it
+            # on the wire, so once it arrives the worker has all it must return.
+            out.append(Send(w.id, Drain()))
+            return
+        job = w.running.get(packet.cookie)
+        if job is None:
+            self.stats.results_dropped += 1
+            out.append(Log("result_dropped", w.id, {"reason": "RETURN of an unknown cookie"}))
+            return
+        del w.running[packet.cookie]
+        self.dispatcher.release(w, job)
+        job.attempts -= 1  # it never ran
+        if job.abandoned:
+            self.deadlines.set_done(job)
+            self._forget(job)
+        elif job.cancel_requested:
+            self._end_for_client(job, ResultCode.CANCELLED, "cancelled by client", out)
+        elif self.draining and not self.durable:
+            self._end_for_client(
+                job, ResultCode.BROKER_WENT_AWAY, "the broker is shutting down", out
+            )
+        else:
+            if self.durable:
+                out.append(Journal(J_REQUEUE, job.cookie, attempts=job.attempts))
+            worker, served = self.dispatcher.pick(job.run.pipeline)
+            if worker is not None and not self.draining:
+                self._dispatch(job, worker, out)
+            elif served or self.durable:
+                self.dispatcher.enqueue(job)  # accepted work: may exceed queue_limit
+            else:
+                self._end_for_client(
+                    job,
+                    ResultCode.NO_CAPACITY,
+                    f"no worker serves pipeline {job.run.pipeline!r} any more",
+                    out,
+                )
+
+    def _fail_unserved(self, out: list[Action], candidates: set[str] | None) -> None:
         """Queued jobs whose pipeline no connected worker serves any more get NO_CAPACITY.
 
         The contract answers a new RUN for such a pipeline NO_CAPACITY at once;
@@ -669,9 +765,9 @@ class Switchboard:
         """
         if self.durable:
             return
-        for pipeline in list(self.dispatcher.queues):
-            if self.dispatcher.pick(pipeline)[1]:
-                continue
+        # Only `candidates` (None: every queued pipeline) can have lost their
+        # last worker; the dispatcher knows who serves what in O(1).
+        for pipeline in self.dispatcher.unserved(candidates):
             heap = self.dispatcher.queues.pop(pipeline)
             for _, _, job in sorted(heap):
                 if job.state is not _State.QUEUED:
@@ -712,7 +808,7 @@ class Switchboard:
     def _fill(self, w: _Conn, out: list[Action]) -> None:
         """Give a worker with free slots the best queued jobs it serves."""
         dispatcher = self.dispatcher
-        if not dispatcher.queued or self.draining:
+        if not dispatcher.queued or self.draining or w.draining:
             return  # (draining with a journal: the queue waits for the next start)
         while True:
             job = dispatcher.take(w)

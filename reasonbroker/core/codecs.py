@@ -29,6 +29,7 @@ from .packets import (
     BadPacket,
     Cancel,
     Codec,
+    Drain,
     Hello,
     Job,
     JobState,
@@ -40,12 +41,14 @@ from .packets import (
     Register,
     Result,
     ResultCode,
+    Return,
     Role,
     Run,
     Shutdown,
     Started,
     Status,
     Unsupported,
+    _unpack_value,
     cookie_str,
 )
 
@@ -260,6 +263,58 @@ def _unpack_map(body: bytes | memoryview) -> dict[Any, Any]:
     return obj
 
 
+_PAYLOAD_KEYS: Final = (b"\xa9variables", b"\xa6result")
+
+
+def unpack_map_raw(body: bytes) -> dict[Any, Any]:
+    """`_unpack_map(body)`, but with the payloads (`variables`, `result`) kept
+    as `Raw` bytes, never decoded: the broker only forwards them, and a
+    payload decoded into Python objects can take 15 times its frame
+    (1.6 M short strings in an 8 MB frame: 112 MiB).
+
+    Reads the top-level map entry by entry with `_skip`; anything it does not
+    read (an extension type, deep nesting, a truncated or trailing byte) goes
+    to `_unpack_map`, which decodes or refuses it exactly as before.
+    """
+    stop: i64 = len(body)
+    if stop < 1:
+        return _unpack_map(body)
+    head: i64 = body[0]
+    pos: i64 = 1
+    if 0x80 <= head <= 0x8F:
+        n = head & 0x0F
+    elif head == 0xDE or head == 0xDF:
+        width: i64 = 2 if head == 0xDE else 4
+        if stop < 1 + width:
+            return _unpack_map(body)
+        n = _uint(body, 1, width)
+        pos = 1 + width
+    else:
+        return _unpack_map(body)
+    d: dict[Any, Any] = {}
+    while n:
+        n -= 1
+        key_end = _skip(body, pos, stop)
+        if key_end < 0:
+            return _unpack_map(body)
+        key_span = body[pos:key_end]
+        value_end = _skip(body, key_end, stop)
+        if value_end < 0:
+            return _unpack_map(body)
+        if key_span in _PAYLOAD_KEYS and body[key_end] != 0xC0:
+            value: Any = Raw(body[key_end:value_end])
+        else:
+            value = _unpack_value(body[key_end:value_end])
+        key = _unpack_value(key_span)
+        if isinstance(key, list | dict):
+            return _unpack_map(body)  # an unhashable key: msgpack refuses it
+        d[key] = value
+        pos = value_end
+    if pos != stop:
+        return _unpack_map(body)  # trailing bytes: msgpack says what is wrong
+    return d
+
+
 class _Bad(Exception):
     """Internal: a known key had the wrong type."""
 
@@ -415,6 +470,10 @@ def packet_from_map(d: dict[Any, Any], codec: Codec) -> Packet:
                 return Progress(_cookie(d.get("cookie"), codec), _payload(d, "result", codec))
             case "SHUTDOWN":
                 return Shutdown()
+            case "DRAIN":
+                return Drain()
+            case "RETURN":
+                return Return(_cookie(d.get("cookie"), codec))
             case "STATUS":
                 status = d.get("status")
                 if status is not None and not isinstance(status, dict):
@@ -514,6 +573,10 @@ def packet_to_map(packet: Packet) -> dict[str, Any]:
             return {"packet_type": "PROGRESS", "cookie": cookie, "result": result}
         case Shutdown():
             return {"packet_type": "SHUTDOWN"}
+        case Drain():
+            return {"packet_type": "DRAIN"}
+        case Return(cookie):
+            return {"packet_type": "RETURN", "cookie": cookie}
         case Status(status):
             if status is None:
                 return {"packet_type": "STATUS"}
@@ -577,19 +640,27 @@ _RC_THEN4: Final = {rc: _RC_KEY + _packb(rc.value) + _RESULT_KEY for rc in Resul
 
 # The same for RUN, by pipeline name: the pipeline key and the packed name,
 # with and without the variables key after them. A broker sends the same few
-# names all day; the cache is bounded against a client inventing names.
+# names all day; the cache is bounded against a client inventing names, in
+# entries and in bytes: only names of up to _PACKED_NAME_MAX_CHARS characters
+# are kept (at most 4 bytes each), so it holds at most about 4096 x 270 bytes
+# per dict however long the names peers send (a long name is packed each time:
+# its own bytes dwarf that cost).
 _PIPELINE_THEN3: Final[dict[str, bytes]] = {}
 _PIPELINE_THEN4: Final[dict[str, bytes]] = {}
 _PACKED_NAMES_MAX: Final = 4096
+_PACKED_NAME_MAX_CHARS: Final = 64
 
 
 def _pipeline_then(name: str, with_variables: bool) -> bytes:
     cache = _PIPELINE_THEN4 if with_variables else _PIPELINE_THEN3
     packed = cache.get(name)
     if packed is None:
-        packed = _PIPELINE_KEY + _packb(name)
+        fresh: bytes = _PIPELINE_KEY + _packb(name)
         if with_variables:
-            packed += _VARIABLES_KEY
+            fresh += _VARIABLES_KEY
+        if len(name) > _PACKED_NAME_MAX_CHARS:
+            return fresh  # never cached: the cache stays small in bytes
+        packed = fresh
         if len(cache) >= _PACKED_NAMES_MAX:
             cache.clear()  # a client inventing names: start over, stay bounded
         cache[name] = packed
@@ -672,3 +743,16 @@ def can_carry(value: Any, codec: Codec) -> bool:
 def payload_kind(value: Any) -> str:
     """A payload's type, for a message saying why it could not be carried."""
     return type(value.value() if isinstance(value, Raw) else value).__name__
+
+
+def payload_size(value: Any) -> int:
+    """The bytes a payload holds, for the payload budgets: a Raw's or a
+    string's length (characters, for a JSON peer's text), 0 for none; any
+    other value (the rare payload the raw path leaves to msgpack) packed."""
+    if value is None:
+        return 0
+    if type(value) is Raw:
+        return len(value.data)
+    if isinstance(value, str | bytes):
+        return len(value)
+    return len(_packb(value))

@@ -17,7 +17,7 @@ from .state import _Conn, _Deadline, _Job, _State
 
 
 class Deadlines:
-    __slots__ = ("dead", "heap", "seq", "wake_at")
+    __slots__ = ("dead", "heap", "payload_bytes", "seq", "wake_at")
 
     def __init__(self) -> None:
         self.heap: list[tuple[float, int, _Deadline, _Job | _Conn]] = []
@@ -26,6 +26,9 @@ class Deadlines:
         # time); an int, since next() on an itertools.count is a generic call.
         self.seq = 0
         self.wake_at: float | None = None
+        # The payload bytes of every live job (Limits.max_payload_bytes_total).
+        # Kept here because set_done is where every job ends, whatever ends it.
+        self.payload_bytes = 0
 
     def __len__(self) -> int:
         return len(self.heap)
@@ -40,8 +43,15 @@ class Deadlines:
             out.append(Wake(at))
 
     def set_done(self, job: _Job) -> None:
-        """A job has ended: its deadline entries are dead (see compact)."""
+        """A job has ended: its deadline entries are dead (see compact), its
+        payload bytes are no longer charged (once, however often it is called)."""
         job.state = _State.DONE
+        size = job.payload_bytes
+        if size:
+            job.payload_bytes = 0
+            self.payload_bytes -= size
+            if job.payer is not None:
+                job.payer.payload_bytes -= size
         if job.deadlines:
             self.dead += job.deadlines
             job.deadlines = 0

@@ -3,7 +3,10 @@
 Owns the worker list dispatch scans, the least-loaded pick with its batch
 affinity (Limits.dispatch_batch_slack), a job's move onto a worker's slot and
 off it, the per-pipeline priority queues (lazily deleted entries, compacted
-when dead ones outnumber live ones), taking the best queued job a worker
+when dead ones outnumber live ones), the index of their heads (so a worker
+serving every pipeline finds the best queued job in O(log n), however many
+pipelines have jobs), how many workers serve each pipeline (so a worker's
+leaving checks only what it served), taking the best queued job a worker
 serves, and the broker-made cookie each attempt gets. Whether a job may go
 (codecs, answers, endings) is the board's.
 """
@@ -26,7 +29,10 @@ _LOW_BYTES: Final = bytes(range(_WCOOKIE_BATCH))
 
 class Dispatcher:
     __slots__ = (
+        "_counted",
         "_deadlines",
+        "_serve_counts",
+        "_serving_all",
         "_stats",
         "_use",
         "_wcookie_at",
@@ -36,6 +42,7 @@ class Dispatcher:
         "batch_slack",
         "batch_worker",
         "dead_in_queues",
+        "heads",
         "queued",
         "queues",
         "running",
@@ -53,6 +60,18 @@ class Dispatcher:
         # worker registers or goes; iterating a list is cheaper than a dict).
         self.worker_list: list[_Conn] = []
         self.queues: dict[str, list[tuple[int, int, _Job]]] = {}
+        # A heap of (-priority, seq, pipeline) indexing the queues' heads. The
+        # invariant: every non-empty queue has an entry whose key is at most
+        # its head's (its head's own, or a stale one of a head since taken or
+        # cancelled: heads only move back). A stale entry that surfaces is
+        # replaced by its queue's real head (see _take_any); the heap is
+        # rebuilt when stale entries pile up.
+        self.heads: list[tuple[int, int, str]] = []
+        # Workers serving every pipeline; per named pipeline, the workers
+        # serving it (no key: none); per worker, the set it was counted with.
+        self._serving_all = 0
+        self._serve_counts: dict[str, int] = {}
+        self._counted: dict[int, set[str] | None] = {}
         self.queued = 0  # live entries across all queues
         self.dead_in_queues = 0  # lazily deleted heap entries
         self.running = 0  # jobs holding a worker slot
@@ -70,12 +89,54 @@ class Dispatcher:
     def add_worker(self, w: _Conn) -> None:
         self.workers[w.id] = w
         self.worker_list = list(self.workers.values())
+        if w.id in self._counted:
+            self._uncount(self._counted[w.id])
+        # REGISTER replaces w.pipelines with a new set, so this one stays as counted.
+        self._counted[w.id] = w.pipelines
+        if w.pipelines is None:
+            self._serving_all += 1
+        else:
+            counts = self._serve_counts
+            for name in w.pipelines:
+                counts[name] = counts.get(name, 0) + 1
 
     def remove_worker(self, w: _Conn) -> None:
         self.workers.pop(w.id, None)
         self.worker_list = list(self.workers.values())
         if self.batch_worker is w:
             self.batch_worker = None
+        if w.id in self._counted:
+            self._uncount(self._counted.pop(w.id))
+
+    def _uncount(self, pipelines: set[str] | None) -> None:
+        if pipelines is None:
+            self._serving_all -= 1
+            return
+        counts = self._serve_counts
+        for name in pipelines:
+            left = counts[name] - 1
+            if left:
+                counts[name] = left
+            else:
+                del counts[name]
+
+    def served(self, pipeline: str) -> bool:
+        """Whether any registered worker serves `pipeline`, in O(1)."""
+        return self._serving_all > 0 or pipeline in self._serve_counts
+
+    def unserved(self, candidates: set[str] | None) -> list[str]:
+        """The queued pipelines among `candidates` (None: all) that no worker
+        serves any more. A leaving worker passes its own pipelines, the only
+        ones it can have left unserved: O(its pipelines), not pipelines x workers."""
+        if self._serving_all:
+            return []
+        queues = self.queues
+        counts = self._serve_counts
+        if candidates is None or len(candidates) >= len(queues):
+            return [
+                p for p in queues if p not in counts and (candidates is None or p in candidates)
+            ]
+        return sorted(p for p in candidates if p in queues and p not in counts)
 
     def pick(self, pipeline: str) -> tuple[_Conn | None, bool]:
         """The least-loaded worker with a free slot serving `pipeline`, and whether any serves it.
@@ -162,9 +223,26 @@ class Dispatcher:
 
     def enqueue(self, job: _Job) -> None:
         job.state = _State.QUEUED
-        heap = self.queues.setdefault(job.run.pipeline, [])
-        heapq.heappush(heap, (-job.run.priority, job.seq, job))
+        pipeline = job.run.pipeline
+        heap = self.queues.setdefault(pipeline, [])
+        entry = (-job.run.priority, job.seq, job)
+        heapq.heappush(heap, entry)
+        # The queue's new head: index it. Compared by seq (unique in a queue),
+        # not identity: under mypyc a tuple is unboxed, and boxed again per use.
+        if heap[0][1] == job.seq:
+            self._push_head(entry[0], entry[1], pipeline)
         self.queued += 1
+
+    def _push_head(self, neg_priority: int, seq: int, pipeline: str) -> None:
+        heads = self.heads
+        heapq.heappush(heads, (neg_priority, seq, pipeline))
+        if len(heads) > 2 * len(self.queues) + 64:
+            self._rebuild_heads()  # stale entries piled up: O(queues), amortised O(1)
+
+    def _rebuild_heads(self) -> None:
+        heads = [(heap[0][0], heap[0][1], name) for name, heap in self.queues.items() if heap]
+        heapq.heapify(heads)
+        self.heads = heads
 
     def unqueue(self, job: _Job) -> None:
         """Remove a queued job lazily: its heap entry is skipped when reached.
@@ -177,6 +255,7 @@ class Dispatcher:
         self.queued -= 1
         if not self.queued:
             self.queues.clear()
+            self.heads.clear()
             self.dead_in_queues = 0
             return
         self.dead_in_queues += 1
@@ -185,6 +264,7 @@ class Dispatcher:
 
     def clear_queues(self) -> None:
         self.queues.clear()
+        self.heads.clear()
         self.queued = 0
         self.dead_in_queues = 0
 
@@ -197,14 +277,16 @@ class Dispatcher:
             else:
                 del self.queues[pipeline]
         self.dead_in_queues = 0
+        self._rebuild_heads()
 
     def take(self, w: _Conn) -> _Job | None:
         """The best queued job the worker serves, off its queue, if it has a free slot."""
         if not (w.busy + w.resting < w.capacity and self.queued):
             return None
+        if w.pipelines is None:
+            return self._take_any()
         best_heap: list[tuple[int, int, _Job]] | None = None
-        names = self.queues.keys() if w.pipelines is None else w.pipelines
-        for name in list(names):
+        for name in list(w.pipelines):
             heap = self.queues.get(name)
             if heap is None:
                 continue
@@ -221,5 +303,45 @@ class Dispatcher:
         _, _, job = heapq.heappop(best_heap)
         if not best_heap:
             del self.queues[job.run.pipeline]
+        # The index keeps the taken head's entry: it is stale now, and its key
+        # is below the new head's, which is all _take_any needs.
         self.queued -= 1
         return job
+
+    def _take_any(self) -> _Job | None:
+        """The best queued job of any pipeline, off its queue: the top of the
+        heads index once stale entries are dropped, O(log n) amortised.
+
+        Picks what a scan of every queue's head would (the least
+        (-priority, seq)): by the index's invariant (see __init__), once the
+        top entry matches its queue's head no other queue's head is better.
+        A stale top (its queue gone, or its head since taken or cancelled)
+        is dropped or replaced by the real head, whose key is no smaller."""
+        heads = self.heads
+        queues = self.queues
+        while heads:
+            neg_priority, seq, name = heads[0]
+            heap = queues.get(name)
+            if heap is None:
+                heapq.heappop(heads)  # the queue is gone
+                continue
+            while heap and heap[0][2].state is not _State.QUEUED:
+                heapq.heappop(heap)
+                self.dead_in_queues -= 1
+            if not heap:
+                del queues[name]
+                heapq.heappop(heads)
+                continue
+            top = heap[0]
+            if top[0] != neg_priority or top[1] != seq:
+                heapq.heapreplace(heads, (top[0], top[1], name))  # stale: index the real head
+                continue
+            heapq.heappop(heads)
+            job = heapq.heappop(heap)[2]
+            if heap:
+                self._push_head(heap[0][0], heap[0][1], name)
+            else:
+                del queues[name]
+            self.queued -= 1
+            return job
+        return None

@@ -29,7 +29,9 @@ from .codecs import (
     _skip,
     decode_body,
     detect_codec,
+    packet_from_map,
     packet_to_map,
+    unpack_map_raw,
 )
 from .errors import EncodeError, RemoteProtocolError
 from .packets import _RESULT_CODES_RAW, Codec, Packet, Raw, Result, ResultCode, Run, _unpack_value
@@ -158,6 +160,10 @@ class PacketDecoder:
             self.codec = codec
         elif codec is not self.codec:
             raise RemoteProtocolError(f"{codec.value} frame on a {self.codec.value} connection")
+        if self._raw and codec is Codec.MSGPACK:
+            # Payloads stay the bytes they came in, on this path too (a RUN
+            # with priority, a RESULT with an error): see unpack_map_raw.
+            return packet_from_map(unpack_map_raw(bytes(body)), codec)
         return decode_body(body, codec)
 
     def _plain(self, data: bytes, pos: i64, stop: i64) -> Packet | None:

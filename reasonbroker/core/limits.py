@@ -92,6 +92,45 @@ class Limits:
     # stops reading from clients until the disk catches up: memory stays
     # bounded when the journal is slower than the clients.
     journal_backlog_max: int = 50_000
+    # Peer-named strings the broker keeps and logs (issue 19): a pipeline name
+    # (RUN or REGISTER), the pipelines one worker may name in all, a HELLO's
+    # name, its features and each feature's length. Over them: BAD_PACKET.
+    # Generous for real use; small enough that no peer makes the broker hold
+    # (or log) megabytes of names.
+    max_pipeline_name_bytes: int = 1_024
+    max_pipelines_per_worker: int = 10_000
+    max_hello_name_bytes: int = 256
+    max_hello_features: int = 64
+    max_hello_feature_bytes: int = 64
+    # Peer-caused log events (protocol errors, bad packets, auth failures,
+    # idle timeouts, ...): at most this many lines per event per second, the
+    # rest counted in one "log_suppressed" line. 0 = no limit.
+    peer_log_lines_per_s: int = 20
+    # Failed authentication, per source address (host), counted over
+    # auth_block_s: from the auth_failures_before_delay-th failure on, the
+    # UNAUTHORIZED answer is held auth_failure_delay_ms before it is sent; the
+    # auth_failures_before_block-th blocks the address: its connections to
+    # listeners with a token are closed at once for auth_block_s. A token
+    # guesser then gets about 10 guesses a minute.
+    auth_failures_before_delay: int = 3
+    auth_failure_delay_ms: int = 1_000
+    auth_failures_before_block: int = 10
+    auth_block_s: float = 60.0
+    # A frame once begun (its first bytes in) must be whole within this, or
+    # the connection is closed (frame_timeout): no other timeout covers a peer
+    # that has spoken and then sends half a frame forever. 8 MiB in 30 s is
+    # about 2.2 Mbit/s.
+    frame_timeout_ms: int = 30_000
+    # Unfinished frames buffered across all connections; the connection whose
+    # read goes past it is closed (input_cap_reached). Without it the bound is
+    # max_connections x max_frame_bytes. Must hold one maximal frame.
+    max_buffered_input_bytes: int = 256 * MiB
+    # The bytes of queued and running jobs' variables, for one client and in
+    # all: the queue limits count jobs, and 60 queued 8 MiB RUNs are 480 MiB.
+    # Over either: NO_CAPACITY, with the budget named. Each must hold one
+    # maximal frame.
+    max_payload_bytes_per_client: int = 256 * MiB
+    max_payload_bytes_total: int = 1024 * MiB
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -103,7 +142,12 @@ class Limits:
                 raise ConfigError(f.name, f"must be {kind}, got {value!r}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f.name, f"must be finite, got {value!r}")
-        may_be_zero = ("queue_limit", "legacy_slot_reuse_ms", "dispatch_batch_slack")
+        may_be_zero = (
+            "queue_limit",
+            "legacy_slot_reuse_ms",
+            "dispatch_batch_slack",
+            "peer_log_lines_per_s",
+        )
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in may_be_zero:
@@ -117,7 +161,19 @@ class Limits:
             raise ConfigError(
                 "outbox_high_water_bytes", "must be >= max_frame_bytes (one frame must fit)"
             )
+        if self.max_buffered_input_bytes < self.max_frame_bytes:
+            raise ConfigError(
+                "max_buffered_input_bytes", "must be >= max_frame_bytes (one frame must fit)"
+            )
+        if self.max_payload_bytes_per_client < self.max_frame_bytes:
+            raise ConfigError(
+                "max_payload_bytes_per_client", "must be >= max_frame_bytes (one job must fit)"
+            )
+        if self.max_payload_bytes_total < self.max_payload_bytes_per_client:
+            raise ConfigError("max_payload_bytes_total", "must be >= max_payload_bytes_per_client")
         if self.dispatch_batch_slack > 1:
             raise ConfigError("dispatch_batch_slack", "must be <= 1 (a fraction of capacity)")
+        if self.auth_failures_before_delay > self.auth_failures_before_block:
+            raise ConfigError("auth_failures_before_delay", "must be <= auth_failures_before_block")
         if self.default_max_attempts > self.max_attempts_limit:
             raise ConfigError("default_max_attempts", "must be <= max_attempts_limit")

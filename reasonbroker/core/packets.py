@@ -41,6 +41,8 @@ class PacketType(enum.StrEnum):
     ACCEPTED = "ACCEPTED"
     ATTACH = "ATTACH"
     JOB = "JOB"
+    DRAIN = "DRAIN"
+    RETURN = "RETURN"
 
 
 class ResultCode(enum.StrEnum):
@@ -243,6 +245,19 @@ class Shutdown:
 
 
 @_packet
+class Drain:
+    """DRAIN, from a worker that said HELLO: it is stopping; send it no more RUNs."""
+
+
+@_packet
+class Return:
+    """RETURN, from a worker that said HELLO: the RUN `cookie` was not started;
+    the broker gives it to another worker without counting an attempt."""
+
+    cookie: bytes
+
+
+@_packet
 class Status:
     """STATUS: from an admin peer a request (`status` None), from the broker the answer."""
 
@@ -314,6 +329,8 @@ Packet = (
     | Accepted
     | Attach
     | Job
+    | Drain
+    | Return
     | Unsupported
     | BadPacket
 )

@@ -17,11 +17,21 @@ from typing import Any
 from .._version import __version__
 from .actions import Action, Log, Send
 from .dispatch import Dispatcher
-from .limits import ListenerRole
+from .guard import check_hello
+from .limits import Limits, ListenerRole
 from .packets import BadPacket, Hello, Packet, Register, Result, ResultCode, Role
 from .state import _Conn, _cookie_of, _State
 
-FEATURES = ("started", "progress", "priority", "timeout", "attempts", "accepted", "attach")
+FEATURES = (
+    "started",
+    "progress",
+    "priority",
+    "timeout",
+    "attempts",
+    "accepted",
+    "attach",
+    "drain",
+)
 
 
 class Refusal:
@@ -36,17 +46,35 @@ class Refusal:
         self.log = log
 
 
-def assign_role(c: _Conn, packet: Packet, heartbeat_ms: int, out: list[Action]) -> bool | Refusal:
+def assign_role(
+    c: _Conn, packet: Packet, heartbeat_ms: int, out: list[Action], limits: Limits | None = None
+) -> bool | Refusal:
     """The first packet fixes a connection's role (PROTOCOL.md section 5, Roles).
 
     True: handle the packet as usual; False: it is fully handled (a HELLO);
-    a Refusal: the board answers and closes.
+    a Refusal: the board answers and closes. A HELLO over `limits` (its name,
+    its features) is refused BAD_PACKET before anything of it is kept.
     """
     admin_token, c.admin_token = c.admin_token, None
+    if limits is not None and isinstance(packet, Hello):
+        too_big = check_hello(packet, limits)
+        if too_big is not None:
+            c.hello = True  # answered in the extension form it asked for
+            c.role = packet.role or Role.CLIENT
+            return Refusal(
+                Result(None, ResultCode.BAD_PACKET, too_big),
+                f"bad HELLO: {too_big}",
+                Log("bad_packet", c.id, {"packet_type": "HELLO", "why": too_big}),
+            )
     if isinstance(packet, Hello) and packet.role is Role.ADMIN:
         return _assign_admin(c, packet, admin_token, heartbeat_ms, out)
     if isinstance(packet, Hello):
         role = packet.role or Role.CLIENT
+    elif isinstance(packet, BadPacket) and packet.packet_type == "HELLO":
+        # A malformed HELLO (a token that is not a string, say) still says the
+        # peer speaks the extensions: it is answered as one, never as legacy.
+        c.hello = True
+        role = Role.CLIENT
     elif isinstance(packet, Register) or (
         isinstance(packet, BadPacket) and packet.packet_type == "REGISTER"
     ):
@@ -118,7 +146,9 @@ def _authenticate(c: _Conn, packet: Packet, out: list[Action]) -> Refusal | None
     constant time and never appears in an answer or a log line.
     """
     assert c.token is not None
-    if not isinstance(packet, Hello):
+    if isinstance(packet, BadPacket) and packet.packet_type == "HELLO":
+        reason = "malformed HELLO"
+    elif not isinstance(packet, Hello):
         reason = "not HELLO"  # legacy peers cannot authenticate
     elif packet.token is None:
         reason = "missing"

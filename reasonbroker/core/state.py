@@ -28,6 +28,7 @@ class _Conn:
         "capacity",
         "closing",
         "codec",
+        "draining",
         "features",
         "hello",
         "id",
@@ -35,6 +36,7 @@ class _Conn:
         "last_used",
         "listener",
         "name",
+        "payload_bytes",
         "pipelines",
         "resting",
         "role",
@@ -65,12 +67,16 @@ class _Conn:
         self.closing = False
         # client side: the client's live cookies
         self.jobs: dict[bytes, _Job] = {}
+        # The payload bytes of its live jobs (Limits.max_payload_bytes_per_client).
+        self.payload_bytes = 0
         # worker side
         self.capacity = 0
         self.busy = 0
         self.pipelines: set[str] | None = None
         self.running: dict[bytes, _Job] = {}
         self.last_used = 0
+        # Said DRAIN (or returned a RUN): sent no more RUNs, its jobs run on.
+        self.draining = False
         # Slots a legacy worker freed with a RESULT but may not have let go of
         # yet (see Limits.legacy_slot_reuse_ms); not usable until they rest.
         self.resting = 0
@@ -93,6 +99,8 @@ class _Job:
         "deadlines",
         "max_attempts",
         "owed",
+        "payer",
+        "payload_bytes",
         "run",
         "seq",
         "state",
@@ -129,6 +137,11 @@ class _Job:
         self.accepted_at = 0.0  # set by _run: latency runs from acceptance to the terminal RESULT
         # Entries in the switchboard's deadline heap that name this job.
         self.deadlines = 0
+        # The bytes of its variables charged to the payload budgets, and the
+        # client they are charged to (kept after the client has gone);
+        # released once, when the job ends (Deadlines.set_done).
+        self.payload_bytes = 0
+        self.payer: _Conn | None = None
 
 
 @dataclass(slots=True)

@@ -40,11 +40,14 @@ from ..core.actions import Action, Close, Journal, Log, Send, Wake
 from ..core.board import Switchboard
 from ..core.errors import EncodeError, RemoteProtocolError
 from ..core.framing import PacketDecoder, encode_into
+from ..core.guard import clip, clip_fields
 from ..core.limits import ListenerRole
 from ..core.packets import Codec, Ping, Result, ResultCode, Role, Status
+from .authguard import AuthThrottle, Verdict, source_of
 from .config import Config
 from .journal import JournalGlue
 from .metrics import MetricsServer, registry_for
+from .ratelimit import WINDOW_S, LogRateLimiter
 from .store.base import Store
 
 # True when this module runs as mypyc-compiled code (scripts/build_native).
@@ -65,6 +68,8 @@ class _Connection:
         "closed",
         "codec",
         "decoder",
+        "held",
+        "hold_close_s",
         "id",
         "last_rx",
         "listener_role",
@@ -73,6 +78,7 @@ class _Connection:
         "opened_at",
         "outbox",
         "outbox_bytes",
+        "partial_since",
         "spoke",
         "stream",
     )
@@ -95,6 +101,13 @@ class _Connection:
         self.spoke = False
         # On a listener with a token, until the switchboard has accepted its HELLO.
         self.needs_auth = False
+        # > 0: its authentication failed from a throttled address; its refusal
+        # is held this long before it is sent (authguard.py).
+        self.hold_close_s = 0.0
+        # Bytes of an unfinished frame the decoder holds (counted in the
+        # broker's buffered_input), and since when (0.0: none; frame_timeout_ms).
+        self.held = 0
+        self.partial_since = 0.0
 
     # StreamHandler
 
@@ -109,6 +122,11 @@ class _Connection:
             except RemoteProtocolError as exc:
                 broker.protocol_error(self, exc)
                 return
+            held = self.decoder.buffered
+            if held or self.held:
+                broker.input_held(self, held, bool(packets))
+                if self.closed:
+                    return
             if self.codec is None and self.decoder.codec is not None:
                 self.codec = self.decoder.codec
                 broker.board.set_codec(self.id, self.codec)
@@ -177,6 +195,13 @@ class Broker:
         self.metrics_registry = registry_for(self)
         self._metrics: MetricsServer | None = None
         self._started_at: float | None = None
+        self._log_limit = LogRateLimiter(config.limits.peer_log_lines_per_s)
+        self._auth = AuthThrottle(config.limits)
+        self.auth_failures = 0
+        self.auth_refused = 0
+        # Bytes of unfinished frames across all connections (max_buffered_input_bytes).
+        self.buffered_input = 0
+        self.input_drops = 0
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -214,6 +239,7 @@ class Broker:
                 )
                 self._listeners.append((lc.role, listener))
                 _log.info("listening", url=listener.address, role=lc.role.value)
+                _warn_short_tokens(listener.address, token, admin_token)
             if self.config.metrics_address is not None:
                 self._metrics = MetricsServer(self.metrics_registry, self.config.metrics_address)
                 await self._metrics.start()
@@ -428,13 +454,16 @@ class Broker:
         def on_stream(stream: Stream) -> None:
             if self._draining or len(self._conns) >= self.config.limits.max_connections:
                 self.refused_connections += 1
-                _log.warning(
-                    "connection_refused",
-                    peer=stream.peer,
-                    role=role.value,
-                    why="draining" if self._draining else "max_connections reached",
-                )
+                if self.peer_log_allowed("connection_refused"):
+                    _log.warning(
+                        "connection_refused",
+                        peer=stream.peer,
+                        role=role.value,
+                        why="draining" if self._draining else "max_connections reached",
+                    )
                 stream.abort()
+                return
+            if (token is not None or admin_token is not None) and self._auth_blocked(stream, role):
                 return
             conn = _Connection(self, next(self._ids), stream, role)
             stream.set_handler(conn)
@@ -453,11 +482,12 @@ class Broker:
         if conn.closed:
             return
         conn.closed = True
+        self._release_input(conn)
         if conn.outbox:
             self._write_out(conn)
         conn.stream.close()
         del self._conns[conn.id]
-        conn.log.info("connection_closed", why=why)
+        conn.log.info("connection_closed", why=clip(why))
         if self.journal is not None:
             self.journal.forget_conn(conn.id)
         self.apply(self.board.disconnect(conn.id, self.loop.time()))
@@ -468,10 +498,30 @@ class Broker:
         if not self._streams and self._closed_all is not None:
             self._closed_all.set()
 
+    def input_held(self, conn: _Connection, held: int, whole: bool) -> None:
+        """A read left `held` bytes of an unfinished frame (after `whole`
+        frames, if any): time the frame, and keep the total under its cap."""
+        self.buffered_input += held - conn.held
+        conn.held = held
+        if not held:
+            conn.partial_since = 0.0
+            return
+        if whole or not conn.partial_since:
+            conn.partial_since = conn.last_rx  # a new frame has begun
+        cap = self.config.limits.max_buffered_input_bytes
+        if self.buffered_input > cap:
+            self.input_drops += 1
+            self._drop(conn, "input_cap_reached", f"buffered input over {cap} bytes")
+
+    def _release_input(self, conn: _Connection) -> None:
+        self.buffered_input -= conn.held
+        conn.held = 0
+
     def protocol_error(self, conn: _Connection, exc: RemoteProtocolError) -> None:
         # PROTOCOL.md section 1: send nothing more, log why, close.
         self.protocol_errors += 1
-        conn.log.warning("protocol_error", why=str(exc))
+        if self.peer_log_allowed("protocol_error"):
+            conn.log.warning("protocol_error", why=clip(str(exc)))
         conn.outbox.clear()
         conn.outbox_bytes = 0
         self.close_connection(conn, f"protocol error: {exc}")
@@ -523,21 +573,89 @@ class Broker:
                     journal.hold(action.conn, action)
                     continue
                 closing = self._conns.get(action.conn)
-                if closing is not None:
+                if closing is not None and closing.hold_close_s:
+                    self._close_later(closing, action.why)
+                elif closing is not None:
                     self.close_connection(closing, action.why)
             elif type(action) is Wake:
                 self._wake(action.at)
             elif type(action) is Log:
-                about = self._conns.get(action.conn) if action.conn is not None else None
-                if about is None:
-                    _log.info(action.event, conn=action.conn, **action.fields)
-                    continue
-                if action.event == "peer_identified":
-                    # From now on this connection's lines carry its real role.
-                    about.log = about.log.bind(role=action.fields["role"])
-                about.log.info(action.event, **action.fields)
+                self._log_action(action)
         if self._draining:
             self._check_idle()
+
+    def _log_action(self, action: Log) -> None:
+        # Every field clipped: the switchboard's lines carry what peers named.
+        fields = clip_fields(action.fields)
+        about = self._conns.get(action.conn) if action.conn is not None else None
+        if action.event == "auth_failed" and about is not None:
+            self._auth_failed(about)
+        if about is None:
+            if self.peer_log_allowed(action.event):
+                _log.info(action.event, conn=action.conn, **fields)
+            return
+        if action.event == "peer_identified":
+            # From now on this connection's lines carry its real role.
+            about.log = about.log.bind(role=fields["role"])
+        if self.peer_log_allowed(action.event):
+            about.log.info(action.event, **fields)
+
+    def peer_log_allowed(self, event: str) -> bool:
+        """Whether to log this line of a peer-caused event (ratelimit.py); the
+        summary of a window that suppressed lines is logged first."""
+        allowed, suppressed = self._log_limit.allow(event, self.loop.time())
+        if suppressed:
+            _log.warning("log_suppressed", of=event, suppressed=suppressed, window_s=WINDOW_S)
+        return allowed
+
+    # -- failed authentication (authguard.py) ----------------------------------
+
+    def _auth_failed(self, conn: _Connection) -> None:
+        """Count a failed authentication by its source address; past the
+        thresholds, hold the refusal (and so the close), or block the address."""
+        self.auth_failures += 1
+        source = source_of(conn.stream.peer)
+        verdict = self._auth.failed(source, self.loop.time())
+        if verdict is not Verdict.CLOSE:
+            conn.hold_close_s = self._auth.delay_s
+        if verdict is Verdict.BLOCK:
+            limits = self.config.limits
+            _log.warning(
+                "auth_blocked",
+                source=clip(source),
+                failures=limits.auth_failures_before_block,
+                for_s=limits.auth_block_s,
+            )
+
+    def _auth_blocked(self, stream: Stream, role: ListenerRole) -> bool:
+        """A new connection to a listener with a token from a blocked address:
+        closed at once, counted, logged (rate-limited)."""
+        source = source_of(stream.peer)
+        if not self._auth.blocked(source, self.loop.time()):
+            return False
+        self.auth_refused += 1
+        if self.peer_log_allowed("auth_refused"):
+            _log.warning("auth_refused", peer=stream.peer, role=role.value, why="address blocked")
+        stream.abort()
+        return True
+
+    def _close_later(self, conn: _Connection, why: str) -> None:
+        """Close a connection after its hold: nothing more is read from it or
+        routed to it (the switchboard has let go of it already), and its
+        answer is written only when the hold is over."""
+        delay_s, conn.hold_close_s = conn.hold_close_s, 0.0
+        conn.closed = True  # _flush and data_received leave it alone
+        self._release_input(conn)
+        conn.stream.pause_reading()
+        self.loop.call_later(delay_s, self._close_held, conn, why)
+
+    def _close_held(self, conn: _Connection, why: str) -> None:
+        if self._conns.pop(conn.id, None) is None:
+            return
+        if conn.outbox:
+            self._write_out(conn)
+        conn.stream.close()
+        conn.log.info("connection_closed", why=clip(why))
 
     def _enrich_status(self, packet: Status) -> Status:
         """The switchboard's STATUS snapshot plus what only the broker knows:
@@ -623,7 +741,15 @@ class Broker:
     def _schedule_sweep(self) -> None:
         limits = self.config.limits
         # Half the shortest interval, so a peer is judged at most half a beat late.
-        every_s = min(limits.heartbeat_ms, limits.idle_timeout_ms, limits.auth_timeout_ms) / 2000.0
+        every_s = (
+            min(
+                limits.heartbeat_ms,
+                limits.idle_timeout_ms,
+                limits.auth_timeout_ms,
+                limits.frame_timeout_ms,
+            )
+            / 2000.0
+        )
         self._sweeper = self.loop.call_later(every_s, self._sweep)
 
     def _sweep(self) -> None:
@@ -633,6 +759,7 @@ class Broker:
         beat_s = limits.heartbeat_ms / 1000.0
         idle_s = limits.idle_timeout_ms / 1000.0
         auth_s = limits.auth_timeout_ms / 1000.0
+        frame_s = limits.frame_timeout_ms / 1000.0
         board = self.board
         try:
             for conn in list(self._conns.values()):
@@ -648,6 +775,13 @@ class Broker:
                             f"not authenticated within {limits.auth_timeout_ms} ms",
                         )
                         continue
+                if conn.partial_since and now - conn.partial_since >= frame_s:
+                    self._drop(
+                        conn,
+                        "frame_timeout",
+                        f"a frame begun was not finished within {limits.frame_timeout_ms} ms",
+                    )
+                    continue
                 if not conn.spoke:
                     if now - conn.opened_at >= idle_s:
                         self._drop(
@@ -662,11 +796,15 @@ class Broker:
                 elif silent_s >= beat_s:
                     self.apply([Send(conn.id, Ping())])
         finally:
+            self._auth.prune(now)
+            for event, suppressed in self._log_limit.flush(now):
+                _log.warning("log_suppressed", of=event, suppressed=suppressed, window_s=WINDOW_S)
             self._schedule_sweep()
 
     def _drop(self, conn: _Connection, event: str, why: str) -> None:
         self.dead_peers += 1
-        conn.log.warning(event, why=why)
+        if self.peer_log_allowed(event):
+            conn.log.warning(event, why=why)
         conn.outbox.clear()
         conn.outbox_bytes = 0
         conn.stream.abort()  # a dead peer will not read what we would flush
@@ -675,6 +813,22 @@ class Broker:
     def _check_idle(self) -> None:
         if self.board.running == 0 and self._idle is not None:
             self._idle.set()
+
+
+# Below this many bytes a token is guessable by a patient peer, even throttled.
+_TOKEN_MIN_BYTES: Final = 16
+
+
+def _warn_short_tokens(url: str, token: str | None, admin_token: str | None) -> None:
+    for key, value in (("token", token), ("admin_token", admin_token)):
+        if value is not None and len(value.encode("utf-8")) < _TOKEN_MIN_BYTES:
+            _log.warning(
+                "token_short",
+                url=url,
+                key=key,
+                bytes=len(value.encode("utf-8")),
+                advice=f"use at least {_TOKEN_MIN_BYTES} random bytes, e.g. `openssl rand -hex 16`",
+            )
 
 
 def _stats_fields(broker: Broker) -> dict[str, Any]:

@@ -31,6 +31,7 @@ Key names, as they appear in a `ConfigError`:
 from __future__ import annotations
 
 import enum
+import ipaddress
 import math
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -67,6 +68,8 @@ class ListenerConfig:
     mode: int | None = None
     admin_token: str | None = field(default=None, repr=False)
     admin_token_file: str | None = None
+    # Serve this non-loopback listener without a token anyway (see check_exposure).
+    allow_unauthenticated: bool = False
     # token_file's content, read at construction (so also by dataclasses.replace).
     _file_token: str | None = field(default=None, init=False, repr=False)
     _file_admin_token: str | None = field(default=None, init=False, repr=False)
@@ -92,6 +95,11 @@ class ListenerConfig:
         object.__setattr__(self, "_file_token", file_token)
         file_admin = _check_token(self.admin_token, self.admin_token_file, "admin_token")
         object.__setattr__(self, "_file_admin_token", file_admin)
+        if not isinstance(self.allow_unauthenticated, bool):
+            raise ConfigError(
+                "listeners.allow_unauthenticated",
+                f"must be true or false, got {self.allow_unauthenticated!r}",
+            )
         if self.mode is not None:
             if isinstance(self.mode, bool) or not isinstance(self.mode, int):
                 raise ConfigError(
@@ -217,6 +225,46 @@ _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_LEVELS = _LOG_LEVELS
 
 
+def is_loopback(url: str) -> bool:
+    """Whether a listener URL is reachable from this host only: unix://, or a
+    tcp:// / tls:// host that is a loopback address (127.0.0.0/8, ::1) or
+    "localhost". A wildcard (0.0.0.0, ::) or any other name is not."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "unix":
+        return True
+    host = parts.hostname
+    if host is None:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_exposure(config: Config) -> None:
+    """Refuse to serve a listener that any host can reach and anyone can join.
+
+    Like Redis's protected mode: a listener on a non-loopback address needs a
+    token (a tls:// one with verify_client authenticates by certificate
+    instead), or `allow_unauthenticated = true` in its TOML table; otherwise
+    ConfigError naming the listener (`reasonbroker serve` exits 2).
+    """
+    for index, lc in enumerate(config.listeners):
+        if lc.allow_unauthenticated or lc.required_token is not None or is_loopback(lc.url):
+            continue
+        if lc.is_tls and lc.verify_client:
+            continue
+        raise ConfigError(
+            "listeners",
+            f"{lc.url} ({lc.role.value}, listener {index}) is on a non-loopback address "
+            "without a token: anyone who can reach it may join; set token or token_file "
+            "(or REASONBROKER_<ROLE>_TOKEN), listen on 127.0.0.1, or set "
+            "allow_unauthenticated = true in its [[listeners]] table",
+        )
+
+
 def split_host_port(address: str, key: str) -> tuple[str, int]:
     """("127.0.0.1", 9464) from "127.0.0.1:9464", ("::1", 9464) from "[::1]:9464";
     ConfigError naming `key` for anything else. Port 0 picks a free port."""
@@ -271,7 +319,14 @@ _CONFIG_FIELDS = {
 _TOP_KEYS = ("uvloop", "metrics_address", "log", "limits", "listeners", "journal")
 _ROLES = tuple(role.value for role in ListenerRole)
 _FORMATS = tuple(fmt.value for fmt in LogFormat)
-_AUTH_KEYS = ("token", "token_file", "admin_token", "admin_token_file", "mode")
+_AUTH_KEYS = (
+    "token",
+    "token_file",
+    "admin_token",
+    "admin_token_file",
+    "mode",
+    "allow_unauthenticated",
+)
 _LISTENER_KEYS = ("url", "role", *_TLS_KEYS, *_AUTH_KEYS)
 _REQUIRED_LISTENER_KEYS = ("url", "role")
 _ROLE_ENV = {

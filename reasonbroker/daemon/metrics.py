@@ -47,6 +47,10 @@ class Observed(Protocol):
     @property
     def dead_peers(self) -> int: ...
     @property
+    def auth_failures(self) -> int: ...
+    @property
+    def auth_refused(self) -> int: ...
+    @property
     def uptime_s(self) -> float: ...
     def connections_by_role(self) -> dict[str, int]: ...
 
@@ -136,6 +140,16 @@ class BrokerCollector:
             "reasonbroker_dead_peers",
             "Connections dropped as silent or idle.",
             broker.dead_peers,
+        )
+        yield CounterMetricFamily(
+            "reasonbroker_auth_failures",
+            "Failed authentications (wrong, missing or malformed token).",
+            broker.auth_failures,
+        )
+        yield CounterMetricFamily(
+            "reasonbroker_auth_refused",
+            "Connections closed at once because their address is blocked after failed auth.",
+            broker.auth_refused,
         )
         yield GaugeMetricFamily(
             "reasonbroker_uptime_seconds", "Seconds since the broker started.", broker.uptime_s

@@ -39,6 +39,8 @@ log = library_logger("reasonbroker.worker")
 Handler = Callable[[Any], Awaitable[Any]]
 
 _STOPPED: Final = "worker stopped"
+# How long a stopping worker waits for the broker to echo its DRAIN.
+_DRAIN_ECHO_S: Final = 5.0
 
 
 def _worth_repeating(failures: int) -> bool:
@@ -128,6 +130,7 @@ class Worker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = asyncio.Event()
+        self._drain_echo = asyncio.Event()
         self._started = False
         self._task: asyncio.Task[None] | None = None
         # Set while registered with a broker; cleared when the connection ends.
@@ -296,9 +299,32 @@ class Worker:
     async def _drain_on_stop(self, peer: Peer) -> None:
         await self._stopping.wait()
         self._log.info("worker_draining", running=len(self._jobs))
+        if self._announce_drain(peer):
+            # Wait for the broker's echo: any RUN that crossed our DRAIN
+            # arrives before it, and is returned (_on_run), not lost at close.
+            self._drain_echo.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_DRAIN_ECHO_S):
+                    await self._drain_echo.wait()
         await self._idle.wait()
         # aclose() flushes the last RESULTs before the connection ends.
         await peer.aclose(_STOPPED)
+
+    @staticmethod
+    def _can_drain(peer: Peer) -> bool:
+        """Whether the broker takes DRAIN and RETURN (feature "drain")."""
+        return "drain" in peer.broker_hello.features
+
+    def _announce_drain(self, peer: Peer) -> bool:
+        """Tell the broker we are stopping, so that it sends us no more RUNs;
+        whether it was told (it has feature "drain", the connection is up)."""
+        if not self._can_drain(peer):
+            return False
+        try:
+            peer.send_nowait(p.Drain())
+        except BrokerConnectionError:
+            return False
+        return True
 
     async def _abandon_jobs(self) -> None:
         # The connection is gone: nobody can receive our RESULTs, and the broker
@@ -328,6 +354,8 @@ class Worker:
                 elif not job.cancel_requested and job.task is not None:
                     job.cancel_requested = True
                     job.task.cancel()
+            case p.Drain():
+                self._drain_echo.set()  # the broker's answer to our DRAIN
             case p.Result(rc=rc, error=error):
                 # The broker rejecting something we sent (BAD_PACKET, ...).
                 self._log.warning(
@@ -342,9 +370,14 @@ class Worker:
     def _on_run(self, peer: Peer, run: p.Run) -> None:
         cookie = run.cookie
         if self._stopping.is_set():
-            # Draining: not started and not answered; when we close, the broker
-            # handles it as on any worker loss.
+            # Draining, and this RUN crossed our DRAIN: hand it back unstarted,
+            # and the broker gives it to another worker without counting an
+            # attempt. A broker without "drain" handles it when we close, as
+            # on any worker loss.
             self._log.info("run_refused_draining", cookie=p.cookie_str(cookie))
+            if self._can_drain(peer):
+                with contextlib.suppress(BrokerConnectionError):
+                    peer.send_nowait(p.Return(cookie))
             return
         if cookie in self._jobs:
             # Per-attempt cookies come from the broker; a live duplicate is its
