@@ -293,3 +293,19 @@ def test_the_sender_of_a_detached_run_may_attach_to_it_on_the_same_connection() 
     assert h.feed(c, Attach(ck(1))) == []
     assert h.answer("job1") == [("RESULT", c, 1, OK)]
     assert h.feed(c, Attach(ck(1))) == [("RESULT", c, 1, OK)]  # retained: collected again
+
+
+def test_a_returned_run_is_requeued_in_the_journal_and_waits_for_a_worker() -> None:
+    from reasonbroker.core.packets import Return
+
+    h = H(durable=True)
+    w = h.worker(hello=True)
+    c = h.client()
+    h.run(c, 1)
+    out = h.b.receive(w, Return(h.wc("job1")), h.now)
+    assert journal(out) == [(J_REQUEUE, 1)]
+    requeue = next(a for a in out if isinstance(a, Journal))
+    assert requeue.attempts == 0  # it never ran
+    assert h.b.queue_depth == 1  # no other worker: it waits (a journal keeps it)
+    w2 = h.worker()
+    assert h.jobs["job1"][0] == w2
