@@ -26,6 +26,7 @@ from reasonbroker.core.packets import (
     Raw,
     Result,
     ResultCode,
+    Return,
     Run,
 )
 from reasonbroker.core.retention import Ended
@@ -296,8 +297,6 @@ def test_the_sender_of_a_detached_run_may_attach_to_it_on_the_same_connection() 
 
 
 def test_a_returned_run_is_requeued_in_the_journal_and_waits_for_a_worker() -> None:
-    from reasonbroker.core.packets import Return
-
     h = H(durable=True)
     w = h.worker(hello=True)
     c = h.client()
