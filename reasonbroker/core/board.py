@@ -179,6 +179,18 @@ class Switchboard:
     def workers(self) -> list[int]:
         return list(self.dispatcher.workers)
 
+    def job_cookie(self, conn: int, wcookie: bytes) -> bytes | None:
+        """The job cookie behind the cookie a worker connection got its RUN with, while
+        it runs there (None otherwise)."""
+        c = self._conns.get(conn)
+        job = None if c is None else c.running.get(wcookie)
+        return None if job is None else job.run.cookie
+
+    def served_pipelines(self, conn: int) -> frozenset[str] | None:
+        """The pipelines a worker connection serves; None: every pipeline."""
+        pipelines = self._conns[conn].pipelines
+        return None if pipelines is None else frozenset(pipelines)
+
     def role_of(self, conn: int) -> Role | None:
         c = self._conns.get(conn)
         return None if c is None else c.role
