@@ -33,6 +33,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib import resources
 from ipaddress import ip_address
 from typing import Any, Final, Protocol
@@ -186,17 +187,18 @@ class Access:
     def open(self) -> bool:
         return self.tokens is None
 
-    def allows(self, headers: dict[bytes, bytes]) -> bool:
+    def refuses(self, headers: dict[bytes, bytes]) -> str | None:
+        """Why a request may not see the dashboard ("host", "token"), or None."""
         if self.tokens is None:
-            return _local_host(headers.get(b"host", b""))
+            return None if _local_host(headers.get(b"host", b"")) else "host"
         presented = _presented_token(headers)
         if presented is None:
-            return False
+            return "token"
         # Every token compared, in constant time each: no early exit to time.
         ok = False
         for token in self.tokens:
             ok |= hmac.compare_digest(presented, token)
-        return ok
+        return None if ok else "token"
 
 
 def access_for(
@@ -269,7 +271,12 @@ class Dashboard:
         if not (path == "/" or path == "/api" or path.startswith("/api/")):
             return None
         query = parse_qs(query_b.decode("latin-1"), max_num_fields=8)
-        if not self.access.allows(headers):
+        refused = self.access.refuses(headers)
+        if refused == "host":
+            # An open dashboard reached by a name (DNS rebinding, or a proxy): refused.
+            why = "this dashboard answers only to an IP address or localhost in Host"
+            return _json(b"403 Forbidden", {"error": why}, send_body)
+        if refused is not None:
             if path == "/":
                 return _answer(
                     b"401 Unauthorized", "text/html; charset=utf-8", self._login_page(), send_body
@@ -694,7 +701,12 @@ def render_job(job: dict[str, Any]) -> str:
         "retained",
     ):
         if key in job and job[key] is not None:
-            items.append(f"<dt>{_esc(key)}</dt><dd class=j-{key}>{_esc(job[key])}</dd>")
+            value = job[key]
+            if key.endswith("_at"):
+                value = datetime.fromtimestamp(value, UTC).isoformat(timespec="milliseconds")
+            elif key.endswith("_s"):
+                value = duration(value)
+            items.append(f"<dt>{_esc(key)}</dt><dd class=j-{key}>{_esc(value)}</dd>")
     if job.get("stacktrace"):
         trace = "".join(line if line.endswith("\n") else line + "\n" for line in job["stacktrace"])
         items.append(f"<dt>stacktrace</dt><dd><pre>{_esc(trace)}</pre></dd>")

@@ -153,6 +153,7 @@
       if (job[key] !== undefined && job[key] !== null) {
         let value = job[key];
         if (key.endsWith("_at")) value = new Date(value * 1000).toISOString();
+        else if (key.endsWith("_s")) value = duration(value);
         out += "<dt>" + esc(key) + "</dt><dd class=j-" + key + ">" + esc(value) + "</dd>";
       }
     }
