@@ -56,6 +56,8 @@ _VIEW_TTL_S: Final = 0.5
 # Rows per list; a response over the byte cap has its rows halved until it fits.
 _MAX_ROWS: Final = 500
 _MAX_RESPONSE_BYTES: Final = 1024 * 1024
+# The page lists this many recent failures (/api/failures has all the board keeps).
+_FAILURES_SHOWN: Final = 10
 # The cookie the login page sets (to the admin token, URL-encoded).
 TOKEN_COOKIE: Final = "reasonbroker_admin"
 
@@ -453,7 +455,7 @@ class Dashboard:
             workers=_rows(self._view("workers"), _WORKER_COLUMNS),
             pipelines=_rows(self._view("pipelines"), _PIPELINE_COLUMNS),
             clients=_rows(self._view("clients"), _CLIENT_COLUMNS),
-            failures=_rows(self._view("failures"), _FAILURE_COLUMNS),
+            failures=_rows(_first(self._view("failures"), _FAILURES_SHOWN), _FAILURE_COLUMNS),
             cookie=html.escape(cookie_text[:100], quote=True),
             payload_checked=" checked" if payload else "",
             job=job_html,
@@ -599,6 +601,12 @@ def _rows(listing: dict[str, Any], columns: list[Column]) -> str:
             f"{len(listing['rows'])} of {listing['total']} shown</td></tr>"
         )
     return "".join(out)
+
+
+def _first(listing: dict[str, Any], n: int) -> dict[str, Any]:
+    if len(listing["rows"]) <= n:
+        return listing
+    return {**listing, "rows": listing["rows"][:n], "truncated": True}
 
 
 def _heads(columns: list[Column]) -> str:

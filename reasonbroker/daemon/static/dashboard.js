@@ -67,8 +67,15 @@
     ],
   };
 
+  // The page lists this many recent failures; /api/failures has them all (50).
+  const FAILURES_SHOWN = 10;
+
   function renderTable(name, listing) {
     const cols = COLUMNS[name];
+    if (name === "failures" && listing.rows.length > FAILURES_SHOWN) {
+      listing = Object.assign({}, listing, {
+        rows: listing.rows.slice(0, FAILURES_SHOWN), truncated: true });
+    }
     const body = document.querySelector("#" + name + " tbody");
     if (!body) return;
     if (!listing.rows.length) {
