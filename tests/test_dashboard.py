@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -523,9 +522,11 @@ def _browser() -> tuple[str, str] | str:
     return chromium, driver
 
 
-async def test_a_real_browser_sees_the_dashboard_update(
-    broker: Broker, worker: tuple[Worker, Gate], tmp_path: Path
-) -> None:
+@pytest.fixture
+async def chrome(tmp_path: Path) -> AsyncIterator[Any]:
+    """A headless Chromium under Selenium (skipped, saying why, where there is none).
+    Selenium blocks: tests call it through asyncio.to_thread, so the broker's
+    loop keeps serving meanwhile."""
     found = _browser()
     if isinstance(found, str):
         print(f"skipped: {found}")
@@ -533,10 +534,7 @@ async def test_a_real_browser_sees_the_dashboard_update(
     chromium, driver_path = found
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    _, gate = worker
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in (
@@ -549,8 +547,34 @@ async def test_a_real_browser_sees_the_dashboard_update(
     ):
         options.add_argument(arg)
     service = Service(driver_path, log_output=str(tmp_path / "chromedriver.log"))
-    # Selenium blocks: every call runs in a thread, so the broker's loop keeps serving.
     browser = await asyncio.to_thread(webdriver.Chrome, options=options, service=service)
+    try:
+        yield browser
+    finally:
+        await asyncio.to_thread(browser.quit)
+
+
+def _refreshed(browser: Any, at_least: int = 1) -> None:
+    """Wait until the page's script has refreshed the views `at_least` times."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, WAIT_S, poll_frequency=0.1).until(
+        lambda _: (
+            int(browser.find_element(By.ID, "live").get_attribute("data-refreshes") or 0)
+            >= at_least
+        )
+    )
+
+
+async def test_a_real_browser_sees_the_dashboard_update(
+    broker: Broker, worker: tuple[Worker, Gate], chrome: Any, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, gate = worker
+    browser = chrome
 
     def cell(table: str, column: str) -> str:
         return str(browser.find_element(By.CSS_SELECTOR, f"#{table} tbody td.c-{column}").text)
@@ -558,62 +582,79 @@ async def test_a_real_browser_sees_the_dashboard_update(
     def wait_for(what: Callable[[], bool]) -> None:
         WebDriverWait(browser, WAIT_S, poll_frequency=0.1).until(lambda _: what())
 
-    try:
-        async with Client(broker.address("client"), name="dash-browser-client") as client:
-            for i in range(3):
-                await client.run("echo", i)
+    async with Client(broker.address("client"), name="dash-browser-client") as client:
+        for i in range(3):
+            await client.run("echo", i)
+        await asyncio.to_thread(browser.get, f"http://{broker.metrics_address}/")
+        await asyncio.to_thread(_refreshed, browser)
+        assert await asyncio.to_thread(cell, "workers", "name") == "dash-w1"
+        assert await asyncio.to_thread(cell, "workers", "done") == "3"
+
+        # More jobs, two held running: the page follows without a reload.
+        for i in range(5):
+            await client.run("echo", i)
+        held = [await client.submit("slow", i) for i in range(2)]
+        await gate.entered.wait()
+        await asyncio.to_thread(wait_for, lambda: cell("workers", "done") == "8")
+        await asyncio.to_thread(wait_for, lambda: cell("workers", "busy") == "2")
+        await asyncio.to_thread(wait_for, lambda: cell("clients", "in_flight") == "2")
+        pipelines = await asyncio.to_thread(lambda: browser.find_element(By.ID, "pipelines").text)
+        assert "echo" in pipelines and "slow" in pipelines
+        gate.release.set()
+        assert [await h for h in held] == [0, 1]
+        await asyncio.to_thread(wait_for, lambda: cell("workers", "busy") == "0")
+        await asyncio.to_thread(
+            wait_for, lambda: browser.find_element(By.ID, "total-ended").text == "10"
+        )
+
+        # A job looked up by its cookie (a detached one: its result is kept).
+        detached = await client.submit("echo", {"shown": True}, detach=True)
+        await until(lambda: detached.cookie.bytes in broker.board.retained)
+
+        def look_up() -> None:
+            box = browser.find_element(By.ID, "cookie")
+            box.clear()
+            box.send_keys(str(detached.cookie))
+            browser.find_element(By.ID, "payload").click()
+            browser.find_element(By.CSS_SELECTOR, "#lookup button").click()
+            wait_for(lambda: bool(browser.find_elements(By.CSS_SELECTOR, "#job-found")))
+
+        await asyncio.to_thread(look_up)
+        job = await asyncio.to_thread(lambda: browser.find_element(By.ID, "job-found").text)
+        assert str(detached.cookie) in job
+        assert "ended" in job and "OK" in job and '{"shown": true}' in job
+
+        shot = tmp_path / "dashboard.png"
+        assert await asyncio.to_thread(browser.save_screenshot, str(shot))
+        assert shot.stat().st_size > 1000
+        print(f"screenshot: {shot}")
+
+
+async def test_a_real_browser_logs_in_with_the_admin_token(chrome: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.expected_conditions import staleness_of
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    async with Broker(_config(tokens=True)) as broker:
+        async with Worker(broker.address("worker"), handlers={"echo": echo}, name="behind-login"):
+            await until(lambda: bool(broker.board.workers()))
+            browser = chrome
             await asyncio.to_thread(browser.get, f"http://{broker.metrics_address}/")
-            await asyncio.to_thread(
-                wait_for,
-                lambda: (
-                    int(browser.find_element(By.ID, "live").get_attribute("data-refreshes") or 0)
-                    >= 1
-                ),
+            assert "behind-login" not in await asyncio.to_thread(lambda: browser.page_source)
+
+            def log_in(token: str) -> None:
+                form = browser.find_element(By.ID, "login")
+                form.find_element(By.NAME, "token").send_keys(token)
+                form.find_element(By.TAG_NAME, "button").click()
+                # The script sets the cookie and reloads: wait for the new page.
+                WebDriverWait(browser, WAIT_S).until(staleness_of(form))
+
+            await asyncio.to_thread(log_in, "wrong-token")
+            assert await asyncio.to_thread(lambda: browser.find_elements(By.ID, "login"))
+            assert "behind-login" not in await asyncio.to_thread(lambda: browser.page_source)
+            await asyncio.to_thread(log_in, ADMIN_TOKEN)
+            await asyncio.to_thread(_refreshed, browser)
+            name = await asyncio.to_thread(
+                lambda: browser.find_element(By.CSS_SELECTOR, "#workers td.c-name").text
             )
-            assert await asyncio.to_thread(cell, "workers", "name") == "dash-w1"
-            assert await asyncio.to_thread(cell, "workers", "done") == "3"
-
-            # More jobs, two held running: the page follows without a reload.
-            for i in range(5):
-                await client.run("echo", i)
-            held = [await client.submit("slow", i) for i in range(2)]
-            await gate.entered.wait()
-            await asyncio.to_thread(wait_for, lambda: cell("workers", "done") == "8")
-            await asyncio.to_thread(wait_for, lambda: cell("workers", "busy") == "2")
-            await asyncio.to_thread(wait_for, lambda: cell("clients", "in_flight") == "2")
-            pipelines = await asyncio.to_thread(
-                lambda: browser.find_element(By.ID, "pipelines").text
-            )
-            assert "echo" in pipelines and "slow" in pipelines
-            gate.release.set()
-            assert [await h for h in held] == [0, 1]
-            await asyncio.to_thread(wait_for, lambda: cell("workers", "busy") == "0")
-            await asyncio.to_thread(
-                wait_for, lambda: browser.find_element(By.ID, "total-ended").text == "10"
-            )
-
-            # A job looked up by its cookie (a detached one: its result is kept).
-            detached = await client.submit("echo", {"shown": True}, detach=True)
-            await until(lambda: detached.cookie.bytes in broker.board.retained)
-
-            def look_up() -> None:
-                box = browser.find_element(By.ID, "cookie")
-                box.clear()
-                box.send_keys(str(detached.cookie))
-                browser.find_element(By.ID, "payload").click()
-                browser.find_element(By.CSS_SELECTOR, "#lookup button").click()
-                wait_for(lambda: bool(browser.find_elements(By.CSS_SELECTOR, "#job-found")))
-
-            await asyncio.to_thread(look_up)
-            job = await asyncio.to_thread(lambda: browser.find_element(By.ID, "job-found").text)
-            assert str(detached.cookie) in job
-            assert "ended" in job and "OK" in job and '{"shown": true}' in job
-
-            shot = tmp_path / "dashboard.png"
-            assert await asyncio.to_thread(browser.save_screenshot, str(shot))
-            assert shot.stat().st_size > 1000
-            print(f"screenshot: {shot}")
-            if os.environ.get("RB_DASHBOARD_SCREENSHOT"):
-                shutil.copyfile(shot, os.environ["RB_DASHBOARD_SCREENSHOT"])
-    finally:
-        await asyncio.to_thread(browser.quit)
+            assert name == "behind-login"

@@ -486,7 +486,7 @@ def parse_cookie(text: str) -> bytes | None:
 
 
 def _asset(name: str) -> bytes:
-    return resources.files("reasonbroker.daemon").joinpath("static", name).read_bytes()
+    return resources.files("reasonbroker.daemon.static").joinpath(name).read_bytes()
 
 
 def _answer(status: bytes, content_type: str, body: bytes, send_body: bool) -> bytes:
