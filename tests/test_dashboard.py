@@ -397,6 +397,12 @@ async def routing(broker: Broker, worker: tuple[Worker, Gate]) -> AsyncIterator[
         (b"GET /static//etc/passwd HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 404),
         (b"GET /api/../../etc/passwd HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 404),
         (b"GET /api/jobs/..%2f..%2fetc HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+        (
+            b"GET /api/workers?"
+            + b"&".join(b"a%d=1" % i for i in range(50))
+            + b" HTTP/1.1\r\n\r\n",
+            400,
+        ),
     ],
 )
 async def test_garbage_methods_and_traversal_get_an_http_error(

@@ -272,7 +272,10 @@ class Dashboard:
             return _answer(b"200 OK", _STATIC[path], self._static[path], send_body)
         if not (path == "/" or path == "/api" or path.startswith("/api/")):
             return None
-        query = parse_qs(query_b.decode("latin-1"), max_num_fields=8)
+        try:
+            query = parse_qs(query_b.decode("latin-1"), max_num_fields=8)
+        except ValueError:  # more fields than any page of ours sends
+            return _json(b"400 Bad Request", {"error": "too many query fields"}, send_body)
         refused = self.access.refuses(headers)
         if refused == "host":
             # An open dashboard reached by a name (DNS rebinding, or a proxy): refused.
