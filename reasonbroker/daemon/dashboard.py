@@ -427,9 +427,10 @@ class Dashboard:
             )
         else:
             form = (
-                "<p>The listeners use tokens, so the dashboard needs an admin token, "
-                "and none is set: give a listener <code>admin_token</code> "
-                "(or <code>admin_token_file</code>) in the config file.</p>"
+                "<p>This dashboard needs an admin token (the listeners use tokens, or "
+                "<code>metrics_address</code> is not a loopback address) and none is set: "
+                "give a listener <code>admin_token</code> (or <code>admin_token_file</code>) "
+                "in the config file.</p>"
             )
         return _document(
             "reasonbroker: sign in",
