@@ -22,7 +22,7 @@ from reasonbroker.daemon import dashboard as dashboard_module
 from reasonbroker.daemon import metrics
 from reasonbroker.daemon.broker import Broker
 from reasonbroker.daemon.config import Config, ListenerConfig
-from reasonbroker.daemon.dashboard import TOKEN_COOKIE, Ring, quantile_ms
+from reasonbroker.daemon.dashboard import TOKEN_COOKIE, Ring, access_for, quantile_ms
 from reasonbroker.sdk.client import Client, JobHandle
 from reasonbroker.sdk.errors import ProcessorException
 from reasonbroker.sdk.worker import Worker
@@ -348,6 +348,18 @@ async def test_with_tokens_and_no_admin_token_it_is_locked() -> None:
         assert page.code == 401 and b"admin_token" in page.body
         answer = await get(broker, "/api/workers", {"Authorization": f"Bearer {CLIENT_TOKEN}"})
         assert answer.code == 401
+
+
+def test_open_only_on_loopback_with_no_token_anywhere() -> None:
+    assert access_for([(None, None), (None, None)], metrics_loopback=True).open
+    # Not loopback: locked even with no token anywhere (no admin token to give).
+    assert access_for([(None, None)], metrics_loopback=False).tokens == frozenset()
+    assert access_for([("t", None)], metrics_loopback=True).tokens == frozenset()
+    both = access_for([("t", "a1"), (None, "a2")], metrics_loopback=False)
+    assert both.tokens == {b"a1", b"a2"}
+    assert both.refuses({b"authorization": b"Bearer a2"}) is None
+    assert both.refuses({b"authorization": b"Bearer t"}) == "token"
+    assert both.refuses({b"cookie": TOKEN_COOKIE.encode() + b"=a1"}) is None
 
 
 async def test_an_open_dashboard_refuses_a_host_name(broker: Broker) -> None:
