@@ -356,7 +356,7 @@ def test_open_only_on_loopback_with_no_token_anywhere() -> None:
     assert access_for([(None, None)], metrics_loopback=False).tokens == frozenset()
     assert access_for([("t", None)], metrics_loopback=True).tokens == frozenset()
     both = access_for([("t", "a1"), (None, "a2")], metrics_loopback=False)
-    assert both.tokens == {b"a1", b"a2"}
+    assert both.tokens == frozenset({b"a1", b"a2"})
     assert both.refuses({b"authorization": b"Bearer a2"}) is None
     assert both.refuses({b"authorization": b"Bearer t"}) == "token"
     assert both.refuses({b"cookie": TOKEN_COOKIE.encode() + b"=a1"}) is None
