@@ -120,7 +120,8 @@ def main() -> None:
     "--metrics",
     "metrics_address",
     metavar="ADDRESS",
-    help='Serve Prometheus metrics at host:port (IPv6 "[::1]:9464"), GET /metrics. Default: off.',
+    help='Serve Prometheus metrics at host:port (IPv6 "[::1]:9464"), GET /metrics, and the '
+    "read-only dashboard at / (docs/dashboard.md). Default: off.",
 )
 @click.option(
     "--journal",
