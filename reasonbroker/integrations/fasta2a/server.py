@@ -100,7 +100,7 @@ class ReasonbrokerBroker(Broker):
         *,
         pipeline: str,
         storage: Storage[Any] | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 (the broker's deadline, not a local timer)
+        timeout: float | None = None,
         max_attempts: int | None = None,
         priority: int = 0,
         name: str | None = None,
