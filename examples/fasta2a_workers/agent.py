@@ -66,8 +66,11 @@ class ShoutWorker(Worker[Any]):
 
     async def cancel_task(self, params: TaskIdParams) -> None:
         # The broker has already stopped this task's run_task (serve() tears its
-        # lane down): record the end.
-        await self.storage.update_task(params["id"], state="canceled")
+        # loop down): record the end, unless the task has one (a deadline's
+        # CANCEL comes after the server marked the task failed).
+        task = await self.storage.load_task(params["id"])
+        if task is not None and task["status"]["state"] in ("submitted", "working"):
+            await self.storage.update_task(params["id"], state="canceled")
 
     def build_message_history(self, history: list[Message]) -> list[Any]:
         return list(history)
