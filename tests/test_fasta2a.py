@@ -165,7 +165,12 @@ async def stream(stack: Stack, text: str, **metadata: Any) -> AsyncIterator[Stre
 
 
 @contextlib.asynccontextmanager
-async def a2a_stack(tmp_path: Path, *, max_attempts: int = 2) -> AsyncIterator[Stack]:
+async def a2a_stack(
+    tmp_path: Path,
+    *,
+    max_attempts: int = 2,
+    timeout: float | None = None,  # noqa: ASYNC109
+) -> AsyncIterator[Stack]:
     config = Config(
         listeners=(
             ListenerConfig("tcp://127.0.0.1:0", ListenerRole.CLIENTS),
@@ -175,7 +180,9 @@ async def a2a_stack(tmp_path: Path, *, max_attempts: int = 2) -> AsyncIterator[S
     )
     storage = tmp_path / "a2a.sqlite3"
     async with Broker(config) as broker:
-        app = make_app(broker.address("client"), str(storage), max_attempts=max_attempts)
+        app = make_app(
+            broker.address("client"), str(storage), max_attempts=max_attempts, timeout=timeout
+        )
         # Bound and listening before uvicorn starts: a request waits in the
         # backlog until the app (and its broker connection) is up.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -295,6 +302,63 @@ async def test_a_killed_workers_task_is_finished_by_another(tmp_path: Path) -> N
         assert stats.requeued == 1
         await until(lambda: stack.broker.board.live_jobs == 0)
         assert stats.completed["OK"] == 1
+
+
+async def test_one_worker_process_runs_capacity_tasks_and_a_queued_task_cancels(
+    tmp_path: Path,
+) -> None:
+    async with a2a_stack(tmp_path) as stack:
+        stack.spawn("w1")  # capacity 2
+        await stack.registered(1)
+        [conn] = stack.broker.board.workers()
+        async with (
+            stream(stack, "first stuck", delay=STUCK_S) as first,
+            stream(stack, "second stuck", delay=STUCK_S) as second,
+        ):
+            await first.until(("status", "working"))
+            await second.until(("status", "working"))
+            assert stack.broker.board.slots(conn) == (2, 2)  # both in the one process
+            # A third waits in the broker's queue; cancelling it never reaches a worker.
+            queued = await stack.call("message/send", _message("third waits"))
+            await until(lambda: stack.broker.board.queue_depth == 1)
+            third = await stack.call("tasks/cancel", {"id": queued["task"]["id"]})
+            assert third["status"]["state"] == "canceled"
+            for events in (first, second):
+                cancelled = await stack.call("tasks/cancel", {"id": events.task_id})
+                assert cancelled["status"]["state"] == "canceled"
+                assert (await events.rest())[-1] == ("status", "canceled")
+        await until(lambda: stack.broker.board.live_jobs == 0)
+        assert stack.broker.board.slots(conn) == (2, 0)
+        assert stack.broker.board.stats.completed["CANCELLED"] == 3
+
+
+async def test_a_task_past_its_deadline_ends_canceled(tmp_path: Path) -> None:
+    async with a2a_stack(tmp_path, timeout=1.0) as stack:
+        stack.spawn("w1")
+        await stack.registered(1)
+        async with stream(stack, "too slow", delay=STUCK_S) as events:
+            rest = await events.rest()
+        # TIMEOUT: the server marks the task canceled, and the broker cancels it
+        # on its worker, whose cancel_task records the same (whichever is first).
+        assert rest == [("task", "submitted"), ("status", "working"), ("status", "canceled")]
+        task = await stack.task(events.task_id)
+        assert task["status"]["state"] == "canceled"
+        said = [part["text"] for message in task["history"] for part in message["parts"]]
+        # The server's word on why, if it wrote first.
+        assert said[0] == "too slow" and len(said) <= 2
+        assert all(text.startswith("reasonbroker: TIMEOUT") for text in said[1:]), said
+        await until(lambda: stack.broker.board.live_jobs == 0)
+        assert stack.broker.board.stats.completed["TIMEOUT"] == 1
+
+
+async def test_a_task_no_worker_serves_ends_failed(tmp_path: Path) -> None:
+    async with a2a_stack(tmp_path) as stack:
+        async with stream(stack, "nobody home") as events:
+            assert await events.rest() == [("task", "submitted"), ("status", "failed")]
+        task = await stack.task(events.task_id)
+        assert task["status"]["state"] == "failed"
+        said = task["history"][-1]["parts"][0]["text"]
+        assert said.startswith("reasonbroker: NO_CAPACITY"), said
 
 
 def test_task_ids_map_to_cookies() -> None:

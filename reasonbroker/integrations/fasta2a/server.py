@@ -7,9 +7,10 @@ task has a feed: the PROGRESS packets its workers send (fasta2a event bus
 calls, see `_common`) are queued in arrival order and replayed onto this
 process's `event_bus` by one task per feed, so a slow stream subscriber holds
 up only its own task. When the job ends, the feed ends the task's stream; a
-job that ended without its worker finishing the task (cancelled while
-queued, deadline, worker lost on its last attempt, refused) also has its
-task marked `canceled` or `failed` in `storage`, when one is given.
+job that ended without its worker finishing the task also has its task
+marked in `storage`, when one is given: `canceled` when cancelled (while
+queued, or its worker did not record it) or past its deadline, `failed` when
+its worker was lost on its last attempt, or it was refused.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from ...sdk import (
     CookieNotFound,
     JobError,
     JobHandle,
+    JobTimeout,
 )
 from ...sdk.errors import BrokerConnectionError
 from ._common import CLOSE, EVENT, KIND, task_cookie
@@ -254,7 +256,11 @@ class ReasonbrokerBroker(Broker):
             return
         if exc is not None:
             log.info("fasta2a_task_job_failed task_id=%s error=%s", feed.task_id, exc)
-            state: TaskState = "canceled" if isinstance(exc, Cancelled) else "failed"
+            # A deadline cancels the task on its worker too, whose cancel_task may
+            # record `canceled` at the same moment: one word for both, whoever
+            # writes first, so that the stream and the storage agree.
+            cancelled = isinstance(exc, (Cancelled, JobTimeout))
+            state: TaskState = "canceled" if cancelled else "failed"
             await self._settle(feed, state, exc)
         elif closed:
             return
@@ -267,7 +273,7 @@ class ReasonbrokerBroker(Broker):
         if task is None or task["status"]["state"] not in _UNFINISHED:
             return  # the worker finished it (or it waits on the client): keep its word
         messages: list[Message] = []
-        if state == "failed":
+        if not isinstance(exc, Cancelled):  # why it ended, for the A2A client
             text = f"reasonbroker: {exc}"
             messages.append(
                 Message(role="agent", parts=[Part(text=text)], message_id=str(uuid.uuid4()))
