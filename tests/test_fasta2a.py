@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import signal
 import socket
@@ -164,6 +165,46 @@ async def stream(stack: Stack, text: str, **metadata: Any) -> AsyncIterator[Stre
         yield Stream(response)
 
 
+def _config(
+    client_url: str = "tcp://127.0.0.1:0",
+    worker_url: str = "tcp://127.0.0.1:0",
+    journal: Path | None = None,
+) -> Config:
+    config = Config(
+        listeners=(
+            ListenerConfig(client_url, ListenerRole.CLIENTS),
+            ListenerConfig(worker_url, ListenerRole.WORKERS),
+        ),
+        limits=Limits(),
+    )
+    if journal is not None:
+        config = dataclasses.replace(config, journal_path=str(journal))
+    return config
+
+
+@contextlib.asynccontextmanager
+async def a2a_app(
+    client_url: str, storage: Path, **options: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The example's A2A app under uvicorn on a free port, and an HTTP client for it."""
+    app = make_app(client_url, str(storage), **options)
+    # Bound and listening before uvicorn starts: a request waits in the
+    # backlog until the app (and its broker connection) is up.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S) as http:
+            yield http
+    finally:
+        server.should_exit = True
+        await asyncio.wait([serving], timeout=WAIT_S)
+        sock.close()
+
+
 @contextlib.asynccontextmanager
 async def a2a_stack(
     tmp_path: Path,
@@ -171,39 +212,15 @@ async def a2a_stack(
     max_attempts: int = 2,
     timeout: float | None = None,  # noqa: ASYNC109
 ) -> AsyncIterator[Stack]:
-    config = Config(
-        listeners=(
-            ListenerConfig("tcp://127.0.0.1:0", ListenerRole.CLIENTS),
-            ListenerConfig("tcp://127.0.0.1:0", ListenerRole.WORKERS),
-        ),
-        limits=Limits(),
-    )
     storage = tmp_path / "a2a.sqlite3"
-    async with Broker(config) as broker:
-        app = make_app(
-            broker.address("client"), str(storage), max_attempts=max_attempts, timeout=timeout
-        )
-        # Bound and listening before uvicorn starts: a request waits in the
-        # backlog until the app (and its broker connection) is up.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(64)
-        port = sock.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
-        serving = asyncio.create_task(server.serve(sockets=[sock]))
-        stack: Stack | None = None
-        try:
-            async with httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S
-            ) as http:
-                stack = Stack(broker, http, storage)
+    async with Broker(_config()) as broker:
+        options = {"max_attempts": max_attempts, "timeout": timeout}
+        async with a2a_app(broker.address("client"), storage, **options) as http:
+            stack = Stack(broker, http, storage)
+            try:
                 yield stack
-        finally:
-            if stack is not None:
+            finally:
                 kill_all(stack.procs)
-            server.should_exit = True
-            await asyncio.wait([serving], timeout=WAIT_S)
-            sock.close()
 
 
 async def test_message_send_completes_with_the_workers_artifact(tmp_path: Path) -> None:
@@ -359,6 +376,50 @@ async def test_a_task_no_worker_serves_ends_failed(tmp_path: Path) -> None:
         assert task["status"]["state"] == "failed"
         said = task["history"][-1]["parts"][0]["text"]
         assert said.startswith("reasonbroker: NO_CAPACITY"), said
+
+
+async def test_with_the_journal_a_task_outlives_a_broker_restart(tmp_path: Path) -> None:
+    journal, storage = tmp_path / "journal.sqlite3", tmp_path / "a2a.sqlite3"
+    first = Broker(_config(journal=journal))
+    await first.__aenter__()
+    first_up = True
+    try:
+        client_url, worker_url = first.address("client"), first.address("worker")
+        async with a2a_app(client_url, storage) as http:
+            stack = Stack(first, http, storage)
+            try:
+                doomed = stack.spawn("doomed", delay=STUCK_S)
+                await stack.registered(1)
+                async with stream(stack, "outlive the broker") as events:
+                    await events.until(("status", "working"))
+                    first_up = False
+                    await first.__aexit__(None, None, None)  # abrupt: no drain
+                    doomed.kill()  # and its worker with it (it would run the task again)
+                    assert doomed.wait(timeout=WAIT_S) == -signal.SIGKILL
+                    async with Broker(_config(client_url, worker_url, journal)) as second:
+                        stack.broker = second
+                        stack.spawn("rescuer")
+                        # The server's connection resumes and re-ATTACHes; the
+                        # journal gave the new broker the task, the rescuer runs it.
+                        rest = await events.rest()
+                        task = await stack.task(events.task_id)
+            finally:
+                kill_all(stack.procs)
+    finally:
+        if first_up:
+            await first.__aexit__(None, None, None)
+    assert rest == [
+        ("task", "submitted"),
+        ("status", "working"),
+        ("status", "working"),
+        ("artifact", "OUTLIVE ", True),
+        ("artifact", "THE ", True),
+        ("artifact", "BROKER", True),
+        ("artifact", "OUTLIVE THE BROKER", False),
+        ("status", "completed"),
+    ]
+    assert task["status"]["state"] == "completed"
+    assert task["artifacts"][0]["metadata"]["worker"] == "rescuer"
 
 
 def test_task_ids_map_to_cookies() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import ssl as _ssl
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -49,12 +48,14 @@ from ...sdk import (
     JobHandle,
     JobTimeout,
 )
+from ...sdk.client import DEFAULT_RESUME_TIMEOUT_S
 from ...sdk.errors import BrokerConnectionError
+from ...sdk.peer import library_logger
 from ._common import CLOSE, EVENT, KIND, task_cookie
 
 __all__ = ["ReasonbrokerBroker"]
 
-log = logging.getLogger("reasonbroker.integrations.fasta2a")
+log = library_logger("reasonbroker.integrations.fasta2a")
 
 # A task still in one of these states when its job ended without the worker
 # taking it further was left behind: the feed marks it canceled or failed.
@@ -94,6 +95,12 @@ class ReasonbrokerBroker(Broker):
     the broker settle tasks whose job ended without their worker finishing
     them; without it such a task keeps the state it had. The task manager
     enters the broker (`async with`), which connects.
+
+    `resume` (the default): a lost broker connection is resumed, across
+    `url`'s list, for up to `resume_timeout` seconds, and every live task's
+    job is ATTACHed again; a broker with a journal has kept them, so their
+    streams go on (Client(resume=True)). Without it, or past that time, the
+    live tasks fail.
     """
 
     def __init__(
@@ -108,7 +115,8 @@ class ReasonbrokerBroker(Broker):
         name: str | None = None,
         token: str | None = None,
         ssl: _ssl.SSLContext | None = None,
-        resume: bool = False,
+        resume: bool = True,
+        resume_timeout: float = DEFAULT_RESUME_TIMEOUT_S,
         cancel_wait: float = DEFAULT_CANCEL_WAIT_S,
         event_bus: EventBus | None = None,
     ) -> None:
@@ -122,7 +130,12 @@ class ReasonbrokerBroker(Broker):
         self.priority = priority
         self.cancel_wait = cancel_wait
         self._client = Client(
-            url, name=name or f"fasta2a {pipeline}", token=token, ssl=ssl, resume=resume
+            url,
+            name=name or f"fasta2a {pipeline}",
+            token=token,
+            ssl=ssl,
+            resume=resume,
+            resume_timeout=resume_timeout,
         )
         self._feeds: dict[str, _Feed] = {}
         self._entered = False
@@ -166,7 +179,7 @@ class ReasonbrokerBroker(Broker):
         if task_id in self._feeds:
             # Its job is live: that job speaks for the task (fasta2a makes a
             # new task per message, so this is a caller's second call).
-            log.warning("fasta2a_task_already_running task_id=%s", task_id)
+            log.warning("fasta2a_task_already_running", task_id=task_id)
             return
         feed = _Feed(task_id, params["context_id"])
         self._feeds[task_id] = feed
@@ -232,7 +245,9 @@ class ReasonbrokerBroker(Broker):
                 if item is _END:
                     break
                 if not isinstance(item, dict) or KIND not in item:
-                    log.warning("fasta2a_progress_ignored %r", item)
+                    log.warning(
+                        "fasta2a_progress_ignored", task_id=feed.task_id, progress=repr(item)
+                    )
                     continue
                 if item[KIND] == EVENT:
                     event: StreamResponse = item[EVENT]
@@ -252,10 +267,10 @@ class ReasonbrokerBroker(Broker):
         if isinstance(exc, CookieCollision):
             # Another connection's live job has this task (a second server
             # submitted it): that job's feed speaks for the task.
-            log.warning("fasta2a_task_already_running task_id=%s", feed.task_id)
+            log.warning("fasta2a_task_already_running", task_id=feed.task_id)
             return
         if exc is not None:
-            log.info("fasta2a_task_job_failed task_id=%s error=%s", feed.task_id, exc)
+            log.info("fasta2a_task_job_ended", task_id=feed.task_id, error=str(exc))
             # A deadline cancels the task on its worker too, whose cancel_task may
             # record `canceled` at the same moment: one word for both, whoever
             # writes first, so that the stream and the storage agree.

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import ssl as _ssl
 from collections.abc import AsyncIterator, Mapping
 from contextvars import ContextVar
@@ -41,11 +40,12 @@ from fasta2a.worker import Worker as Fasta2aWorker
 from opentelemetry.trace import get_current_span
 
 from ...sdk import JobContext, Worker, current_job
+from ...sdk.peer import library_logger
 from ._common import close_packet, event_packet
 
 __all__ = ["ReasonbrokerWorkerBroker"]
 
-log = logging.getLogger("reasonbroker.integrations.fasta2a")
+log = library_logger("reasonbroker.integrations.fasta2a")
 
 # How long leaving `serve()` (or the broker) lets running tasks finish before
 # dropping the connection, which hands them to other workers.
@@ -106,7 +106,7 @@ class _ProgressBus(EventBus):
     async def emit(self, task_id: str, event: StreamResponse) -> None:
         job = self._jobs.get(task_id)
         if job is None:
-            log.debug("fasta2a_event_without_job task_id=%s", task_id)
+            log.debug("fasta2a_event_without_job", task_id=task_id)
             return
         await job.progress(event_packet(event))
 
