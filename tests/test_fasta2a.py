@@ -378,6 +378,23 @@ async def test_a_task_no_worker_serves_ends_failed(tmp_path: Path) -> None:
         assert said.startswith("reasonbroker: NO_CAPACITY"), said
 
 
+async def test_sigterm_lets_a_workers_running_task_finish(tmp_path: Path) -> None:
+    async with a2a_stack(tmp_path) as stack:
+        worker = stack.spawn("w1", delay=0.2)
+        await stack.registered(1)
+        async with stream(stack, "finish this first") as events:
+            await events.until(("status", "working"))
+            worker.send_signal(signal.SIGTERM)  # drain: no new tasks, this one finishes
+            rest = await events.rest()
+        assert rest[-2:] == [
+            ("artifact", "FINISH THIS FIRST", False),
+            ("status", "completed"),
+        ]
+        assert await asyncio.to_thread(worker.wait, WAIT_S) == 0
+        await until(lambda: not stack.broker.board.workers())
+        assert stack.broker.board.stats.completed["OK"] == 1
+
+
 async def test_with_the_journal_a_task_outlives_a_broker_restart(tmp_path: Path) -> None:
     journal, storage = tmp_path / "journal.sqlite3", tmp_path / "a2a.sqlite3"
     first = Broker(_config(journal=journal))
