@@ -40,7 +40,7 @@ from fasta2a.worker import Worker as Fasta2aWorker
 from opentelemetry.trace import get_current_span
 
 from ...sdk import JobContext, Worker, current_job
-from ...sdk.peer import library_logger
+from ...sdk.peer import library_logger, reconnect_delay
 from ._common import close_packet, event_packet
 
 __all__ = ["ReasonbrokerWorkerBroker"]
@@ -181,12 +181,17 @@ class ReasonbrokerWorkerBroker(Broker):
         # Graceful: DRAIN (no more RUNs), let running tasks finish, close. Past
         # the drain time the connection is dropped: the broker re-queues them.
         self.worker.stop()
-        done, _ = await asyncio.wait([serving], timeout=self.drain_timeout)
+        try:
+            done, _ = await asyncio.wait([serving], timeout=self.drain_timeout)
+        except asyncio.CancelledError:
+            serving.cancel()  # a hard stop: drop the connection now
+            raise
         if not done:
             serving.cancel()
             await asyncio.wait([serving])
-        if not serving.cancelled() and serving.exception() is not None:
-            raise serving.exception()  # type: ignore[misc]
+        failure = None if serving.cancelled() else serving.exception()
+        if failure is not None:
+            raise failure  # Unauthorized, say
 
     @contextlib.asynccontextmanager
     async def serve(self, worker: Fasta2aWorker[Any]) -> AsyncIterator[Self]:
@@ -206,19 +211,27 @@ class ReasonbrokerWorkerBroker(Broker):
             await asyncio.wait(lanes)
 
     async def _lane(self, worker: Fasta2aWorker[Any]) -> None:
+        failures = 0
         while True:
             lane = _Lane()
             _LANE.set(lane)
             try:
                 async with worker.run():
                     await lane.interrupted.wait()
+                failures = 0
             except Exception:
-                log.exception("fasta2a_lane_failed")
+                # The fasta2a worker's loop broke (its storage is down, say): the
+                # operation it ran has ended; start it again, with a growing pause
+                # while it keeps breaking.
+                log.exception("fasta2a_lane_failed", failures=failures + 1)
+                failures += 1
             finally:
                 # Its loop is down: an operation it was running has ended.
                 current, lane.current = lane.current, None
                 if current is not None:
                     current.finished.set()
+            if failures:
+                await asyncio.sleep(reconnect_delay(failures - 1))
 
     def receive_task_operations(self) -> AsyncIterator[TaskOperation]:
         return self._operations()
