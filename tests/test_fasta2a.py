@@ -32,11 +32,13 @@ pytest.importorskip("uvicorn", reason="uvicorn is not installed: pip install -e 
 import httpx
 import uvicorn
 
+from examples.fasta2a_workers.agent import PIPELINE, ShoutWorker
 from examples.fasta2a_workers.server import make_app
+from examples.fasta2a_workers.storage import SQLiteStorage
 from reasonbroker.core.limits import Limits, ListenerRole
 from reasonbroker.daemon.broker import Broker
 from reasonbroker.daemon.config import Config, ListenerConfig
-from reasonbroker.integrations.fasta2a import task_cookie
+from reasonbroker.integrations.fasta2a import ReasonbrokerWorkerBroker, task_cookie
 from reasonbroker.sdk import Client
 from tests import fasta2a_worker_proc
 from tests.worker_proc import kill_all
@@ -437,6 +439,19 @@ async def test_with_the_journal_a_task_outlives_a_broker_restart(tmp_path: Path)
     ]
     assert task["status"]["state"] == "completed"
     assert task["artifacts"][0]["metadata"]["worker"] == "rescuer"
+
+
+async def test_a_plain_fasta2a_worker_run_loop_works_too(tmp_path: Path) -> None:
+    # Without serve(): the fasta2a way, one loop (capacity 1), in this process.
+    async with a2a_stack(tmp_path) as stack:
+        broker = ReasonbrokerWorkerBroker(stack.broker.address("worker"), pipeline=PIPELINE)
+        worker = ShoutWorker(broker=broker, storage=SQLiteStorage(stack.storage), name="plain")
+        async with broker, worker.run():
+            await broker.wait_registered(WAIT_S)
+            async with stream(stack, "one loop") as events:
+                rest = await events.rest()
+        assert rest[-2:] == [("artifact", "ONE LOOP", False), ("status", "completed")]
+        assert stack.broker.board.stats.completed["OK"] == 1
 
 
 def test_task_ids_map_to_cookies() -> None:
