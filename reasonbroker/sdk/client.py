@@ -419,6 +419,7 @@ class Client:
         max_attempts: int | None = None,
         detach: bool = False,
         on_progress: ProgressCallback | None = None,
+        cookie: CookieLike | None = None,
     ) -> JobHandle:
         """Send a RUN and return its handle once the broker has accepted or refused it.
 
@@ -432,18 +433,25 @@ class Client:
         accepted (written, for a broker without ACCEPTED). Raises EncodeError
         when msgpack cannot carry `variables`, BrokerWentAway when the
         connection is gone (a resuming client instead sends the RUN once it
-        has reconnected).
+        has reconnected). `cookie` names the job instead of a fresh uuid4 (a
+        UUID, its string or its 16 bytes): for a caller whose own ids map to
+        cookies, so that another connection can ATTACH or a re-sent RUN is
+        known as the same job; a cookie live on the broker is answered
+        COOKIE_COLLISION, and one this client already awaits raises ValueError.
         """
         peer = self._require_peer()
         if not pipeline:
             raise ValueError("pipeline must be a non-empty string")
         if max_attempts is not None and max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-        cookie = p.new_cookie()
-        run = p.Run(
-            cookie, pipeline, variables, detach, priority, _timeout_ms(timeout), max_attempts
-        )
-        handle = JobHandle(self, cookie, pipeline, detach, on_progress, run)
+        if cookie is None:
+            raw = p.new_cookie()
+        else:
+            raw = cookie_bytes(cookie)
+            if raw in self._jobs:
+                raise ValueError(f"this client already awaits the job {uuid.UUID(bytes=raw)}")
+        run = p.Run(raw, pipeline, variables, detach, priority, _timeout_ms(timeout), max_attempts)
+        handle = JobHandle(self, raw, pipeline, detach, on_progress, run)
         down = peer.closed
         if down and not self._resuming:
             raise BrokerWentAway(f"connection lost: {peer.close_reason}", cookie=handle.cookie)
@@ -454,13 +462,13 @@ class Client:
             handle._accept = asyncio.get_running_loop().create_future()
         if waits or not detach:
             # Registered before the write, so no answer can arrive unclaimed.
-            self._jobs[cookie] = handle
+            self._jobs[raw] = handle
         if not down:
             try:
                 await peer.send(run)
             except BrokerConnectionError as exc:
                 if not (self.resume and not self._closed):
-                    self._jobs.pop(cookie, None)
+                    self._jobs.pop(raw, None)
                     handle._abandon()
                     raise BrokerWentAway(
                         f"connection lost: {peer.close_reason or exc}", cookie=handle.cookie
@@ -472,7 +480,7 @@ class Client:
                 handle._abandon()
                 raise
             except BaseException:
-                self._jobs.pop(cookie, None)  # EncodeError: nothing was written
+                self._jobs.pop(raw, None)  # EncodeError: nothing was written
                 raise
         accept = handle._accept
         if accept is not None:
