@@ -29,7 +29,7 @@ from reasonbroker.cluster.wire import JobMessage, Names, key
 from reasonbroker.core.limits import Limits, ListenerRole
 from reasonbroker.daemon.config import ClusterConfig, Config, ListenerConfig
 from reasonbroker.sdk.client import Client
-from reasonbroker.sdk.errors import JobError
+from reasonbroker.sdk.errors import BrokerConnectionError, JobError
 from reasonbroker.sdk.worker import Worker, progress
 from tests.natscluster import NatsCluster, nats_cluster, nats_server
 
@@ -275,3 +275,57 @@ def test_a_both_listener_is_refused_in_cluster_mode(tmp_path: Path) -> None:
     )
     with pytest.raises(ClusterError, match="both listener"):
         ClusterNode(config)
+
+
+async def test_a_node_sigkilled_mid_job_loses_nothing_another_node_runs_it(
+    nats_server: NatsCluster, tmp_path: Path
+) -> None:
+    """Node b is a `reasonbroker serve --cluster` process whose worker is running a job
+    when b is SIGKILLed; JetStream gives the job to node c after ack_wait (2 s here), and
+    the client on node a gets its one RESULT."""
+    worker_sock = tmp_path / "b-workers.sock"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REASONBROKER_")}
+    env["REASONBROKER_CLUSTER_ACK_WAIT_S"] = "2"
+    b = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "reasonbroker", "serve",
+        "--client", f"unix://{tmp_path / 'b-clients.sock'}",
+        "--worker", f"unix://{worker_sock}",
+        "--cluster", ",".join(nats_server.urls), "--node", "b", "--log-format", "json",
+        stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert b.stderr is not None
+    try:
+        async with asyncio.timeout(WAIT_S):
+            while b"cluster_joined" not in await b.stderr.readline():
+                pass
+        started_on_b = asyncio.Event()
+
+        async def stuck(variables: Any) -> Any:
+            started_on_b.set()
+            await asyncio.sleep(3600)  # until its node dies
+
+        async def quick(variables: Any) -> Any:
+            return f"done on c: {variables}"
+
+        async with _nodes(nats_server.urls, tmp_path, names=("a",), ack_wait_s=2) as nodes:
+            on_b = Worker(f"unix://{worker_sock}", handlers={"job": stuck}, reconnect=False)
+            serving_b = asyncio.create_task(on_b.run())
+            async with Client(nodes["a"].address("client")) as client:
+                handle = await client.submit("job", 7, timeout=60)
+                await asyncio.wait_for(started_on_b.wait(), WAIT_S)
+                b.kill()
+                await b.wait()
+                with pytest.raises(BrokerConnectionError):  # its node is gone
+                    await asyncio.wait_for(serving_b, WAIT_S)
+                async with _nodes(nats_server.urls, tmp_path, names=("c",), ack_wait_s=2) as c:
+                    async with Worker(c["c"].address("worker"), handlers={"job": quick}):
+                        result = await asyncio.wait_for(handle, WAIT_S)
+                        stats = c["c"].bridge.stats if c["c"].bridge else None
+        lost = 0 if result == "done on c: 7" else 1
+        print(f"cluster: node b SIGKILLed with a job running: {lost} lost, re-run on node c")
+        assert result == "done on c: 7"
+        assert stats is not None and stats.redelivered == 1
+    finally:
+        if b.returncode is None:
+            b.kill()
+            await b.wait()

@@ -62,6 +62,9 @@ _log = structlog.get_logger("reasonbroker.cluster")
 
 FETCH_MAX: Final = 128  # jobs per fetch request
 FETCH_WAIT_S: Final = 1.0  # a fetch that finds nothing waits this long for a job
+# After a job came: how long the no-wait fetch of the rest may take to answer (what
+# comes later stays in the subscription's queue, where the next fetch takes it first).
+FETCH_MORE_WAIT_S: Final = 0.05
 SUPERVISE_S: Final = 0.2  # how often the local workers' pipelines and slots are read
 PIPELINES_POLL_S: Final = 2.0  # how often the cluster's known pipelines are read
 OUTBOUND_CAPACITY: Final = 65_536  # the outbound peer's slots: the broker's clamp
@@ -133,6 +136,8 @@ class Bridge:
         self._fetchers: dict[str, asyncio.Task[None]] = {}
         self._subs: dict[str, Any] = {}
         self._freed = asyncio.Event()
+        self._refresh = asyncio.Event()  # read the cluster's pipelines now
+        self._every: set[int] = set()  # worker-side connections serving every pipeline
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._nats_subs: list[Any] = []
@@ -172,13 +177,18 @@ class Bridge:
         ]
 
     def stop_fetching(self) -> None:
-        """The node is stopping: take no more jobs (the worker side drains what it has)."""
+        """The node is stopping: take no more jobs (the worker side drains what it has).
+
+        A fetch loop is never cancelled in the middle of a fetch: the server would
+        still deliver into that pull request, and the jobs would sit un-acked until
+        ack_wait. Each loop ends after its current fetch (at most FETCH_WAIT_S), and
+        gives back at once (nak) what that fetch brought."""
         self._stopping = True
-        for task in self._fetchers.values():
-            task.cancel()
 
     async def close(self) -> None:
         self.stop_fetching()
+        if self._fetchers:
+            await asyncio.wait(list(self._fetchers.values()), timeout=FETCH_WAIT_S + 5)
         # Jobs fetched and not finished: give them back at once rather than after ack_wait.
         for running in list(self._running.values()):
             with contextlib.suppress(Exception):
@@ -427,8 +437,9 @@ class Bridge:
                         self._fetchers[pipeline] = asyncio.create_task(
                             self._fetch_loop(pipeline), name=f"cluster fetch {pipeline}"
                         )
-                for pipeline in [p_ for p_ in self._fetchers if p_ not in self._capacity]:
-                    self._fetchers.pop(pipeline).cancel()
+            for pipeline, task in list(self._fetchers.items()):
+                if task.done():  # it saw its pipeline lose its last local worker, or the stop
+                    del self._fetchers[pipeline]
             self._freed.set()  # capacity may have grown
             await asyncio.sleep(SUPERVISE_S)
 
@@ -440,11 +451,17 @@ class Bridge:
             return {}
         board = broker.board
         capacity: dict[str, int] = {}
+        every: set[int] = set()
         for conn in board.workers():
             slots, _ = board.slots(conn)
             served = board.served_pipelines(conn)
+            if served is None:
+                every.add(conn)
             for pipeline in self._known if served is None else served:
                 capacity[pipeline] = capacity.get(pipeline, 0) + slots
+        if not every <= self._every:
+            self._refresh.set()  # a new worker for every pipeline: learn them all now
+        self._every = every
         return capacity
 
     async def _watch_pipelines(self) -> None:
@@ -463,7 +480,10 @@ class Bridge:
                     with contextlib.suppress(Exception):
                         entry = await self.pipelines_kv.get(token)
                         self._known.add(entry.value.decode())
-            await asyncio.sleep(PIPELINES_POLL_S)
+            self._refresh.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PIPELINES_POLL_S):
+                    await self._refresh.wait()
 
     def _known_tokens(self) -> set[str]:
         return {self.names.token(name) for name in self._known}
@@ -495,7 +515,7 @@ class Bridge:
         import nats.js.errors
 
         delay = 0.1
-        while not self._stopping:
+        while not self._stopping and pipeline in self._capacity:
             free = self._capacity.get(pipeline, 0) - self._by_pipeline.get(pipeline, 0)
             if free <= 0:
                 self._freed.clear()
@@ -505,7 +525,15 @@ class Bridge:
                 continue
             try:
                 sub = await self._subscription(pipeline)
-                msgs = await sub.fetch(batch=min(free, FETCH_MAX), timeout=FETCH_WAIT_S)
+                # One job, waiting for it up to FETCH_WAIT_S; then what else is there
+                # now, up to the free slots, without waiting. (nats-py's fetch of a
+                # batch that long-polls returns only when the batch is full or its
+                # time is up: a job would sit in it, un-run, for up to that long.)
+                msgs = await sub.fetch(batch=1, timeout=FETCH_WAIT_S)
+                if free > 1:
+                    with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
+                        more = min(free - 1, FETCH_MAX)
+                        msgs += await sub.fetch(batch=more, timeout=FETCH_MORE_WAIT_S)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue  # nothing to run (nats-py raises either kind)
             except asyncio.CancelledError:
@@ -517,7 +545,11 @@ class Bridge:
                 continue
             delay = 0.1
             for msg in msgs:
-                self._take(pipeline, msg)
+                if self._stopping or pipeline not in self._capacity:
+                    self.stats.nacked += 1
+                    self._spawn(_quiet(msg.nak()))  # came in as we stopped: another node's now
+                else:
+                    self._take(pipeline, msg)
 
     def _take(self, pipeline: str, msg: Any) -> None:
         try:
@@ -538,12 +570,16 @@ class Bridge:
             self._spawn(msg.ack())
             return
         now = time.time()
-        if job.deadline is not None and job.deadline <= now:
-            self._spawn(msg.ack())  # its node has timed it out already
-            return
-        crashes = delivered - 1
         loop_now = asyncio.get_running_loop().time()
         running = _Running(job, msg, loop_now, loop_now)
+        if job.deadline is not None and job.deadline <= now:
+            # Its node has timed it out (and written that end) unless that node is gone:
+            # write TIMEOUT, first writer wins, so the job ends even then.
+            why = f"timed out after {job.timeout_ms} ms (before a node could run it)"
+            late = Outcome(cookie, "TIMEOUT", why, None, None, self.node, 0, now)
+            self._spawn(self._write_gone(running, late))
+            return
+        crashes = delivered - 1
         if crashes > self.limits.max_attempts_limit:
             self.stats.went_away += 1
             why = (

@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from .common import SYSTEMS, log, run_async
-from .modes import durable, grid, jetstream, scale, sdk
+from .modes import cluster, durable, grid, jetstream, scale, sdk
 from .processes import raise_nofile
 from .worker import worker_main
 
@@ -54,6 +54,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--durable-jobs",
         type=int,
         help="--durable: detached jobs of the phases (100000; smoke 2000; 0 = none)",
+    )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="reasonbroker cluster nodes (1 and 2) vs the bare JetStream pattern, 1 and 3 servers",
     )
     p.add_argument(
         "--cluster-baseline",
@@ -144,6 +149,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         defaults = dict(
             duration=3.0, repeats=3, inflight=[1, 16, 128], workers=[1, 4], big_payload=65536
         )
+    if args.cluster and not args.quick:
+        defaults.update(inflight=[16] if args.smoke else [128], duration=0.5 if args.smoke else 3.0)
     if args.durable:
         defaults.update(inflight=[128], workers=[4])
         if not args.smoke:
@@ -185,6 +192,8 @@ def mode_of(args: argparse.Namespace) -> ModuleType:
         return durable
     if args.cluster_baseline:
         return jetstream
+    if args.cluster:
+        return cluster
     return grid
 
 

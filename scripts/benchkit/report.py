@@ -90,6 +90,8 @@ def mode_name(args: argparse.Namespace) -> str:
         return "cluster-baseline"
     if getattr(args, "durable", False):
         return "durable"
+    if getattr(args, "cluster", False):
+        return "cluster"
     size = "smoke" if args.smoke else ("quick" if args.quick else "full")
     return f"sdk-{size}" if args.sdk else size
 

@@ -5,6 +5,7 @@
     scale  --scale: reasonbroker alone, connections held, jobs queued, client counts
     jetstream  --cluster-baseline: the bare JetStream work-queue pattern with nats-py on
            1 and 3 nats-servers, and its building blocks (issue #14, docs/cluster.md)
+    cluster  --cluster: reasonbroker cluster nodes (1, 2) vs the bare JetStream pattern (#14)
     durable  --durable: the SQLite journal (sync full, normal) vs in-memory vs gearmand's
            libsqlite3 queue, then 100k detached jobs accepted, SIGKILL, restart, drain (#13)
 
