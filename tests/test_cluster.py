@@ -14,6 +14,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from reasonbroker.cluster.wire import JobMessage, Names, key
 from reasonbroker.core.limits import Limits, ListenerRole
 from reasonbroker.daemon.config import ClusterConfig, Config, ListenerConfig
 from reasonbroker.sdk.client import Client
-from reasonbroker.sdk.errors import BrokerConnectionError, JobError
+from reasonbroker.sdk.errors import BrokerConnectionError, CookieNotFound, JobError
 from reasonbroker.sdk.worker import Worker, progress
 from tests.natscluster import NatsCluster, nats_cluster, nats_server
 
@@ -329,3 +330,62 @@ async def test_a_node_sigkilled_mid_job_loses_nothing_another_node_runs_it(
         if b.returncode is None:
             b.kill()
             await b.wait()
+
+
+async def test_attach_on_another_node_collects_a_running_and_an_ended_job(
+    nats_server: NatsCluster, tmp_path: Path
+) -> None:
+    release, began = asyncio.Event(), asyncio.Event()
+
+    async def gated(variables: Any) -> Any:
+        if variables == "wait":
+            began.set()
+            await release.wait()
+        return f"ran {variables}"
+
+    async with _nodes(nats_server.urls, tmp_path, names=("a", "b", "c")) as nodes:
+        async with (
+            Worker(nodes["b"].address("worker"), handlers={"gated": gated}, capacity=4),
+            Client(nodes["a"].address("client")) as on_a,
+            Client(nodes["c"].address("client")) as on_c,
+        ):
+            detached = (await on_a.submit("gated", "early", detach=True)).cookie
+            running = await on_a.submit("gated", "wait")
+            await asyncio.wait_for(began.wait(), WAIT_S)
+            # Node c never saw either job; its client asks by cookie.
+            later = await on_c.attach(running.cookie)
+            release.set()
+            assert await asyncio.wait_for(later, WAIT_S) == "ran wait"
+            assert await asyncio.wait_for(running, WAIT_S) == "ran wait"  # on a too, once
+            collected = await on_c.attach(detached)  # ended by now, or adopted until it does
+            assert await asyncio.wait_for(collected, WAIT_S) == "ran early"
+            info = await on_c.job(detached)  # answered from what node c now retains
+            assert info.state.value == "ended" and info.rc is not None
+            assert info.rc.value == "OK"
+            with pytest.raises(CookieNotFound):  # no node has it, nor the bucket
+                await on_c.job(uuid.uuid4())
+        assert nodes["c"].bridge is not None and nodes["c"].bridge.stats.adopted >= 1
+
+
+async def test_a_resuming_client_whose_node_stops_gets_its_result_from_another_node(
+    nats_server: NatsCluster, tmp_path: Path
+) -> None:
+    release, started = asyncio.Event(), asyncio.Event()
+
+    async def gated(variables: Any) -> Any:
+        started.set()
+        await release.wait()
+        return f"ran {variables}"
+
+    async with _nodes(nats_server.urls, tmp_path, names=("a", "b", "c")) as nodes:
+        urls = [nodes["a"].address("client"), nodes["c"].address("client")]
+        async with (
+            Worker(nodes["b"].address("worker"), handlers={"gated": gated}),
+            Client(urls, resume=True, resume_timeout=WAIT_S) as client,
+        ):
+            handle = await client.submit("gated", 1)
+            await asyncio.wait_for(started.wait(), WAIT_S)
+            nodes["a"].shutdown(force=True)  # the client's node goes away mid-job
+            await _until(lambda: client.url == urls[1])  # resumed on node c, re-ATTACHed
+            release.set()
+            assert await asyncio.wait_for(handle, WAIT_S) == "ran 1"

@@ -30,7 +30,7 @@ from reasonbroker.core.packets import (
     Run,
 )
 from reasonbroker.core.retention import Ended
-from tests.test_switchboard import OK, H, ck, results
+from tests.test_switchboard import OK, H, ck, results, sends_to
 
 ACCEPTS = ("accepted", "attach", "started", "progress")
 
@@ -308,3 +308,24 @@ def test_a_returned_run_is_requeued_in_the_journal_and_waits_for_a_worker() -> N
     assert h.b.queue_depth == 1  # no other worker: it waits (a journal keeps it)
     w2 = h.worker()
     assert h.jobs["job1"][0] == w2
+
+
+def test_an_adopted_job_is_dispatched_attachable_and_never_journaled_as_accepted() -> None:
+    """A cluster node takes on another node's job for an ATTACH (`adopt`): queued as a job
+    of no client and dispatched at once; a retained RESULT adopted is collected by ATTACH;
+    a cookie the board already knows is left alone."""
+    h = H(durable=True)
+    w = h.worker()
+    c = h.client(hello=True, features=ACCEPTS)
+    h.b.end_batch()
+    out = h._track(h.b.adopt(Run(ck(1), "p", "job1"), None, 0))
+    assert [r[0] for r in out] == ["RUN"] and out[0][1] == w
+    assert journal(h.last) == [(J_DISPATCH, 1)]  # its accept is another board's
+    assert h.b.knows(ck(1))
+    assert h.b.adopt(restored_run(ck(1), "p", None, False, 0, None), None, 0) == []
+    assert h.feed(c, Attach(ck(1), True)) == []  # now one of its clients
+    assert h.answer("job1", result="r") == [("RESULT", c, 1, OK)]
+    ended = Ended(Result(ck(2), OK, None, None, "kept"), "p", 1, 0.0, 0.0)
+    assert h.b.adopt(restored_run(ck(2), "p", None, False, 0, None), ended, 0) == []
+    h.feed(c, Attach(ck(2), True))
+    assert sends_to(h.last, c) == [Result(ck(2), OK, None, None, "kept")]

@@ -41,7 +41,9 @@ from typing import Any, Final
 import structlog
 
 from ..core import protocol as p
+from ..core.board import restored_run
 from ..core.limits import Limits
+from ..core.retention import Ended
 from ..daemon.broker import Broker
 from ..sdk.errors import BrokerConnectionError
 from ..sdk.peer import Peer
@@ -69,6 +71,9 @@ SUPERVISE_S: Final = 0.2  # how often the local workers' pipelines and slots are
 PIPELINES_POLL_S: Final = 2.0  # how often the cluster's known pipelines are read
 OUTBOUND_CAPACITY: Final = 65_536  # the outbound peer's slots: the broker's clamp
 CANCELLED_REMEMBERED: Final = 100_000
+WHO_WAIT_S: Final = 0.5  # how long a JOB question waits for a node to claim the job
+ADOPTED_POLL_S: Final = 1.0  # how often the bucket is asked for adopted jobs' results
+ADOPTED_PIPELINE: Final = "(a job of another node)"  # what a JOB says of one not ended
 EARLY_REMEMBERED: Final = 10_000
 # What the inbound peer asks of the worker side: its jobs' STARTED and PROGRESS,
 # and their priority, deadline and attempts honoured.
@@ -92,6 +97,7 @@ class _Stats:
     relayed: int = 0
     went_away: int = 0
     cancels_seen: int = 0
+    adopted: int = 0
     by_pipeline: dict[str, int] = field(default_factory=dict)
 
 
@@ -125,7 +131,7 @@ class Bridge:
         self._mine: dict[bytes, bytes] = {}
         self._job_of: dict[bytes, bytes] = {}
         self._client_side: Broker | None = None
-        self._watching: dict[bytes, asyncio.Task[None]] = {}  # adopted jobs: bucket watched
+        self._adopted: set[bytes] = set()  # other nodes' jobs attached here, not ended yet
         self._early: OrderedDict[bytes, Outcome] = OrderedDict()  # results before their RUN
         self._running: dict[bytes, _Running] = {}
         self._by_pipeline: dict[str, int] = {}  # inbound jobs running per pipeline
@@ -156,6 +162,7 @@ class Bridge:
         self._worker_side = worker_side
         self._nats_subs.append(await self.nc.subscribe(self.names.node(self.node), cb=self._event))
         self._nats_subs.append(await self.nc.subscribe(self.names.cancel, cb=self._cancel_seen))
+        self._nats_subs.append(await self.nc.subscribe(self.names.who, cb=self._who))
         log = _log.bind(node=self.node)
         self._out = await Peer.connect(
             client_side_url,
@@ -174,7 +181,9 @@ class Bridge:
             asyncio.create_task(self._supervise(), name="cluster supervisor"),
             asyncio.create_task(self._keep_alive(), name="cluster in_progress"),
             asyncio.create_task(self._watch_pipelines(), name="cluster pipelines"),
+            asyncio.create_task(self._watch_adopted(), name="cluster adopted"),
         ]
+        client_side.intercept = self.intercept
 
     def stop_fetching(self) -> None:
         """The node is stopping: take no more jobs (the worker side drains what it has).
@@ -194,7 +203,9 @@ class Bridge:
             with contextlib.suppress(Exception):
                 await running.msg.nak()
         self._running.clear()
-        for task in [*self._loops, *self._fetchers.values(), *self._watching.values()]:
+        if self._client_side is not None:
+            self._client_side.intercept = None
+        for task in [*self._loops, *self._fetchers.values()]:
             task.cancel()
         for sub in [*self._nats_subs, *self._subs.values()]:
             with contextlib.suppress(Exception):
@@ -269,9 +280,7 @@ class Bridge:
         if wcookie is None or self._out is None:
             return
         self._job_of.pop(wcookie, None)
-        watch = self._watching.pop(cookie, None)
-        if watch is not None:
-            watch.cancel()
+        self._adopted.discard(cookie)
         self.settled.add(cookie)
         self.stats.relayed += 1
         result = None if outcome.result is None else p.Raw(outcome.result)
@@ -383,6 +392,7 @@ class Bridge:
             self.node,
             1,
             time.time(),
+            running.job.pipeline,
         )
         await self._write(running, outcome, msg)
 
@@ -619,6 +629,92 @@ class Bridge:
                     self._spawn(_quiet(running.msg.in_progress()))
 
     # -- ATTACH on a node that did not accept the job ----------------------------------
+
+    def intercept(self, conn: int, packets: list[p.Packet]) -> list[p.Packet]:
+        """The client side's packets before its switchboard: an ATTACH for a job it does
+        not know is taken out and answered once the results bucket was asked (`_adopt`)."""
+        broker = self._client_side
+        if broker is None:
+            return packets
+        board = broker.board
+        kept: list[p.Packet] | None = None
+        for i, packet in enumerate(packets):
+            if isinstance(packet, p.Attach) and not board.knows(packet.cookie):
+                if kept is None:
+                    kept = packets[:i]
+                self._spawn(self._adopt(conn, packet))
+            elif kept is not None:
+                kept.append(packet)
+        return packets if kept is None else kept
+
+    async def _adopt(self, conn: int, attach: p.Attach) -> None:
+        """Another node's job (its client came here, say after that node died): its
+        ended RESULT from the bucket, retained here; or, for an ATTACH that waits and a
+        job not ended yet, the job taken on as one the bucket is watched for."""
+        broker = self._client_side
+        assert broker is not None
+        cookie = attach.cookie
+        try:
+            outcome = await self.lookup(cookie)
+        except Exception as exc:
+            _log.warning("cluster_lookup_failed", error=str(exc), cookie=key(cookie))
+            outcome = None
+        board = broker.board
+        now = broker.loop.time()
+        if outcome is not None:
+            result = p.Result(
+                cookie,
+                _result_code(outcome.rc),
+                outcome.error,
+                outcome.stacktrace,
+                None if outcome.result is None else p.Raw(outcome.result),
+            )
+            ended = Ended(result, outcome.pipeline, outcome.attempts, now, now)
+            run = restored_run(cookie, outcome.pipeline, None, False, 0, None)
+            broker.apply(board.adopt(run, ended, now))
+        elif attach.wait or await self._exists(cookie):
+            # Its ends come from the bucket (relayed), or are its own node's to write.
+            self.settled.add(cookie)
+            self._adopted.add(cookie)
+            self.stats.adopted += 1
+            run = restored_run(cookie, ADOPTED_PIPELINE, None, False, 0, None)
+            broker.apply(board.adopt(run, None, now))
+        # A JOB question for a job no node claims and the bucket does not have: the
+        # switchboard answers COOKIE_NOT_FOUND. (An ATTACH that waits is taken on
+        # trust: a resuming client's job exists, though its node may be gone.)
+        broker.inject(conn, [attach])
+
+    async def _exists(self, cookie: bytes) -> bool:
+        """Whether any node has the job: its client side knows it, or it runs there."""
+        try:
+            reply = await self.nc.request(self.names.who, cookie, timeout=WHO_WAIT_S)
+        except Exception:
+            return False  # nobody answered (no responders, or not in time)
+        return bool(reply.data)
+
+    async def _who(self, msg: Any) -> None:
+        """A node asks who has a job: answer only if this node does (first answer wins)."""
+        cookie: bytes = msg.data
+        broker = self._client_side
+        known = broker is not None and broker.board.knows(cookie)
+        if (known or cookie in self._running) and msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(b"1")
+
+    async def _watch_adopted(self) -> None:
+        """Ask the bucket, each second, for the jobs adopted here that have not ended."""
+        while True:
+            await asyncio.sleep(ADOPTED_POLL_S)
+            for cookie in list(self._adopted):
+                if cookie not in self._mine:
+                    if not self._client_side or not self._client_side.board.knows(cookie):
+                        self._adopted.discard(cookie)  # gone (its client cancelled it, say)
+                    continue
+                with contextlib.suppress(Exception):
+                    outcome = await self.lookup(cookie)
+                    if outcome is not None:
+                        self._adopted.discard(cookie)
+                        self._relay(outcome)
 
     async def lookup(self, cookie: bytes) -> Outcome | None:
         """The job's result in the bucket, or None (running, queued or unknown)."""

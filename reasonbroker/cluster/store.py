@@ -204,6 +204,7 @@ class JetStreamStore(Store):
             node=self._node,
             attempts=ended.attempts,
             ended_at=ended.ended_at or time.time(),
+            pipeline=ended.pipeline,
         ).encode()
 
         async def write() -> BaseException | None:

@@ -15,6 +15,8 @@ Names (all under the configured prefix, "rb" by default):
                                   accepted on <node> (the fast path to their clients)
     subject  rb.cancel            core NATS: a job was cancelled or ended by its node;
                                   whoever runs it stops it
+    subject  rb.who               core NATS request: which node has this job (a JOB
+                                  question on a node that does not know it)
 
 Messages are msgpack maps with short keys; payloads (variables, result) are kept
 as the msgpack bytes of their value, never decoded on the way.
@@ -64,6 +66,10 @@ class Names:
     @property
     def cancel(self) -> str:
         return f"{self.prefix}.cancel"
+
+    @property
+    def who(self) -> str:
+        return f"{self.prefix}.who"
 
     def token(self, pipeline: str) -> str:
         return base64.urlsafe_b64encode(pipeline.encode()).decode().rstrip("=") or "_"
@@ -141,11 +147,13 @@ class Outcome:
     node: str  # the node that wrote it
     attempts: int
     ended_at: float
+    pipeline: str = ""
 
     def encode(self) -> bytes:
         return _pack(
             {
                 "c": self.cookie,
+                "p": self.pipeline,
                 "rc": self.rc,
                 "e": self.error,
                 "s": None if self.stacktrace is None else list(self.stacktrace),
@@ -169,6 +177,7 @@ class Outcome:
             node=str(d.get("n", "")),
             attempts=int(d.get("at", 0)),
             ended_at=float(d.get("t", 0.0)),
+            pipeline=str(d.get("p", "")),
         )
 
 

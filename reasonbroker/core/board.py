@@ -203,6 +203,34 @@ class Switchboard:
         job = None if c is None else c.running.get(wcookie)
         return None if job is None else job.run.cookie
 
+    def knows(self, cookie: bytes) -> bool:
+        """Whether a job by this cookie is live here, or its RESULT is retained."""
+        return cookie in self.jobs or cookie in self.retained
+
+    def adopt(self, run: Run, ended: Ended | None, now: float) -> list[Action]:
+        """Take on a job another broker accepted (a cluster's other node), so that an
+        ATTACH here finds it: with `ended`, its RESULT is retained as if it had ended
+        here; without, it is queued as a job of no client, with one attempt and no
+        deadline of its own (its own broker enforces those), and dispatched at once.
+        Nothing is journaled for it: it is another broker's. A cookie the board knows
+        already is left alone."""
+        out: list[Action] = []
+        cookie = run.cookie
+        if self.knows(cookie):
+            return out
+        self._now = now
+        if ended is not None:
+            self.retained.put(cookie, ended, out)
+            return out
+        self._seq += 1
+        job = _Job(self._seq, None, run, 1)
+        job.accepted_at = now
+        self.jobs[cookie] = job
+        self.dispatcher.enqueue(job)
+        for w in list(self.dispatcher.workers.values()):
+            self._fill(w, out)
+        return out
+
     def served_pipelines(self, conn: int) -> frozenset[str] | None:
         """The pipelines a worker connection serves; None: every pipeline."""
         pipelines = self._conns[conn].pipelines

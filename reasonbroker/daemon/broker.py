@@ -27,7 +27,7 @@ import contextlib
 import itertools
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Final
 
@@ -42,7 +42,7 @@ from ..core.errors import EncodeError, RemoteProtocolError
 from ..core.framing import PacketDecoder, encode_into
 from ..core.guard import clip, clip_fields
 from ..core.limits import ListenerRole
-from ..core.packets import Codec, Ping, Result, ResultCode, Role, Status
+from ..core.packets import Codec, Packet, Ping, Result, ResultCode, Role, Status
 from .authguard import AuthThrottle, Verdict, source_of
 from .config import Config, is_loopback
 from .dashboard import Dashboard, access_for
@@ -133,7 +133,11 @@ class _Connection:
                 broker.board.set_codec(self.id, self.codec)
             if packets:
                 self.spoke = True
-                broker.apply(broker.board.receive_all(self.id, packets, self.last_rx))
+                intercept = broker.intercept
+                if intercept is not None:
+                    packets = intercept(self.id, packets)
+                if packets:
+                    broker.apply(broker.board.receive_all(self.id, packets, self.last_rx))
                 if self.closed:
                     return
             if self.decoder.error is not None:
@@ -207,6 +211,9 @@ class Broker:
         # Bytes of unfinished frames across all connections (max_buffered_input_bytes).
         self.buffered_input = 0
         self.input_drops = 0
+        # A cluster node's bridge sees a connection's packets before the switchboard
+        # (it takes the ATTACHes the board cannot answer; see `inject`). None: nothing.
+        self.intercept: Callable[[int, list[Packet]], list[Packet]] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -528,6 +535,15 @@ class Broker:
             conn.log.info("connection_opened")
 
         return on_stream
+
+    def inject(self, conn_id: int, packets: list[Packet]) -> bool:
+        """Hand the switchboard packets taken by `intercept` earlier, as if the
+        connection sent them now; False when the connection is gone."""
+        conn = self._conns.get(conn_id)
+        if conn is None or conn.closed:
+            return False
+        self.apply(self.board.receive_all(conn_id, packets, self.loop.time()))
+        return True
 
     def close_connection(self, conn: _Connection, why: str) -> None:
         """Close a connection (flushing its outbox) and tell the switchboard it is gone."""
