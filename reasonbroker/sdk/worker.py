@@ -122,6 +122,8 @@ class Worker:
         # whose clients watch for it should pay for it.
         self.send_started = send_started
         self._handlers = dict(handlers)
+        # Each job's task is named for its pipeline (made once, not per job).
+        self._task_names = {name: f"job {name}" for name in self._handlers}
         self._token = token
         self._connect_timeout = connect_timeout
         self._max_frame_bytes = max_frame_bytes
@@ -279,8 +281,10 @@ class Worker:
                 pipelines=list(self._handlers),
                 broker_version=peer.broker_hello.version,
             )
-            async for packet in peer.packets():
-                self._dispatch(peer, packet)
+            dispatch = self._dispatch
+            async for batch in peer.batches():
+                for packet in batch:
+                    dispatch(peer, packet)
         except BrokerConnectionError:
             pass  # REGISTER failed: the connection is gone, close_reason says why
         finally:
@@ -408,8 +412,7 @@ class Worker:
             return
         job = _Job(cookie, run.pipeline, peer)
         job.task = asyncio.create_task(
-            self._run_job(job, handler, run.variables),
-            name=f"job {run.pipeline} {p.cookie_str(cookie)}",
+            self._run_job(job, handler, run.variables), name=self._task_names[run.pipeline]
         )
         job.task.add_done_callback(lambda task: self._job_done(job, task))
         self._jobs[cookie] = job
