@@ -115,12 +115,13 @@ class Peer:
         self.broker_hello = broker_hello
         self.log = log
         self.close_reason: str | None = None
+        # The loop this connection lives on (the worker makes its job tasks on it).
+        self.loop = loop = asyncio.get_running_loop()
         self._reader = reader
         self._writer = writer
         self._decoder = decoder
         self._pending = pending  # decoded in the same read as the broker's HELLO
         self._transport = writer.transport
-        loop = self._loop = asyncio.get_running_loop()
         # Frames written this turn, joined and written by _flush at its end.
         self._out: list[bytes] = []
         self._out_bytes = 0
@@ -214,10 +215,10 @@ class Peer:
         out.append(frame)
         self._out_bytes += len(frame)
         if len(out) == 1:
-            self._loop.call_soon(self._flush)
+            self.loop.call_soon(self._flush)
         elif self._out_bytes >= _FLUSH_BYTES:
             self._flush()
-        self._last_tx = self._loop.time()
+        self._last_tx = self.loop.time()
 
     def _flush(self) -> None:
         """Write what this turn sent as one buffer (a no-op when already written)."""
@@ -252,7 +253,7 @@ class Peer:
             pending = self._answer_pings(pending)
             if pending:
                 yield pending
-        loop = self._loop
+        loop = self.loop
         read = self._reader.read
         feed = self._decoder.feed
         while self.close_reason is None:
