@@ -688,6 +688,7 @@ class Client:
             async for batch in peer.batches():
                 for packet in batch:
                     dispatch(packet)
+                peer.flush_soon()  # after the run() calls this read answered send again
         except Exception:
             peer.log.exception("client_reader_failed")
             peer.abort("client reader failed")

@@ -125,6 +125,7 @@ class Peer:
         # Frames written this turn, joined and written by _flush at its end.
         self._out: list[bytes] = []
         self._out_bytes = 0
+        self._flush_pending = False  # a _flush is scheduled
         self._last_rx = self._last_tx = loop.time()
         self._heartbeat: asyncio.Task[None] | None = None
         if broker_hello.heartbeat_ms is not None and broker_hello.heartbeat_ms > 0:
@@ -211,17 +212,30 @@ class Peer:
             raise BrokerConnectionError(
                 f"connection to {self.url} is closed: {self.close_reason or 'closing'}"
             )
-        out = self._out
-        out.append(frame)
+        self._out.append(frame)
         self._out_bytes += len(frame)
-        if len(out) == 1:
-            self.loop.call_soon(self._flush)
-        elif self._out_bytes >= _FLUSH_BYTES:
+        if self._out_bytes >= _FLUSH_BYTES:
             self._flush()
+        elif not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush)
         self._last_tx = self.loop.time()
+
+    def flush_soon(self) -> None:
+        """Have this turn's write wait behind the callbacks scheduled so far.
+
+        The client and worker call it after handing on a read's packets: the
+        tasks those woke (a job's handler, a `run()` whose answer came) run
+        first, and what they send leaves in the same write, a loop turn
+        sooner than a write scheduled by their own first frame.
+        """
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         """Write what this turn sent as one buffer (a no-op when already written)."""
+        self._flush_pending = False
         out = self._out
         if not out:
             return

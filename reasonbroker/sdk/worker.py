@@ -285,6 +285,7 @@ class Worker:
             async for batch in peer.batches():
                 for packet in batch:
                     dispatch(peer, packet)
+                peer.flush_soon()  # after the first step of the jobs this read started
         except BrokerConnectionError:
             pass  # REGISTER failed: the connection is gone, close_reason says why
         finally:
