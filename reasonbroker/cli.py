@@ -52,6 +52,8 @@ _FLAG_OF_KEY = {
     "metrics_address": "--metrics",
     "journal.path": "--journal",
     "journal.sync": "--journal-sync",
+    "cluster.servers": "--cluster",
+    "cluster.node": "--node",
 }
 
 
@@ -118,7 +120,8 @@ def main() -> None:
     "--metrics",
     "metrics_address",
     metavar="ADDRESS",
-    help='Serve Prometheus metrics at host:port (IPv6 "[::1]:9464"), GET /metrics. Default: off.',
+    help='Serve Prometheus metrics at host:port (IPv6 "[::1]:9464"), GET /metrics, and the '
+    "read-only dashboard at / (docs/dashboard.md). Default: off.",
 )
 @click.option(
     "--journal",
@@ -134,6 +137,16 @@ def main() -> None:
     type=click.Choice(["full", "normal"], case_sensitive=False),
     help="full (default): ACCEPTED jobs survive power loss; normal: a broker crash only.",
 )
+@click.option(
+    "--cluster",
+    "cluster",
+    metavar="URLS",
+    help="Join a cluster on NATS JetStream at these nats:// URLs (comma-separated); "
+    "needs the cluster extra.",
+)
+@click.option(
+    "--node", metavar="NAME", help="This node's name in the cluster (default: host name)."
+)
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -147,6 +160,8 @@ def serve(
     metrics_address: str | None,
     journal: str | None,
     journal_sync: str | None,
+    cluster: str | None,
+    node: str | None,
 ) -> None:
     """Run the broker until SIGTERM or SIGINT (a second one ends the drain at once)."""
     overrides: dict[str, Any] = {}
@@ -169,6 +184,10 @@ def serve(
         overrides["journal.path"] = journal
     if journal_sync is not None:
         overrides["journal.sync"] = journal_sync
+    if cluster is not None:
+        overrides["cluster.servers"] = cluster
+    if node is not None:
+        overrides["cluster.node"] = node
     try:
         # The flags alone first, so that an error in them names the flag and
         # one in the file or the environment names its own key or variable.
@@ -241,6 +260,8 @@ def _run(config: Config) -> int:
 
 
 async def _serve(config: Config) -> int:
+    if config.cluster is not None:
+        return await _serve_node(config)
     from .daemon.broker import Broker
     from .daemon.store.base import JournalError
 
@@ -270,6 +291,39 @@ async def _serve(config: Config) -> int:
         click.echo(
             f"reasonbroker: {why if 'cannot listen' in why else f'cannot listen: {why}'}", err=True
         )
+        return EXIT_LISTEN_FAILED
+    log.info("stopped")
+    return EXIT_OK
+
+
+async def _serve_node(config: Config) -> int:
+    """`serve --cluster`: one node of a cluster on NATS JetStream (docs/cluster.md)."""
+    log = get_logger()
+    try:
+        from .cluster.node import ClusterError, ClusterNode
+    except ImportError as exc:
+        click.echo(
+            "reasonbroker: --cluster needs the cluster extra "
+            f"(pip install 'reasonbroker[cluster]'): {exc}",
+            err=True,
+        )
+        return EXIT_CONFIG
+    if config.journal_path is not None:
+        log.info("journal_unused", why="a cluster node keeps its jobs in JetStream")
+    try:
+        async with ClusterNode(config) as node:
+            remove_handlers = _install_signal_handlers(node)
+            try:
+                await node.serve()
+            finally:
+                remove_handlers()
+    except ClusterError as exc:
+        log.error("cluster_unusable", why=str(exc))
+        click.echo(f"reasonbroker: cluster: {exc}", err=True)
+        return EXIT_CONFIG
+    except OSError as exc:
+        log.error("listen_failed", error=str(exc))
+        click.echo(f"reasonbroker: {exc.strerror or exc}", err=True)
         return EXIT_LISTEN_FAILED
     log.info("stopped")
     return EXIT_OK

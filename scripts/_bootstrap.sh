@@ -17,7 +17,7 @@ fi
 STAMP="$VENV/.reasonbroker-installed"
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test,cluster]"
+    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test,cluster,fasta2a]"
     touch "$STAMP"
 fi
 if [ -z "${REASONBROKER_PURE:-}" ]; then

@@ -47,3 +47,29 @@ def test_cluster_baseline_smoke_run_writes_the_report(tmp_path: Path) -> None:
         assert r["jobs"] > 0 and r["jobs_per_s"] > 0, r
         assert r.get("errors", 0) == 0, r
         assert r["server_cpu_us_per_job"] is not None, r
+
+
+@pytest.mark.timeout(240)
+def test_cluster_bench_smoke_run_puts_nodes_beside_the_pattern(tmp_path: Path) -> None:
+    pytest.importorskip("nats", reason="nats-py is not installed: pip install -e '.[cluster]'")
+    try:
+        find_server()
+    except ServerNotFound as e:
+        pytest.skip(str(e))
+    out = tmp_path / "nodes.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--cluster", "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "/pattern" in proc.stdout
+    report: dict[str, Any] = json.loads(out.read_text())
+    assert report["meta"]["mode"] == "cluster"
+    rows = report["rows"]
+    assert {r["cell"] for r in rows} == {"jetstream pattern", "rb 1 node", "rb 2 nodes"}
+    for r in rows:
+        assert r.get("error") is None and r.get("errors", 0) == 0, r
+        assert r["jobs_per_s"] > 0, r  # jobs crossed nodes within the window

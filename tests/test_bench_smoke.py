@@ -145,3 +145,23 @@ def _run(script: Path, *args: str) -> str:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
+
+
+def test_bench_durable_smoke_run_loses_nothing_across_a_sigkill(tmp_path: Path) -> None:
+    out = tmp_path / "durable.json"
+    stdout = _run(
+        BENCH, "--durable", "--smoke", "--systems", "reasonbroker", "--no-install",
+        "--json", str(out),
+    )  # fmt: skip
+    assert "full / memory" in stdout
+    report: dict[str, Any] = json.loads(out.read_text())
+    assert report["meta"]["mode"] == "durable"
+    (rows,) = report["rows"].values()
+    assert set(rows) == {"memory", "full", "normal"}  # no gearmand asked for
+    for row in rows.values():
+        assert row["error"] is None
+        assert row["jobs"] > 0 and row["errors"] == 0
+    phases = report["phases"]
+    assert phases["accepted"] == phases["jobs"] == 2000
+    assert phases["lost"] == 0 and phases["drained"] == 2000
+    assert phases["journal_bytes_accepted"] > 0

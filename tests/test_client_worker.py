@@ -55,7 +55,14 @@ from reasonbroker.sdk.errors import (
     error_for,
 )
 from reasonbroker.sdk.peer import Peer
-from reasonbroker.sdk.worker import Handler, Worker, progress, reconnect_delay
+from reasonbroker.sdk.worker import (
+    Handler,
+    JobContext,
+    Worker,
+    current_job,
+    progress,
+    reconnect_delay,
+)
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -428,6 +435,46 @@ async def test_progress_and_started_reach_the_client(fake: FakeBroker) -> None:
 async def test_progress_outside_a_handler_is_an_error() -> None:
     with pytest.raises(RuntimeError, match="inside a worker handler"):
         await progress(1)
+    with pytest.raises(RuntimeError, match="inside a worker handler"):
+        current_job()
+
+
+async def test_job_context_sends_progress_from_another_task_and_tells_cancel(
+    fake: FakeBroker,
+) -> None:
+    # A handler that hands its job to another task (as a framework's worker loop
+    # would): the context still names the job there, in order, and says when
+    # the broker cancelled it.
+    contexts: list[JobContext] = []
+    handed = asyncio.Event()
+
+    async def elsewhere(ctx: JobContext) -> None:
+        for i in range(3):
+            await ctx.progress({"step": i})
+        handed.set()
+
+    async def hand_off(variables: Any) -> Any:
+        ctx = current_job()
+        contexts.append(ctx)
+        assert not ctx.cancel_requested and not ctx.ended
+        await asyncio.create_task(elsewhere(ctx))
+        await asyncio.Event().wait()  # until cancelled
+        return None
+
+    seen: list[Any] = []
+    async with Worker(fake.url, handlers={"hand": hand_off}), Client(fake.url) as client:
+        handle = await client.submit("hand", None, on_progress=seen.append)
+        await handed.wait()
+        [ctx] = contexts
+        assert ctx.pipeline == "hand"
+        assert ctx.cookie == handle.cookie  # the fake passes the client's cookie on
+        await handle.cancel()
+        with pytest.raises(Cancelled):
+            await handle
+        assert ctx.cancel_requested and ctx.ended
+        await ctx.progress("late")  # dropped: the job has been answered
+    assert seen == [{"step": 0}, {"step": 1}, {"step": 2}]
+    assert [packet.result for packet in fake.seen(Progress, Role.WORKER)] == seen
 
 
 async def test_unpackable_result_is_a_processor_exception_and_the_worker_survives(
@@ -560,6 +607,21 @@ async def test_submit_fields_and_detach(raw_fake: FakeBroker) -> None:
         assert client.in_flight == 1  # a detached job expects no RESULT
         with pytest.raises(ValueError, match="timeout"):
             await client.submit("p", 1, timeout=0)
+
+
+async def test_submit_with_a_chosen_cookie(raw_fake: FakeBroker) -> None:
+    chosen = uuid.uuid4()
+    async with Client(raw_fake.url) as client:
+        handle = await client.submit("p", 1, cookie=str(chosen))
+        assert handle.cookie == chosen
+        with pytest.raises(ValueError, match="already awaits"):
+            await client.submit("p", 2, cookie=chosen)
+        with pytest.raises(ValueError, match="not a UUID"):
+            await client.submit("p", 3, cookie="task-1")
+        other = await client.submit("p", 4, cookie=uuid.uuid4().bytes)
+        await raw_fake.wait_for(lambda: len(raw_fake.seen(Run)) == 2)
+        assert [run.cookie for run in raw_fake.seen(Run)] == [chosen.bytes, other.cookie.bytes]
+        assert client.in_flight == 2
 
 
 async def test_broker_timeout_raises_job_timeout(raw_fake: FakeBroker) -> None:

@@ -450,3 +450,53 @@ def test_journal_sync_must_be_full_or_normal(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, "[journal]\nbogus = 1\n"), {}, {})
     assert info.value.key == "journal.bogus"
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+def test_cluster_settings_come_from_the_file_the_environment_and_the_flags(
+    tmp_path: Path,
+) -> None:
+    path = write(
+        tmp_path,
+        '[cluster]\nservers = ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]\n'
+        'node = "n1"\nreplicas = 3\nack_wait_s = 10\n',
+    )
+    config = load_config(path, {}, {})
+    assert config.cluster is not None
+    assert config.cluster.servers == ("nats://10.0.0.1:4222", "nats://10.0.0.2:4222")
+    assert (config.cluster.node, config.cluster.replicas, config.cluster.ack_wait_s) == (
+        "n1",
+        3,
+        10.0,
+    )
+    env = {"REASONBROKER_CLUSTER_SERVERS": "nats://127.0.0.1:4222"}
+    from_env = load_config(None, env, {"cluster.node": "flag-node"})
+    assert from_env.cluster is not None
+    assert from_env.cluster.servers == ("nats://127.0.0.1:4222",)
+    assert from_env.cluster.node == "flag-node"
+    assert load_config(None, {}, {}).cluster is None  # off unless servers are given
+
+
+def test_a_cluster_without_a_node_name_takes_the_host_name() -> None:
+    config = load_config(None, {}, {"cluster.servers": "nats://127.0.0.1:4222"})
+    assert config.cluster is not None and config.cluster.node
+    assert all(ch.isalnum() or ch in "-_" for ch in config.cluster.node)
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ('servers = ["http://x:1"]', "cluster.servers"),
+        ('servers = ["nats://x:1"]\nnode = "a b"', "cluster.node"),
+        ('servers = ["nats://x:1"]\nreplicas = 7', "cluster.replicas"),
+        ('servers = ["nats://x:1"]\nack_wait_s = 0', "cluster.ack_wait_s"),
+        ('servers = ["nats://x:1"]\ncredentials = "/no/such.creds"', "cluster.credentials"),
+        ('servers = ["nats://x:1"]\nstream = "x"', "cluster.stream"),
+    ],
+)
+def test_a_bad_cluster_setting_names_its_key(tmp_path: Path, toml: str, key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, f"[cluster]\n{toml}\n"), {}, {})
+    assert caught.value.key == key

@@ -221,7 +221,8 @@ async def test_metrics_endpoint_answers_404_to_anything_else() -> None:
     async with Broker(Config(listeners=_listeners(), metrics_address="127.0.0.1:0")) as broker:
         address = broker.metrics_address
         assert address is not None
-        response = await _http(address, b"GET / HTTP/1.1\r\n\r\n")
+        # Neither /metrics nor the dashboard's (/, /static/..., /api/...; test_dashboard.py).
+        response = await _http(address, b"GET /nothing-here HTTP/1.1\r\n\r\n")
         assert response.startswith(b"HTTP/1.1 404 Not Found\r\n")
         # Other methods: 405 (tests/test_metrics_http.py).
         # A request head past the size limit is not answered: the connection closes.

@@ -1805,3 +1805,78 @@ def test_many_cancelled_queued_jobs_compact_the_queue() -> None:
     assert h.b.queue_depth == 1
     assert h.answer("job0") == [("RESULT", c, 0, OK), ("RUN", w, "job3000")]
     assert h.b.queue_depth == 0
+
+
+# ---------------------------------------------------------------------------
+# the dashboard's counts (issue 16): per worker, per pipeline, recent failures
+
+
+def test_endings_are_counted_per_worker_and_per_pipeline() -> None:
+    h = H()
+    w = h.worker(capacity=4)
+    c = h.client()
+    for n in range(3):
+        h.run(c, n, pipeline="a")
+    h.run(c, 3, pipeline="b")
+    h.answer("job0")
+    h.answer("job1")
+    h.answer("job2", ResultCode.PROCESSOR_EXCEPTION, error="boom")
+    h.cancel(c, 3)  # running: the worker answers CANCELLED
+    h.answer("job3", ResultCode.CANCELLED)
+    conn = next(x for x in h.b.connections() if x.id == w)
+    assert (conn.done, conn.failed) == (2, 2)
+    ends = {k: (e.done, e.failed) for k, e in h.b.pipeline_ends.items()}
+    assert ends == {"a": (2, 1), "b": (0, 1)}
+    assert [(f.pipeline, f.result.rc, f.result.error) for f in h.b.failures] == [
+        ("a", ResultCode.PROCESSOR_EXCEPTION, "boom"),
+        ("b", ResultCode.CANCELLED, None),
+    ]
+
+
+def test_a_queued_job_ended_by_its_client_leaving_counts_as_failed() -> None:
+    h = H()
+    c = h.client()
+    h.worker(capacity=1)
+    h.run(c, 1)
+    h.run(c, 2)  # queued behind job1
+    h.gone(c)
+    ends = h.b.pipeline_ends["p"]
+    assert (ends.done, ends.failed) == (0, 2)  # both cancelled: the client went away
+
+
+def test_failures_are_bounded_and_their_texts_clipped() -> None:
+    from reasonbroker.core.board import FAILURE_TEXT_CHARS, FAILURE_TRACE_LINES, FAILURES_KEPT
+
+    h = H()
+    h.worker(capacity=1)
+    c = h.client()
+    for n in range(FAILURES_KEPT + 5):
+        h.run(c, n)
+        worker, wcookie = h.jobs[f"job{n}"]
+        trace = tuple(f"line {i} " + "x" * 10_000 for i in range(200))
+        h.feed(worker, Result(wcookie, ResultCode.PROCESSOR_EXCEPTION, "e" * 100_000, trace))
+    kept = list(h.b.failures)
+    assert len(kept) == FAILURES_KEPT
+    assert kept[-1].result.cookie == ck(FAILURES_KEPT + 4)  # newest last
+    last = kept[-1].result
+    assert last.error is not None and len(last.error) <= FAILURE_TEXT_CHARS + 3
+    assert last.stacktrace is not None and len(last.stacktrace) == FAILURE_TRACE_LINES
+    assert last.stacktrace[-1].startswith("line 199")
+    assert all(len(line) <= FAILURE_TEXT_CHARS for line in last.stacktrace)
+
+
+def test_pipeline_names_past_the_cap_are_counted_together() -> None:
+    from reasonbroker.core.board import PIPELINES_COUNTED
+
+    h = H()
+    h.worker(capacity=1)
+    c = h.client()
+    names = [f"p{i}" for i in range(PIPELINES_COUNTED + 2)] + ["p0"]
+    for n, name in enumerate(names):
+        h.run(c, n, pipeline=name)
+        h.answer(f"job{n}")
+    ends = h.b.pipeline_ends
+    assert len(ends) == PIPELINES_COUNTED + 1  # the names, and None for the rest
+    assert ends["p0"].done == 2
+    assert ends[None].done == 2
+    assert f"p{PIPELINES_COUNTED}" not in ends

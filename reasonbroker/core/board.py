@@ -32,7 +32,8 @@ Routing model (decisions recorded in docs/protocol.md):
 from __future__ import annotations
 
 import heapq
-from typing import Any
+from collections import deque
+from typing import Any, Final
 
 from .actions import (
     J_ACCEPT,
@@ -79,7 +80,19 @@ from .packets import (
 )
 from .retention import Ended, Retained
 from .roles import Refusal, assign_role, status_snapshot
-from .state import Latency, Stats, _Conn, _count, _Deadline, _Job, _State
+from .state import Latency, Stats, _Conn, _count, _Deadline, _Ends, _Job, _State
+
+# A module constant, so the compiled code compares with a C static, not an enum lookup.
+_OK: Final = ResultCode.OK
+# Pipelines whose endings are counted by name (the dashboard's per-pipeline
+# done/failed); with a journal a RUN may name any pipeline, so past this many
+# names the rest are counted together under None, keeping memory bounded.
+PIPELINES_COUNTED: Final = 1024
+# The most recent failed jobs kept for the dashboard, their error and stack
+# trace clipped (FAILURE_TEXT_CHARS, FAILURE_TRACE_LINES): a few hundred KiB at most.
+FAILURES_KEPT: Final = 50
+FAILURE_TEXT_CHARS: Final = 4096
+FAILURE_TRACE_LINES: Final = 64
 
 
 class Restored:
@@ -123,6 +136,10 @@ class Switchboard:
         self._max_pipeline_bytes = limits.max_pipeline_name_bytes
         self.stats = Stats()
         self.latency = Latency()
+        # Ended jobs by pipeline (None: past PIPELINES_COUNTED names), and the
+        # last FAILURES_KEPT that did not end OK, newest last (the dashboard).
+        self.pipeline_ends: dict[str | None, _Ends] = {}
+        self.failures: deque[Ended] = deque(maxlen=FAILURES_KEPT)
         # A journal keeps what this board decides (docs/durability.md).
         self.durable = durable
         # Why the journal cannot be written now (None: it can): new RUNs
@@ -178,6 +195,22 @@ class Switchboard:
 
     def workers(self) -> list[int]:
         return list(self.dispatcher.workers)
+
+    def job_cookie(self, conn: int, wcookie: bytes) -> bytes | None:
+        """The job cookie behind the cookie a worker connection got its RUN with, while
+        it runs there (None otherwise)."""
+        c = self._conns.get(conn)
+        job = None if c is None else c.running.get(wcookie)
+        return None if job is None else job.run.cookie
+
+    def served_pipelines(self, conn: int) -> frozenset[str] | None:
+        """The pipelines a worker connection serves; None: every pipeline."""
+        pipelines = self._conns[conn].pipelines
+        return None if pipelines is None else frozenset(pipelines)
+
+    def connections(self) -> list[_Conn]:
+        """Every connection the board knows (the dashboard reads them; never mutate)."""
+        return list(self._conns.values())
 
     def role_of(self, conn: int) -> Role | None:
         c = self._conns.get(conn)
@@ -621,6 +654,10 @@ class Switchboard:
             out.append(Log("result_dropped", w.id, {"reason": "unknown cookie"}))
             return
         del w.running[cookie]
+        if res.rc is _OK:
+            w.done += 1
+        else:
+            w.failed += 1
         self.dispatcher.release(w, job)
         self.deadlines.set_done(job)
         if job.abandoned:
@@ -849,6 +886,15 @@ class Switchboard:
         """The job is over for its clients: journal its end, keep its RESULT."""
         if self.jobs.get(job.cookie) is job:
             del self.jobs[job.cookie]
+        pipeline = job.run.pipeline
+        ends = self.pipeline_ends.get(pipeline)
+        if ends is None:
+            ends = self._ends_of(pipeline)
+        if result.rc is _OK:
+            ends.done += 1
+        else:
+            ends.failed += 1
+            self._failed(job, result)
         if self.durable:
             out.append(
                 Journal(
@@ -867,6 +913,28 @@ class Switchboard:
             job.cookie,
             Ended(result, job.run.pipeline, job.attempts, job.accepted_at, self._now),
             out,
+        )
+
+    def _ends_of(self, pipeline: str) -> _Ends:
+        """The counts of a pipeline's first ending (past the cap: the shared ones)."""
+        counted = self.pipeline_ends
+        key = pipeline if len(counted) < PIPELINES_COUNTED else None
+        ends = counted.get(key)
+        if ends is None:
+            ends = counted[key] = _Ends()
+        return ends
+
+    def _failed(self, job: _Job, result: Result) -> None:
+        """Keep a failed job's ending for the dashboard, its texts clipped."""
+        error = result.error
+        if error is not None and len(error) > FAILURE_TEXT_CHARS:
+            error = error[:FAILURE_TEXT_CHARS] + "..."
+        trace = result.stacktrace
+        if trace is not None:
+            trace = tuple(line[:FAILURE_TEXT_CHARS] for line in trace[-FAILURE_TRACE_LINES:])
+        kept = Result(result.cookie, result.rc, error, trace)  # the payload is not kept
+        self.failures.append(
+            Ended(kept, job.run.pipeline, job.attempts, job.accepted_at, self._now)
         )
 
     def _forget(self, job: _Job) -> None:

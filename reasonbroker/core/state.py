@@ -28,7 +28,9 @@ class _Conn:
         "capacity",
         "closing",
         "codec",
+        "done",
         "draining",
+        "failed",
         "features",
         "hello",
         "id",
@@ -75,6 +77,9 @@ class _Conn:
         self.pipelines: set[str] | None = None
         self.running: dict[bytes, _Job] = {}
         self.last_used = 0
+        # RESULTs this worker sent: OK, and any other code (the dashboard's counts).
+        self.done = 0
+        self.failed = 0
         # Said DRAIN (or returned a RUN): sent no more RUNs, its jobs run on.
         self.draining = False
         # Slots a legacy worker freed with a RESULT but may not have let go of
@@ -142,6 +147,16 @@ class _Job:
         # released once, when the job ends (Deadlines.set_done).
         self.payload_bytes = 0
         self.payer: _Conn | None = None
+
+
+class _Ends:
+    """Jobs of one pipeline that ended: OK, and with any other code (the dashboard's)."""
+
+    __slots__ = ("done", "failed")
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.failed = 0
 
 
 @dataclass(slots=True)

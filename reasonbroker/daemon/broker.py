@@ -44,7 +44,8 @@ from ..core.guard import clip, clip_fields
 from ..core.limits import ListenerRole
 from ..core.packets import Codec, Ping, Result, ResultCode, Role, Status
 from .authguard import AuthThrottle, Verdict, source_of
-from .config import Config
+from .config import Config, is_loopback
+from .dashboard import Dashboard, access_for
 from .journal import JournalGlue
 from .metrics import MetricsServer, registry_for
 from .ratelimit import WINDOW_S, LogRateLimiter
@@ -194,7 +195,11 @@ class Broker:
         # Read at scrape time only; the server exists when metrics_address is set.
         self.metrics_registry = registry_for(self)
         self._metrics: MetricsServer | None = None
+        # The dashboard on the metrics listener, and its once-a-second sampling timer.
+        self.dashboard: Dashboard | None = None
+        self._sampler: asyncio.TimerHandle | None = None
         self._started_at: float | None = None
+        self._epoch = 0.0  # wall clock minus loop time, fixed at start
         self._log_limit = LogRateLimiter(config.limits.peer_log_lines_per_s)
         self._auth = AuthThrottle(config.limits)
         self.auth_failures = 0
@@ -217,6 +222,7 @@ class Broker:
         self._idle = asyncio.Event()
         self._closed_all = asyncio.Event()
         self._started_at = self._loop.time()
+        self._epoch = time.time() - self._started_at
         self._open_journal()
         try:
             for lc in self.config.listeners:
@@ -241,9 +247,13 @@ class Broker:
                 _log.info("listening", url=listener.address, role=lc.role.value)
                 _warn_short_tokens(listener.address, token, admin_token)
             if self.config.metrics_address is not None:
-                self._metrics = MetricsServer(self.metrics_registry, self.config.metrics_address)
+                self.dashboard = self._make_dashboard(self.config.metrics_address)
+                self._metrics = MetricsServer(
+                    self.metrics_registry, self.config.metrics_address, self.dashboard
+                )
                 await self._metrics.start()
                 _log.info("metrics_listening", address=self._metrics.address)
+                self._sample()
         except BaseException:
             await self._close_listeners()
             await self._close_metrics()
@@ -251,6 +261,26 @@ class Broker:
             raise
         self._schedule_sweep()
         return self
+
+    def _make_dashboard(self, address: str) -> Dashboard:
+        """The dashboard, open only when no listener uses a token and it is on loopback."""
+        tokens = [(lc.required_token, lc.required_admin_token) for lc in self.config.listeners]
+        access = access_for(tokens, is_loopback(f"tcp://{address}"))
+        if access.tokens is not None and not access.tokens:
+            _log.warning(
+                "dashboard_locked",
+                address=address,
+                why="it needs an admin token (listeners use tokens, or the address is not "
+                "loopback) and no listener has admin_token",
+            )
+        return Dashboard(self, access)
+
+    def _sample(self) -> None:
+        """The dashboard's once-a-second sample of the board's counters."""
+        if self.dashboard is None:
+            return
+        self.dashboard.sample()
+        self._sampler = self.loop.call_later(1.0, self._sample)
 
     def _open_journal(self) -> None:
         """Open the store and hand the board what it kept (raises JournalError)."""
@@ -375,6 +405,24 @@ class Broker:
     def uptime_s(self) -> float:
         return 0.0 if self._started_at is None else self.loop.time() - self._started_at
 
+    @property
+    def epoch(self) -> float:
+        """Wall clock minus loop time (board time), as measured at start."""
+        return self._epoch
+
+    @property
+    def compiled(self) -> bool:
+        return COMPILED
+
+    def now(self) -> float:
+        """The loop's clock: the board's time."""
+        return self.loop.time()
+
+    def peer_info(self, conn: int) -> tuple[str, float, float] | None:
+        """(address, opened at, last heard at) of an open connection, in loop time."""
+        c = self._conns.get(conn)
+        return None if c is None else (c.stream.peer, c.opened_at, c.last_rx)
+
     def shutdown(self, force: bool = False) -> None:
         """Begin the graceful drain; `force=True` also ends it now."""
         if self._stop_requested is None or self._force is None:
@@ -436,6 +484,10 @@ class Broker:
         _log.info("shutdown_complete", stats=_stats_fields(self))
 
     async def _close_metrics(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            self._sampler = None
+        self.dashboard = None
         if self._metrics is not None:
             metrics, self._metrics = self._metrics, None
             await metrics.close()

@@ -33,6 +33,8 @@ from __future__ import annotations
 import enum
 import ipaddress
 import math
+import re
+import socket
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -180,6 +182,61 @@ class LogFormat(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """`[cluster]`: the node joins a cluster on NATS JetStream (docs/cluster.md).
+
+    `servers`: NATS URLs (nats://, tls://); `node`: this node's name, unique in
+    the cluster (results for its clients are sent to it by name); `replicas`:
+    of the job stream and the results bucket (3 for a 3-server NATS cluster;
+    1 for one server); `ack_wait_s`: how long a job may run on a node without a
+    sign of life before JetStream gives it to another node (a dead node's jobs
+    are re-run after at most this); `credentials`: a NATS .creds file;
+    `tls_cafile`: the CA for tls:// servers; `prefix`: the names of the
+    stream, consumers, bucket and subjects start with it, so that several
+    clusters can share one NATS.
+    """
+
+    servers: tuple[str, ...]
+    node: str
+    replicas: int = 1
+    ack_wait_s: float = 30.0
+    credentials: str | None = None
+    tls_cafile: str | None = None
+    prefix: str = "rb"
+
+    def __post_init__(self) -> None:
+        if not self.servers:
+            raise ConfigError("cluster.servers", "at least one NATS URL is needed")
+        for url in self.servers:
+            parts = urlsplit(url)
+            if parts.scheme not in ("nats", "tls") or not parts.hostname:
+                raise ConfigError(
+                    "cluster.servers", f"must be nats://host:port or tls://host:port, got {url!r}"
+                )
+        if not _NAME.fullmatch(self.node):
+            raise ConfigError(
+                "cluster.node", f"must be 1-64 letters, digits, - or _, got {self.node!r}"
+            )
+        if not _NAME.fullmatch(self.prefix) or len(self.prefix) > 16:
+            raise ConfigError(
+                "cluster.prefix", f"must be 1-16 letters, digits, - or _, got {self.prefix!r}"
+            )
+        if not 1 <= self.replicas <= 5:
+            raise ConfigError("cluster.replicas", f"must be 1 to 5, got {self.replicas}")
+        if not 1.0 <= self.ack_wait_s <= 3600.0:
+            raise ConfigError("cluster.ack_wait_s", f"must be 1 to 3600 s, got {self.ack_wait_s}")
+
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def default_node_name() -> str:
+    """The node name when none is given: the host name, cut to what a name may hold."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64]
+    return name or "node"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[ListenerConfig, ...] = DEFAULT_LISTENERS
     limits: Limits = field(default_factory=Limits)
@@ -195,6 +252,8 @@ class Config:
     # "full": an ACCEPTED job survives power loss (fsync at every commit);
     # "normal": it survives the broker process dying, not the machine.
     journal_sync: Literal["full", "normal"] = "full"
+    # A cluster node on NATS JetStream (docs/cluster.md); None: a single broker.
+    cluster: ClusterConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.listeners:
@@ -302,6 +361,13 @@ _SCALARS: dict[str, str] = {
     },
     "journal.path": "journal",
     "journal.sync": "sync",
+    "cluster.servers": "urls",
+    "cluster.node": "text",
+    "cluster.replicas": "int",
+    "cluster.ack_wait_s": "float",
+    "cluster.credentials": "file",
+    "cluster.tls_cafile": "file",
+    "cluster.prefix": "text",
     **{
         f"journal.{f.name}": "int" if f.type == "int" else "float"
         for f in fields(Limits)
@@ -316,7 +382,7 @@ _CONFIG_FIELDS = {
     "journal.path": "journal_path",
     "journal.sync": "journal_sync",
 }
-_TOP_KEYS = ("uvloop", "metrics_address", "log", "limits", "listeners", "journal")
+_TOP_KEYS = ("uvloop", "metrics_address", "log", "limits", "listeners", "journal", "cluster")
 _ROLES = tuple(role.value for role in ListenerRole)
 _FORMATS = tuple(fmt.value for fmt in LogFormat)
 _AUTH_KEYS = (
@@ -345,6 +411,9 @@ _KINDS_TEXT = {
     "address": "host:port (IPv6 as [::1]:9464), or empty for off",
     "journal": "a file path, or none (no journal: jobs live in memory only)",
     "sync": "full or normal",
+    "urls": "NATS URLs (a list, or one string of comma-separated URLs)",
+    "text": "a string",
+    "file": "the path of a file that exists",
 }
 _ENV_TRUE = ("true", "1")
 _ENV_FALSE = ("false", "0")
@@ -406,8 +475,27 @@ def load_config(path: Path | None, env: Mapping[str, str], overrides: Mapping[st
     for key, name in _CONFIG_FIELDS.items():
         if key in values:
             kwargs[name] = values[key]
+    if values.get("cluster.servers"):
+        kwargs["cluster"] = _cluster(values, origins)
     # What Config itself still checks is "at least one listener" (key "listeners").
     return Config(**kwargs)
+
+
+def _cluster(values: Mapping[str, Any], origins: Mapping[str, _Origin]) -> ClusterConfig:
+    """The [cluster] settings (any layer), checked; errors name where each came from."""
+    settings = {
+        name: values[f"cluster.{name}"]
+        for name in ("servers", "node", "replicas", "ack_wait_s", "credentials", "tls_cafile")
+        if f"cluster.{name}" in values
+    }
+    if "cluster.prefix" in values:
+        settings["prefix"] = values["cluster.prefix"]
+    settings.setdefault("node", default_node_name())
+    try:
+        return ClusterConfig(**settings)
+    except ConfigError as exc:
+        origin = origins.get(exc.key, _Origin(exc.key))
+        raise ConfigError(origin.key, exc.message + origin.where) from None
 
 
 # --------------------------------------------------------------------------- layers
@@ -422,7 +510,7 @@ def _apply_toml(
     doc = _read_toml(path)
     where = f" (in {path})"
     _reject_unknown(doc, _TOP_KEYS, "", where)
-    for section in ("log", "limits", "journal"):
+    for section in ("log", "limits", "journal", "cluster"):
         if section not in doc:
             continue
         table = doc[section]
@@ -599,6 +687,16 @@ def _check(kind: str, value: object, key: str, where: str) -> object:
         case "sync":
             if isinstance(value, str) and value.lower() in _SYNCS:
                 return value.lower()
+        case "urls":
+            items = value.split(",") if isinstance(value, str) else value
+            if isinstance(items, list | tuple) and all(isinstance(u, str) for u in items):
+                return tuple(u.strip() for u in items if u.strip())
+        case "text":
+            if isinstance(value, str) and value:
+                return value
+        case "file":
+            if isinstance(value, str) and value and Path(value).is_file():
+                return value
         case "address":
             # Empty turns metrics off, so a later layer can undo an earlier one.
             if isinstance(value, str) and not value.strip():

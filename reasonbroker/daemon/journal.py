@@ -105,6 +105,8 @@ class JournalGlue:
             store.forget((cookie,))
             return  # nothing is ever sent about a forgotten job: no need to hold
         mark = store.mark()
+        if mark <= self.committed:
+            return  # the store had nothing to write for it (Store.mark): nothing waits
         self._uncommitted[cookie] = mark
         self._marks.append((mark, cookie))
 

@@ -10,7 +10,9 @@ The endpoint answers `GET /metrics` (and `HEAD /metrics`, the same headers
 without the body), 405 with `Allow: GET, HEAD` to any other method, 404 to any
 other path, 400 to a request line that is not HTTP; one request per
 connection, and a request head over 8 KiB or slower than 5 s is closed
-unanswered. It exists for a scraper on a trusted network, not for browsers.
+unanswered; past `_MAX_CONNECTIONS` open at once a new one is closed at once.
+The same listener serves the read-only dashboard (daemon/dashboard.py) when
+the broker hands one in (`Pages`): every other GET or HEAD path is offered to it.
 """
 
 from __future__ import annotations
@@ -61,6 +63,19 @@ _log = structlog.get_logger("reasonbroker.metrics")
 # slower is not a scraper, and must not hold a task or memory for long.
 _MAX_REQUEST_HEAD_BYTES = 8192
 _REQUEST_TIMEOUT_S = 5.0
+# Connections served at once: a browser opens a handful, a scraper one; past
+# this a flood of slow or idle connections is refused instead of held.
+_MAX_CONNECTIONS = 64
+# Header lines read of a request head (the rest are ignored).
+_MAX_HEADERS = 64
+
+
+class Pages(Protocol):
+    """What the server offers every path but /metrics (daemon/dashboard.py's `Dashboard`)."""
+
+    def respond(
+        self, method: bytes, target: bytes, headers: dict[bytes, bytes]
+    ) -> bytes | None: ...
 
 
 class BrokerCollector:
@@ -192,8 +207,11 @@ def registry_for(broker: Observed) -> CollectorRegistry:
 class MetricsServer:
     """`GET /metrics` over HTTP/1.x at `address` ("host:port"; port 0 picks one)."""
 
-    def __init__(self, registry: CollectorRegistry, address: str) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, address: str, pages: Pages | None = None
+    ) -> None:
         self._registry = registry
+        self._pages = pages
         self._host, self._port = split_host_port(address, "metrics_address")
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -222,6 +240,9 @@ class MetricsServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._handlers) >= _MAX_CONNECTIONS:
+            writer.transport.abort()
+            return
         self._handlers.add(task)
         try:
             async with asyncio.timeout(_REQUEST_TIMEOUT_S):
@@ -242,34 +263,67 @@ class MetricsServer:
                 await writer.wait_closed()
 
     def _respond(self, head: bytes) -> bytes:
-        request_line = head.split(b"\r\n", 1)[0].split()
+        lines = head.split(b"\r\n")
+        request_line = lines[0].split()
         if len(request_line) != 3 or not request_line[2].startswith(b"HTTP/"):
-            return _response(b"400 Bad Request", b"text/plain", b"bad request\n")
+            return http_response(b"400 Bad Request", b"text/plain", b"bad request\n")
         method, target, _ = request_line
         if method not in (b"GET", b"HEAD"):
             # RFC 9110 15.5.6: a 405 says which methods the resource takes.
-            return _response(
+            return http_response(
                 b"405 Method Not Allowed",
                 b"text/plain",
-                b"method not allowed: GET /metrics\n",
-                extra=b"\r\nAllow: GET, HEAD",
+                b"method not allowed: GET or HEAD only\n",
+                headers=(("Allow", "GET, HEAD"),),
             )
         path = target.split(b"?", 1)[0]
         if path != b"/metrics":
-            return _response(b"404 Not Found", b"text/plain", b"not found: GET /metrics\n")
+            answer = None
+            if self._pages is not None:
+                try:
+                    answer = self._pages.respond(method, target, _headers(lines[1:]))
+                except Exception:
+                    # A bug in a page: say so, keep the broker serving.
+                    _log.exception("dashboard_failed")
+                    return http_response(
+                        b"500 Internal Server Error", b"text/plain", b"dashboard failed\n"
+                    )
+            if answer is not None:
+                return answer
+            return http_response(b"404 Not Found", b"text/plain", b"not found\n")
         try:
             body = generate_latest(self._registry)
         except Exception:
             # A bug in collecting: say so to the scraper, keep the broker serving.
             _log.exception("metrics_collect_failed")
-            return _response(b"500 Internal Server Error", b"text/plain", b"collect failed\n")
+            return http_response(b"500 Internal Server Error", b"text/plain", b"collect failed\n")
         # HEAD: the headers GET would send (Content-Length included), no body.
-        return _response(b"200 OK", CONTENT_TYPE_LATEST.encode(), body, send_body=method == b"GET")
+        return http_response(
+            b"200 OK", CONTENT_TYPE_LATEST.encode(), body, send_body=method == b"GET"
+        )
 
 
-def _response(
-    status: bytes, content_type: bytes, body: bytes, *, extra: bytes = b"", send_body: bool = True
+def _headers(lines: list[bytes]) -> dict[bytes, bytes]:
+    """A request head's header lines as {lowercased name: value}; the first of a
+    repeated name wins, lines without a colon are skipped, at most _MAX_HEADERS."""
+    headers: dict[bytes, bytes] = {}
+    for line in lines[:_MAX_HEADERS]:
+        name, sep, value = line.partition(b":")
+        if sep and name and name == name.strip():
+            headers.setdefault(name.lower(), value.strip())
+    return headers
+
+
+def http_response(
+    status: bytes,
+    content_type: bytes,
+    body: bytes,
+    *,
+    headers: tuple[tuple[str, str], ...] = (),
+    send_body: bool = True,
 ) -> bytes:
+    """A whole HTTP/1.1 response that closes the connection (HEAD: `send_body` False)."""
+    extra = b"".join(f"\r\n{name}: {value}".encode("latin-1") for name, value in headers)
     return b"".join(
         [
             b"HTTP/1.1 ",

@@ -31,7 +31,7 @@ from .errors import (
     WorkerWentAway,
     error_for,
 )
-from .worker import Handler, Worker, current_cookie, progress
+from .worker import Handler, JobContext, Worker, current_cookie, current_job, progress
 
 __all__ = [
     "BadPacket",
@@ -43,6 +43,7 @@ __all__ = [
     "CookieCollision",
     "CookieNotFound",
     "Handler",
+    "JobContext",
     "JobError",
     "JobException",
     "JobHandle",
@@ -56,6 +57,7 @@ __all__ = [
     "Worker",
     "WorkerWentAway",
     "current_cookie",
+    "current_job",
     "error_for",
     "progress",
 ]

@@ -480,6 +480,7 @@ class Client:
         max_attempts: int | None = None,
         detach: bool = False,
         on_progress: ProgressCallback | None = None,
+        cookie: CookieLike | None = None,
     ) -> JobHandle:
         """Send a RUN and return its handle once the broker has accepted or refused it.
 
@@ -493,10 +494,14 @@ class Client:
         accepted (written, for a broker without ACCEPTED). Raises EncodeError
         when msgpack cannot carry `variables`, BrokerWentAway when the
         connection is gone (a resuming client instead sends the RUN once it
-        has reconnected).
+        has reconnected). `cookie` names the job instead of a fresh random one (a
+        UUID, its string or its 16 bytes): for a caller whose own ids map to
+        cookies, so that another connection can ATTACH or a re-sent RUN is
+        known as the same job; a cookie live on the broker is answered
+        COOKIE_COLLISION, and one this client already awaits raises ValueError.
         """
         handle, peer = self._start(
-            pipeline, variables, timeout, priority, max_attempts, detach, on_progress, True
+            pipeline, variables, timeout, priority, max_attempts, detach, on_progress, True, cookie
         )
         if peer is not None and peer.must_drain:
             try:
@@ -525,6 +530,7 @@ class Client:
         detach: bool,
         on_progress: ProgressCallback | None,
         wait_accept: bool,
+        cookie: CookieLike | None = None,
     ) -> tuple[JobHandle, Peer | None]:
         """The part of submit() that does not wait: the job registered and its RUN
         written (to the peer returned, which the caller drains) or, while resuming,
@@ -534,11 +540,14 @@ class Client:
             raise ValueError("pipeline must be a non-empty string")
         if max_attempts is not None and max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-        cookie = _new_cookie()
-        run = p.Run(
-            cookie, pipeline, variables, detach, priority, _timeout_ms(timeout), max_attempts
-        )
-        handle = JobHandle(self, cookie, pipeline, detach, on_progress, run)
+        if cookie is None:
+            raw = _new_cookie()
+        else:
+            raw = cookie_bytes(cookie)
+            if raw in self._jobs:
+                raise ValueError(f"this client already awaits the job {uuid.UUID(bytes=raw)}")
+        run = p.Run(raw, pipeline, variables, detach, priority, _timeout_ms(timeout), max_attempts)
+        handle = JobHandle(self, raw, pipeline, detach, on_progress, run)
         down = peer.closed
         if down and not self._resuming:
             raise BrokerWentAway(f"connection lost: {peer.close_reason}", cookie=handle.cookie)
@@ -549,7 +558,7 @@ class Client:
             handle._accept = self._loop.create_future()
         if waits or not detach:
             # Registered before the write, so no answer can arrive unclaimed.
-            self._jobs[cookie] = handle
+            self._jobs[raw] = handle
         if down:
             return handle, None
         try:
@@ -558,7 +567,7 @@ class Client:
             self._lost_while_sending(handle, peer, exc)
             return handle, None  # resuming: the reader sees the loss and re-sends the RUN
         except BaseException:
-            self._jobs.pop(cookie, None)  # EncodeError: nothing was written
+            self._jobs.pop(raw, None)  # EncodeError: nothing was written
             raise
         return handle, peer
 

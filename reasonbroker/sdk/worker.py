@@ -31,7 +31,15 @@ from .peer import (
     reconnect_delay,
 )
 
-__all__ = ["Handler", "Worker", "current_cookie", "progress", "reconnect_delay"]
+__all__ = [
+    "Handler",
+    "JobContext",
+    "Worker",
+    "current_cookie",
+    "current_job",
+    "progress",
+    "reconnect_delay",
+]
 
 log = library_logger("reasonbroker.worker")
 
@@ -64,6 +72,58 @@ class _Job:
 _current_job: ContextVar[_Job | None] = ContextVar("reasonbroker_current_job", default=None)
 
 
+class JobContext:
+    """The job a handler runs, usable from any task: `current_job()` in the handler.
+
+    For handlers that hand their work to other tasks (a framework's own worker
+    loop, say): the context keeps naming its job after the handler's task
+    context is left behind, so `progress()` from there still reaches the job's
+    client, in the order sent.
+    """
+
+    __slots__ = ("_job",)
+
+    def __init__(self, job: _Job) -> None:
+        self._job = job
+
+    @property
+    def cookie(self) -> uuid.UUID:
+        """The broker's cookie for this attempt (not the client's)."""
+        return uuid.UUID(bytes=self._job.cookie)
+
+    @property
+    def pipeline(self) -> str:
+        return self._job.pipeline
+
+    @property
+    def cancel_requested(self) -> bool:
+        """The broker sent CANCEL for this job (its client cancelled, or its deadline
+        passed), as opposed to the handler being cancelled because the connection
+        is gone or the worker is stopping hard (then the broker re-queues the job)."""
+        return self._job.cancel_requested
+
+    @property
+    def ended(self) -> bool:
+        """The job has been answered, or abandoned with its connection: progress is dropped."""
+        return self._job.answered or self._job.abandoned
+
+    async def progress(self, result: Any) -> None:
+        """Send PROGRESS for this job (see the module function `progress`); a no-op once ended."""
+        job = self._job
+        if job.answered or job.abandoned:
+            return
+        with contextlib.suppress(BrokerConnectionError):  # the handler is about to be cancelled
+            await job.peer.send(p.Progress(job.cookie, result))
+
+
+def current_job() -> JobContext:
+    """The job whose handler calls this, as a `JobContext`; RuntimeError outside a handler."""
+    job = _current_job.get()
+    if job is None:
+        raise RuntimeError("current_job() must be called from inside a worker handler")
+    return JobContext(job)
+
+
 def current_cookie() -> uuid.UUID | None:
     """The cookie of the job whose handler calls this (the broker's cookie for
     this attempt, not the client's), or None outside a handler."""
@@ -80,10 +140,7 @@ async def progress(result: Any) -> None:
     job = _current_job.get()
     if job is None:
         raise RuntimeError("progress() must be called from inside a worker handler")
-    if job.answered or job.abandoned:
-        return
-    with contextlib.suppress(BrokerConnectionError):  # the handler is about to be cancelled
-        await job.peer.send(p.Progress(job.cookie, result))
+    await JobContext(job).progress(result)
 
 
 class Worker:

@@ -1,5 +1,5 @@
 """The command line: flags and their per-mode defaults (--smoke, --quick, the full grid,
---scale, --sdk), then the run: the hidden `--role worker` process (or the --sdk mode's
+--scale, --sdk, --durable), then the run: the hidden `--role worker` process (or the --sdk mode's
 `sdk-client` / `sdk-worker`), or the mode, whose report goes to --json.
 """
 
@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from .common import SYSTEMS, log, run_async
-from .modes import grid, jetstream, scale, sdk
+from .modes import cluster, durable, grid, jetstream, scale, sdk
 from .processes import raise_nofile
 from .worker import worker_main
 
@@ -43,6 +43,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--sdk",
         action="store_true",
         help="the Python SDK (Client/Worker) vs nats-py, instead of the adapters (2 s, 2 repeats)",
+    )
+    p.add_argument(
+        "--durable",
+        action="store_true",
+        help="the SQLite journal (sync full, normal) vs in-memory vs gearmand -q libsqlite3, "
+        "then 100k detached jobs accepted, SIGKILL, restart, drained (K=128 W=4)",
+    )
+    p.add_argument(
+        "--durable-jobs",
+        type=int,
+        help="--durable: detached jobs of the phases (100000; smoke 2000; 0 = none)",
+    )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="reasonbroker cluster nodes (1 and 2) vs the bare JetStream pattern, 1 and 3 servers",
     )
     p.add_argument(
         "--cluster-baseline",
@@ -133,6 +149,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         defaults = dict(
             duration=3.0, repeats=3, inflight=[1, 16, 128], workers=[1, 4], big_payload=65536
         )
+    if args.cluster and not args.quick:
+        defaults.update(inflight=[16] if args.smoke else [128], duration=0.5 if args.smoke else 3.0)
+    if args.durable:
+        defaults.update(inflight=[128], workers=[4])
+        if not args.smoke:
+            defaults.update(duration=2.0, repeats=1 if args.quick else 2)
+        if args.durable_jobs is None:
+            args.durable_jobs = 2000 if args.smoke else 100_000
     if args.scale:
         defaults["duration"] = 2.0
     elif args.sdk and not (args.smoke or args.quick):
@@ -164,8 +188,12 @@ def mode_of(args: argparse.Namespace) -> ModuleType:
         return scale
     if args.sdk:
         return sdk
+    if args.durable:
+        return durable
     if args.cluster_baseline:
         return jetstream
+    if args.cluster:
+        return cluster
     return grid
 
 

@@ -157,7 +157,15 @@ async def wait_listening(proc: asyncio.subprocess.Process, ports: Sequence[int],
             raise RuntimeError(f"{what} is not listening on {HOST}:{port} after 10 s")
 
 
-async def start_broker(system: str, args: argparse.Namespace, tmp: Path) -> Broker:
+async def start_broker(
+    system: str,
+    args: argparse.Namespace,
+    tmp: Path,
+    journal: Path | None = None,
+    sync: str = "full",
+) -> Broker:
+    """`journal`: reasonbroker keeps its SQLite journal there (`sync` full or normal);
+    gearmand keeps its libsqlite3 queue there (persistent background jobs)."""
     client_port = free_port()
     worker_port = client_port
     if system in REASONBROKERS:
@@ -176,7 +184,9 @@ async def start_broker(system: str, args: argparse.Namespace, tmp: Path) -> Brok
             "warning",
             # The in-memory rows: the journal's own rows pass a path (durable mode).
             "--journal",
-            "none",
+            "none" if journal is None else str(journal),
+            "--journal-sync",
+            sync,
         ]
     elif system == GEARMAND:
         cmd = [
@@ -196,6 +206,8 @@ async def start_broker(system: str, args: argparse.Namespace, tmp: Path) -> Brok
             "--pid-file",
             str(tmp / f"gearmand-{client_port}.pid"),
         ]
+        if journal is not None:
+            cmd += ["-q", "libsqlite3", "--libsqlite3-db", str(journal)]
     else:
         cmd = [cast(str, find_binary("nats-server")), "-a", HOST, "-p", str(client_port)]
     log_path = tmp / f"{system}.log"
@@ -253,6 +265,16 @@ class WorkerPool:
             line = await asyncio.wait_for(p.stdout.readline(), 10)
             if line.strip() != b"ok":
                 raise RuntimeError(f"{self.system} worker did not take the depth: {line!r}")
+
+    async def count(self) -> int:
+        """Jobs the workers have answered so far, summed."""
+        total = 0
+        for p in self.procs:
+            assert p.stdin is not None and p.stdout is not None
+            p.stdin.write(b"count\n")
+            await p.stdin.drain()
+            total += int(await asyncio.wait_for(p.stdout.readline(), 10))
+        return total
 
     async def release(self) -> None:
         for p in self.procs:

@@ -82,11 +82,16 @@ def assemble(
 
 
 def mode_name(args: argparse.Namespace) -> str:
-    """scale; smoke, quick or full (the grid); sdk-smoke, sdk-quick or sdk-full (--sdk)."""
+    """scale, cluster-baseline, durable; smoke, quick or full (the grid); sdk-smoke, sdk-quick
+    or sdk-full (--sdk)."""
     if args.scale:
         return "scale"
     if getattr(args, "cluster_baseline", False):
         return "cluster-baseline"
+    if getattr(args, "durable", False):
+        return "durable"
+    if getattr(args, "cluster", False):
+        return "cluster"
     size = "smoke" if args.smoke else ("quick" if args.quick else "full")
     return f"sdk-{size}" if args.sdk else size
 

@@ -1,6 +1,6 @@
 """The echo worker process (`scripts/bench --role worker`, started by
 processes.start_workers): one adapter worker connection, registered, then steered by lines
-on stdin (`release`, `depth N`) until EOF.
+on stdin (`release`, `depth N`, `count`) until EOF.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ async def worker_main(args: argparse.Namespace) -> int:
         words = line.split()
         if words == [b"release"]:
             proto.release()
+        elif words == [b"count"]:  # jobs answered so far (the durable mode's drain)
+            print(proto.jobs, flush=True)
         elif len(words) == 2 and words[0] == b"depth":
             if isinstance(proto, GearmanWorker):
                 proto.set_depth(int(words[1]))

@@ -1,0 +1,1 @@
+"""Examples of reasonbroker with other frameworks (run from the repository root)."""

@@ -1,0 +1,651 @@
+"""The bridge between a node's two brokers and the cluster.
+
+A node is two unchanged brokers (docs/cluster.md, "How a node is built"): the
+client side, whose switchboard hands every accepted job to JetStream
+(store.py) and dispatches it to one worker connection, the bridge's
+**outbound** peer, which serves every pipeline; and the worker side, whose
+switchboard gets its jobs from one client connection, the bridge's
+**inbound** peer, which fetches them from the stream. Both peers speak the
+ordinary protocol over Unix sockets private to the node.
+
+Outbound (client side): a RUN only registers the job (the store published it
+already); its RESULT is relayed when the node's subject brings it (the fast
+path) or, for a job this node adopted for an ATTACH, when the results bucket
+has it. A CANCEL writes CANCELLED to the bucket, first writer wins: if it
+wins the cancel is announced to every node, else the result that won is
+relayed instead, so the client always gets the job's one terminal RESULT.
+
+Inbound (worker side): per pipeline that local workers serve, one fetch loop
+takes `min(free slots, 128)` jobs from the pipeline's durable consumer and
+submits each as a RUN (the remaining deadline as its timeout). A job's
+STARTED and PROGRESS go to its node's subject as they come. Its RESULT is
+created in the results bucket (first writer wins: a job delivered twice,
+after a node died or `ack_wait` passed, ends once; the loser's result is
+dropped), sent to its node, and only then acked. A job the worker side
+cannot run (no worker left, or the node is stopping) is nak'ed, so another
+node takes it at once. Running jobs are kept from redelivery by an
+`in_progress` every `ack_wait`/3. A job that several nodes' deaths caught
+running (JetStream's delivery count above `max_attempts_limit` + 1) ends
+BROKER_WENT_AWAY, as on one node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import structlog
+
+from ..core import protocol as p
+from ..core.limits import Limits
+from ..daemon.broker import Broker
+from ..sdk.errors import BrokerConnectionError
+from ..sdk.peer import Peer
+from .wire import (
+    EVENT_PROGRESS,
+    EVENT_RESULT,
+    EVENT_STARTED,
+    JobMessage,
+    Names,
+    Outcome,
+    decode_progress,
+    key,
+    pack_value,
+    progress_event,
+)
+
+_log = structlog.get_logger("reasonbroker.cluster")
+
+FETCH_MAX: Final = 128  # jobs per fetch request
+FETCH_WAIT_S: Final = 1.0  # a fetch that finds nothing waits this long for a job
+# After a job came: how long the no-wait fetch of the rest may take to answer (what
+# comes later stays in the subscription's queue, where the next fetch takes it first).
+FETCH_MORE_WAIT_S: Final = 0.05
+SUPERVISE_S: Final = 0.2  # how often the local workers' pipelines and slots are read
+PIPELINES_POLL_S: Final = 2.0  # how often the cluster's known pipelines are read
+OUTBOUND_CAPACITY: Final = 65_536  # the outbound peer's slots: the broker's clamp
+CANCELLED_REMEMBERED: Final = 100_000
+EARLY_REMEMBERED: Final = 10_000
+# What the inbound peer asks of the worker side: its jobs' STARTED and PROGRESS,
+# and their priority, deadline and attempts honoured.
+INBOUND_FEATURES: Final = ("started", "progress", "priority", "timeout", "attempts")
+
+
+@dataclass(slots=True)
+class _Running:
+    job: JobMessage
+    msg: Any  # the nats Msg, acked once the job's end is in the bucket
+    started: float
+    last_tick: float
+
+
+@dataclass(slots=True)
+class _Stats:
+    fetched: int = 0
+    duplicates_dropped: int = 0
+    redelivered: int = 0
+    nacked: int = 0
+    relayed: int = 0
+    went_away: int = 0
+    cancels_seen: int = 0
+    by_pipeline: dict[str, int] = field(default_factory=dict)
+
+
+class Bridge:
+    def __init__(
+        self,
+        nc: Any,
+        js: Any,
+        results: Any,
+        pipelines_kv: Any,
+        names: Names,
+        node: str,
+        limits: Limits,
+        ack_wait_s: float,
+    ) -> None:
+        self.nc = nc
+        self.js = js
+        self.results = results
+        self.pipelines_kv = pipelines_kv
+        self.names = names
+        self.node = node
+        self.limits = limits
+        self.ack_wait_s = ack_wait_s
+        self.settled: set[bytes] = set()  # read by the store: ends that came from the cluster
+        self.stats = _Stats()
+        self._out: Peer | None = None
+        self._in: Peer | None = None
+        self._worker_side: Broker | None = None
+        # Jobs the client side dispatched to the outbound peer: job cookie -> the cookie
+        # of its RUN there (the switchboard gives each attempt a worker cookie), and back.
+        self._mine: dict[bytes, bytes] = {}
+        self._job_of: dict[bytes, bytes] = {}
+        self._client_side: Broker | None = None
+        self._watching: dict[bytes, asyncio.Task[None]] = {}  # adopted jobs: bucket watched
+        self._early: OrderedDict[bytes, Outcome] = OrderedDict()  # results before their RUN
+        self._running: dict[bytes, _Running] = {}
+        self._by_pipeline: dict[str, int] = {}  # inbound jobs running per pipeline
+        self._capacity: dict[str, int] = {}  # local workers' slots per pipeline
+        self._cancelled: set[bytes] = set()
+        self._cancel_order: deque[bytes] = deque()
+        self._known: set[str] = set()  # pipelines the cluster has seen
+        self._fetchers: dict[str, asyncio.Task[None]] = {}
+        self._subs: dict[str, Any] = {}
+        self._freed = asyncio.Event()
+        self._refresh = asyncio.Event()  # read the cluster's pipelines now
+        self._every: set[int] = set()  # worker-side connections serving every pipeline
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._nats_subs: list[Any] = []
+        self._stopping = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(
+        self,
+        client_side_url: str,
+        worker_side_url: str,
+        client_side: Broker,
+        worker_side: Broker,
+    ) -> None:
+        self._client_side = client_side
+        self._worker_side = worker_side
+        self._nats_subs.append(await self.nc.subscribe(self.names.node(self.node), cb=self._event))
+        self._nats_subs.append(await self.nc.subscribe(self.names.cancel, cb=self._cancel_seen))
+        log = _log.bind(node=self.node)
+        self._out = await Peer.connect(
+            client_side_url,
+            p.Hello(role=p.Role.WORKER, name=f"cluster-{self.node}"),
+            log=log.bind(side="outbound"),
+        )
+        self._out.send_nowait(p.Register(capacity=OUTBOUND_CAPACITY))
+        self._in = await Peer.connect(
+            worker_side_url,
+            p.Hello(role=p.Role.CLIENT, name=f"cluster-{self.node}", features=INBOUND_FEATURES),
+            log=log.bind(side="inbound"),
+        )
+        self._loops = [
+            asyncio.create_task(self._outbound(self._out), name="cluster outbound"),
+            asyncio.create_task(self._inbound(self._in), name="cluster inbound"),
+            asyncio.create_task(self._supervise(), name="cluster supervisor"),
+            asyncio.create_task(self._keep_alive(), name="cluster in_progress"),
+            asyncio.create_task(self._watch_pipelines(), name="cluster pipelines"),
+        ]
+
+    def stop_fetching(self) -> None:
+        """The node is stopping: take no more jobs (the worker side drains what it has).
+
+        A fetch loop is never cancelled in the middle of a fetch: the server would
+        still deliver into that pull request, and the jobs would sit un-acked until
+        ack_wait. Each loop ends after its current fetch (at most FETCH_WAIT_S), and
+        gives back at once (nak) what that fetch brought."""
+        self._stopping = True
+
+    async def close(self) -> None:
+        self.stop_fetching()
+        if self._fetchers:
+            await asyncio.wait(list(self._fetchers.values()), timeout=FETCH_WAIT_S + 5)
+        # Jobs fetched and not finished: give them back at once rather than after ack_wait.
+        for running in list(self._running.values()):
+            with contextlib.suppress(Exception):
+                await running.msg.nak()
+        self._running.clear()
+        for task in [*self._loops, *self._fetchers.values(), *self._watching.values()]:
+            task.cancel()
+        for sub in [*self._nats_subs, *self._subs.values()]:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        for peer in (self._out, self._in):
+            if peer is not None:
+                await peer.aclose("the node is stopping")
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- called by the store ---------------------------------------------------------
+
+    def publish_cancel(self, cookie: bytes) -> None:
+        self._spawn(self._publish(self.names.cancel, cookie))
+
+    def new_pipeline(self, pipeline: str) -> None:
+        self._known.add(pipeline)
+        self._spawn(self._register_pipeline(pipeline))
+
+    async def _register_pipeline(self, pipeline: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.pipelines_kv.put(self.names.token(pipeline), pipeline.encode())
+
+    async def _publish(self, subject: str, data: bytes) -> None:
+        with contextlib.suppress(Exception):  # core NATS: best effort, the bucket is the truth
+            await self.nc.publish(subject, data)
+
+    # -- outbound: the client side's worker ------------------------------------------
+
+    async def _outbound(self, peer: Peer) -> None:
+        try:
+            async for packet in peer.packets():
+                match packet:
+                    case p.Run(cookie=wcookie):
+                        cookie = self._job_cookie(wcookie)
+                        if cookie is None:
+                            continue  # cancelled or timed out in the same turn
+                        self._mine[cookie] = wcookie
+                        self._job_of[wcookie] = cookie
+                        early = self._early.pop(cookie, None)
+                        if early is not None:
+                            self._relay(early)
+                    case p.Cancel(cookie=wcookie):
+                        cookie = self._job_of.get(wcookie)
+                        if cookie is not None:
+                            self._spawn(self._cancel(cookie))
+                    case _:
+                        pass
+        finally:
+            if not self._stopping:
+                _log.error("cluster_outbound_lost", why=peer.close_reason)
+
+    def _job_cookie(self, wcookie: bytes) -> bytes | None:
+        broker = self._client_side
+        if broker is None:
+            return None
+        board = broker.board
+        for conn in board.workers():  # the outbound peer is the client side's one worker
+            cookie = board.job_cookie(conn, wcookie)
+            if cookie is not None:
+                return cookie
+        return None
+
+    def _relay(self, outcome: Outcome) -> None:
+        cookie = outcome.cookie
+        wcookie = self._mine.pop(cookie, None)
+        if wcookie is None or self._out is None:
+            return
+        self._job_of.pop(wcookie, None)
+        watch = self._watching.pop(cookie, None)
+        if watch is not None:
+            watch.cancel()
+        self.settled.add(cookie)
+        self.stats.relayed += 1
+        result = None if outcome.result is None else p.Raw(outcome.result)
+        rc = _result_code(outcome.rc)
+        with contextlib.suppress(BrokerConnectionError):
+            self._out.send_nowait(p.Result(wcookie, rc, outcome.error, outcome.stacktrace, result))
+
+    async def _event(self, msg: Any) -> None:
+        """A message on this node's subject: a job of ours started, progressed or ended."""
+        data: bytes = msg.data
+        kind, body = data[:1], data[1:]
+        try:
+            if kind == EVENT_RESULT:
+                outcome = Outcome.decode(body)
+                if outcome.cookie in self._mine:
+                    self._relay(outcome)
+                else:  # its RUN has not reached us yet
+                    self._early[outcome.cookie] = outcome
+                    while len(self._early) > EARLY_REMEMBERED:
+                        self._early.popitem(last=False)
+            elif kind == EVENT_STARTED and self._out is not None and body in self._mine:
+                self._out.send_nowait(p.Started(self._mine[body]))
+            elif kind == EVENT_PROGRESS and self._out is not None:
+                cookie, value = decode_progress(body)
+                if cookie in self._mine:
+                    raw = None if value is None else p.Raw(value)
+                    self._out.send_nowait(p.Progress(self._mine[cookie], raw))
+        except BrokerConnectionError:
+            pass
+        except Exception:
+            _log.exception("cluster_event_unreadable", size=len(data))
+
+    async def _cancel(self, cookie: bytes) -> None:
+        """The client side cancels a job (its client asked, or its deadline passed)."""
+        import nats.js.errors
+
+        outcome = Outcome(
+            cookie, "CANCELLED", "cancelled by its client", None, None, self.node, 0, time.time()
+        )
+        for attempt in range(5):
+            try:
+                await self.results.create(key(cookie), outcome.encode(), validate_keys=False)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                entry = await self.results.get(key(cookie), validate_keys=False)
+                self._relay(Outcome.decode(entry.value))
+                return
+            except Exception as exc:
+                _log.warning("cluster_cancel_retry", error=str(exc), attempt=attempt)
+                await asyncio.sleep(0.1 * 2**attempt)
+                continue
+            await self._publish(self.names.cancel, cookie)
+            self._relay(outcome)
+            return
+
+    # -- inbound: the worker side's client --------------------------------------------
+
+    async def _inbound(self, peer: Peer) -> None:
+        try:
+            async for packet in peer.packets():
+                match packet:
+                    case p.Result(cookie=cookie) if cookie is not None:
+                        running = self._running.pop(cookie, None)
+                        if running is not None:
+                            self._release(running.job.pipeline)
+                            self._spawn(self._finish(running, packet))
+                    case p.Started(cookie=cookie):
+                        running = self._running.get(cookie)
+                        if running is not None:
+                            subject = self.names.node(running.job.origin)
+                            self._spawn(self._publish(subject, EVENT_STARTED + cookie))
+                    case p.Progress(cookie=cookie, result=value):
+                        running = self._running.get(cookie)
+                        if running is not None:
+                            subject = self.names.node(running.job.origin)
+                            event = progress_event(cookie, _packed(value))
+                            self._spawn(self._publish(subject, event))
+                    case _:
+                        pass
+        finally:
+            if not self._stopping:
+                _log.error("cluster_inbound_lost", why=peer.close_reason)
+
+    def _release(self, pipeline: str) -> None:
+        self._by_pipeline[pipeline] = self._by_pipeline.get(pipeline, 1) - 1
+        self._freed.set()
+
+    async def _finish(self, running: _Running, result: p.Result) -> None:
+
+        rc = result.rc
+        msg = running.msg
+        cookie = result.cookie
+        assert cookie is not None
+        if rc in (p.ResultCode.NO_CAPACITY, p.ResultCode.BROKER_WENT_AWAY):
+            # This node cannot run it (its worker left, or it is stopping): another will.
+            self.stats.nacked += 1
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            return
+        if rc is p.ResultCode.CANCELLED and cookie in self._cancelled:
+            with contextlib.suppress(Exception):
+                await msg.ack()  # its node wrote the end when it cancelled
+            return
+        outcome = Outcome(
+            cookie,
+            rc.value,
+            result.error,
+            result.stacktrace,
+            _packed(result.result),
+            self.node,
+            1,
+            time.time(),
+        )
+        await self._write(running, outcome, msg)
+
+    async def _write(self, running: _Running, outcome: Outcome, msg: Any) -> None:
+        """Create the job's result in the bucket (first writer wins), tell its node, ack."""
+        from nats.js.errors import KeyWrongLastSequenceError as exists
+
+        for attempt in range(8):
+            try:
+                await self.results.create(
+                    key(outcome.cookie), outcome.encode(), validate_keys=False
+                )
+            except exists:
+                self.stats.duplicates_dropped += 1  # its one result was written first: drop ours
+                break
+            except Exception as exc:
+                if attempt == 7:
+                    # Not acked: JetStream gives the job to a node again after ack_wait.
+                    _log.error(
+                        "cluster_result_unwritten", error=str(exc), cookie=key(outcome.cookie)
+                    )
+                    return
+                await asyncio.sleep(0.05 * 2**attempt)
+                continue
+            event = EVENT_RESULT + outcome.encode()
+            await self._publish(self.names.node(running.job.origin), event)
+            break
+        with contextlib.suppress(Exception):
+            await msg.ack()
+
+    async def _cancel_seen(self, msg: Any) -> None:
+        cookie: bytes = msg.data
+        self.stats.cancels_seen += 1
+        if cookie not in self._cancelled:
+            self._cancelled.add(cookie)
+            self._cancel_order.append(cookie)
+            while len(self._cancel_order) > CANCELLED_REMEMBERED:
+                self._cancelled.discard(self._cancel_order.popleft())
+        if cookie in self._running and self._in is not None:
+            with contextlib.suppress(BrokerConnectionError):
+                self._in.send_nowait(p.Cancel(cookie))
+
+    # -- fetching --------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        """Start a fetch loop per pipeline the local workers serve, stop the others."""
+        while True:
+            self._capacity = self._local_capacity()
+            if not self._stopping:
+                for pipeline, slots in self._capacity.items():
+                    if slots > 0 and pipeline not in self._fetchers:
+                        self._fetchers[pipeline] = asyncio.create_task(
+                            self._fetch_loop(pipeline), name=f"cluster fetch {pipeline}"
+                        )
+            for pipeline, task in list(self._fetchers.items()):
+                if task.done():  # it saw its pipeline lose its last local worker, or the stop
+                    del self._fetchers[pipeline]
+            self._freed.set()  # capacity may have grown
+            await asyncio.sleep(SUPERVISE_S)
+
+    def _local_capacity(self) -> dict[str, int]:
+        """Slots of the worker side's workers, per pipeline (every known one for a worker
+        that serves every pipeline)."""
+        broker = self._worker_side
+        if broker is None:
+            return {}
+        board = broker.board
+        capacity: dict[str, int] = {}
+        every: set[int] = set()
+        for conn in board.workers():
+            slots, _ = board.slots(conn)
+            served = board.served_pipelines(conn)
+            if served is None:
+                every.add(conn)
+            for pipeline in self._known if served is None else served:
+                capacity[pipeline] = capacity.get(pipeline, 0) + slots
+        if not every <= self._every:
+            self._refresh.set()  # a new worker for every pipeline: learn them all now
+        self._every = every
+        return capacity
+
+    async def _watch_pipelines(self) -> None:
+        import nats.js.errors
+
+        while True:
+            try:
+                names = await self.pipelines_kv.keys()
+            except nats.js.errors.NoKeysError:
+                names = []
+            except Exception as exc:
+                _log.debug("cluster_pipelines_unread", error=str(exc))
+                names = []
+            for token in names:
+                if token not in self._known_tokens():
+                    with contextlib.suppress(Exception):
+                        entry = await self.pipelines_kv.get(token)
+                        self._known.add(entry.value.decode())
+            self._refresh.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PIPELINES_POLL_S):
+                    await self._refresh.wait()
+
+    def _known_tokens(self) -> set[str]:
+        return {self.names.token(name) for name in self._known}
+
+    async def _subscription(self, pipeline: str) -> Any:
+        sub = self._subs.get(pipeline)
+        if sub is None:
+            from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+            durable = self.names.consumer(pipeline)
+            await self.js.add_consumer(
+                self.names.stream,
+                ConsumerConfig(
+                    durable_name=durable,
+                    filter_subject=self.names.jobs(pipeline),
+                    ack_policy=AckPolicy.EXPLICIT,
+                    deliver_policy=DeliverPolicy.ALL,
+                    ack_wait=self.ack_wait_s,
+                    max_ack_pending=-1,
+                    max_deliver=-1,
+                ),
+            )
+            sub = await self.js.pull_subscribe_bind(durable=durable, stream=self.names.stream)
+            self._subs[pipeline] = sub
+        return sub
+
+    async def _fetch_loop(self, pipeline: str) -> None:
+        import nats.errors
+        import nats.js.errors
+
+        delay = 0.1
+        while not self._stopping and pipeline in self._capacity:
+            free = self._capacity.get(pipeline, 0) - self._by_pipeline.get(pipeline, 0)
+            if free <= 0:
+                self._freed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(SUPERVISE_S):
+                        await self._freed.wait()
+                continue
+            try:
+                sub = await self._subscription(pipeline)
+                # One job, waiting for it up to FETCH_WAIT_S; then what else is there
+                # now, up to the free slots, without waiting. (nats-py's fetch of a
+                # batch that long-polls returns only when the batch is full or its
+                # time is up: a job would sit in it, un-run, for up to that long.)
+                msgs = await sub.fetch(batch=1, timeout=FETCH_WAIT_S)
+                if free > 1:
+                    with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
+                        more = min(free - 1, FETCH_MAX)
+                        msgs += await sub.fetch(batch=more, timeout=FETCH_MORE_WAIT_S)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue  # nothing to run (nats-py raises either kind)
+            except asyncio.CancelledError:
+                raise
+            except (nats.js.errors.ServiceUnavailableError, nats.errors.Error, Exception) as exc:
+                _log.warning("cluster_fetch_failed", pipeline=pipeline, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.1
+            for msg in msgs:
+                if self._stopping or pipeline not in self._capacity:
+                    self.stats.nacked += 1
+                    self._spawn(_quiet(msg.nak()))  # came in as we stopped: another node's now
+                else:
+                    self._take(pipeline, msg)
+
+    def _take(self, pipeline: str, msg: Any) -> None:
+        try:
+            job = JobMessage.decode(msg.data)
+        except Exception:
+            _log.error("cluster_job_unreadable", pipeline=pipeline, size=len(msg.data))
+            self._spawn(msg.term())
+            return
+        self.stats.fetched += 1
+        cookie = job.cookie
+        delivered = msg.metadata.num_delivered
+        if delivered > 1:
+            self.stats.redelivered += 1
+        if cookie in self._running:
+            self._running[cookie].msg = msg  # delivered again while it runs here: keep one
+            return
+        if cookie in self._cancelled or self._in is None:
+            self._spawn(msg.ack())
+            return
+        now = time.time()
+        loop_now = asyncio.get_running_loop().time()
+        running = _Running(job, msg, loop_now, loop_now)
+        if job.deadline is not None and job.deadline <= now:
+            # Its node has timed it out (and written that end) unless that node is gone:
+            # write TIMEOUT, first writer wins, so the job ends even then.
+            why = f"timed out after {job.timeout_ms} ms (before a node could run it)"
+            late = Outcome(cookie, "TIMEOUT", why, None, None, self.node, 0, now)
+            self._spawn(self._write_gone(running, late))
+            return
+        crashes = delivered - 1
+        if crashes > self.limits.max_attempts_limit:
+            self.stats.went_away += 1
+            why = (
+                f"nodes stopped {crashes} times while this job ran "
+                f"(max_attempts_limit {self.limits.max_attempts_limit})"
+            )
+            gone = Outcome(cookie, "BROKER_WENT_AWAY", why, None, None, self.node, 0, now)
+            self._spawn(self._write_gone(running, gone))
+            return
+        timeout_ms = None
+        if job.deadline is not None:
+            timeout_ms = max(1, int((job.deadline - now) * 1000))
+        variables = None if job.variables is None else p.Raw(job.variables)
+        run = p.Run(cookie, pipeline, variables, False, job.priority, timeout_ms, job.max_attempts)
+        self._running[cookie] = running
+        self._by_pipeline[pipeline] = self._by_pipeline.get(pipeline, 0) + 1
+        self.stats.by_pipeline[pipeline] = self.stats.by_pipeline.get(pipeline, 0) + 1
+        try:
+            self._in.send_nowait(run)
+        except BrokerConnectionError:
+            self._running.pop(cookie, None)
+            self._release(pipeline)
+            self._spawn(msg.nak())
+
+    async def _write_gone(self, running: _Running, outcome: Outcome) -> None:
+        await self._write(running, outcome, running.msg)
+
+    async def _keep_alive(self) -> None:
+        """`in_progress` for every job running here longer than ack_wait/3, that often."""
+        every = self.ack_wait_s / 3
+        while True:
+            await asyncio.sleep(min(every, 1.0))
+            now = asyncio.get_running_loop().time()
+            for running in list(self._running.values()):
+                if now - running.last_tick >= every:
+                    running.last_tick = now
+                    self._spawn(_quiet(running.msg.in_progress()))
+
+    # -- ATTACH on a node that did not accept the job ----------------------------------
+
+    async def lookup(self, cookie: bytes) -> Outcome | None:
+        """The job's result in the bucket, or None (running, queued or unknown)."""
+        import nats.js.errors
+
+        try:
+            entry = await self.results.get(key(cookie), validate_keys=False)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        return Outcome.decode(entry.value)
+
+
+async def _quiet(coro: Any) -> None:
+    with contextlib.suppress(Exception):
+        await coro
+
+
+def _packed(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, p.Raw):
+        return value.data
+    return pack_value(value)
+
+
+def _result_code(value: str) -> p.ResultCode:
+    try:
+        return p.ResultCode(value)
+    except ValueError:
+        return p.ResultCode.BROKER_WENT_AWAY

@@ -1,0 +1,1 @@
+"""Optional integrations of reasonbroker with other frameworks; each behind its own extra."""

@@ -1,0 +1,6 @@
+"""Chaos modes that need more than scripts/chaos's in-process broker.
+
+crash.py: `scripts/chaos --crash` SIGKILLs a `reasonbroker serve` process with
+a journal, several times, under load from resuming SDK clients and workers,
+and checks that every ACCEPTED job ended exactly once (docs/durability.md).
+"""

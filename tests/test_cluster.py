@@ -1,0 +1,331 @@
+"""Cluster mode (docs/cluster.md): nodes that act as one over a real NATS JetStream.
+
+Each test starts real nats-server processes on loopback (tests/natscluster.py)
+and two or three reasonbroker nodes in this process (ClusterNode, the same
+object `reasonbroker serve --cluster` runs), with SDK clients and workers on
+different nodes. Skipped, saying why, without nats-py or a nats-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("nats", reason="nats-py is not installed: pip install -e '.[cluster]'")
+
+import nats
+
+from reasonbroker.cluster.node import ClusterError, ClusterNode
+from reasonbroker.cluster.wire import JobMessage, Names, key
+from reasonbroker.core.limits import Limits, ListenerRole
+from reasonbroker.daemon.config import ClusterConfig, Config, ListenerConfig
+from reasonbroker.sdk.client import Client
+from reasonbroker.sdk.errors import BrokerConnectionError, JobError
+from reasonbroker.sdk.worker import Worker, progress
+from tests.natscluster import NatsCluster, nats_cluster, nats_server
+
+__all__ = ["nats_cluster", "nats_server"]  # the fixtures, imported to be found by pytest
+
+WAIT_S = 30.0
+
+
+def _config(servers: list[str], node: str, tmp: Path, **cluster: Any) -> Config:
+    return Config(
+        listeners=(
+            ListenerConfig(f"unix://{tmp / f'{node}-clients.sock'}", ListenerRole.CLIENTS),
+            ListenerConfig(f"unix://{tmp / f'{node}-workers.sock'}", ListenerRole.WORKERS),
+        ),
+        limits=Limits(heartbeat_ms=2000),
+        cluster=ClusterConfig(servers=tuple(servers), node=node, **cluster),
+    )
+
+
+@contextlib.asynccontextmanager
+async def _nodes(
+    nats_urls: list[str], tmp: Path, names: tuple[str, ...] = ("a", "b"), **cluster: Any
+) -> AsyncIterator[dict[str, ClusterNode]]:
+    nodes: dict[str, ClusterNode] = {}
+    serving: list[asyncio.Task[None]] = []
+    try:
+        for name in names:
+            node = ClusterNode(_config(nats_urls, name, tmp, **cluster))
+            await node.__aenter__()
+            nodes[name] = node
+            serving.append(asyncio.create_task(node.serve()))
+        yield nodes
+    finally:
+        for node in nodes.values():
+            node.shutdown(force=True)
+        for task in serving:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 20)
+        for node in nodes.values():
+            await node.__aexit__(None, None, None)
+
+
+async def _until(cond: Any) -> None:
+    """Poll `cond` (counters of other tasks, with no event to wait on) up to WAIT_S."""
+    async with asyncio.timeout(WAIT_S):
+        while not cond():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+async def echo(variables: Any) -> Any:
+    return {"echo": variables}
+
+
+async def test_a_job_accepted_on_one_node_runs_on_a_worker_of_another(
+    nats_server: NatsCluster, tmp_path: Path
+) -> None:
+    async with _nodes(nats_server.urls, tmp_path) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        events: list[Any] = []
+
+        async def steps(variables: Any) -> Any:
+            await progress({"step": 1})
+            await progress({"step": 2})
+            return variables * 2
+
+        async with (
+            Worker(b.address("worker"), handlers={"double": steps, "echo": echo}, capacity=4),
+            Client(a.address("client")) as client,
+        ):
+            handle = await client.submit("double", 21, on_progress=events.append)
+            assert handle.accepted  # after JetStream acknowledged the job
+            assert await asyncio.wait_for(handle, WAIT_S) == 42
+            assert events == [{"step": 1}, {"step": 2}]  # in order, before the RESULT
+            results = await asyncio.gather(
+                *(client.run("echo", i, timeout=WAIT_S) for i in range(50))
+            )
+            assert results == [{"echo": i} for i in range(50)]
+        assert b.bridge is not None and b.bridge.stats.fetched == 51
+        assert a.bridge is not None and a.bridge.stats.fetched == 0  # a has no workers
+
+
+async def test_a_cancel_reaches_the_worker_on_another_node(
+    nats_server: NatsCluster, tmp_path: Path
+) -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def forever(variables: Any) -> Any:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async with _nodes(nats_server.urls, tmp_path) as nodes:
+        async with (
+            Worker(nodes["b"].address("worker"), handlers={"slow": forever}),
+            Client(nodes["a"].address("client")) as client,
+        ):
+            handle = await client.submit("slow", None)
+            await asyncio.wait_for(started.wait(), WAIT_S)
+            await handle.cancel()
+            with pytest.raises(JobError) as caught:
+                await asyncio.wait_for(handle, WAIT_S)
+            assert caught.value.rc.value == "CANCELLED"
+            await asyncio.wait_for(cancelled.wait(), WAIT_S)  # the worker's task, on node b
+
+
+async def test_a_deadline_counts_queue_time_with_no_worker_anywhere(
+    nats_server: NatsCluster, tmp_path: Path
+) -> None:
+    async with _nodes(nats_server.urls, tmp_path) as nodes:
+        async with Client(nodes["a"].address("client")) as client:
+            handle = await client.submit("nobody-serves-this", None, timeout=0.3)
+            assert handle.accepted  # a cluster job waits for a worker: no NO_CAPACITY
+            with pytest.raises(JobError) as caught:
+                await asyncio.wait_for(handle, WAIT_S)
+            assert caught.value.rc.value == "TIMEOUT"
+        # The end is in the results bucket, so a node that fetches the job later drops it.
+        nc = await nats.connect(servers=nats_server.urls)
+        try:
+            kv = await nc.jetstream().key_value(Names("rb").results)
+            entry = await kv.get(key(handle.cookie.bytes), validate_keys=False)
+            assert entry.value is not None and b"TIMEOUT" in entry.value
+        finally:
+            await nc.close()
+
+
+async def test_a_detached_job_is_collected_by_attach_after_it_ran_elsewhere(
+    nats_server: NatsCluster, tmp_path: Path
+) -> None:
+    async with _nodes(nats_server.urls, tmp_path) as nodes:
+        async with Worker(nodes["b"].address("worker"), handlers={"echo": echo}):
+            async with Client(nodes["a"].address("client")) as client:
+                handle = await client.submit("echo", "later", detach=True)
+                assert handle.accepted
+                cookie = handle.cookie
+            async with Client(nodes["a"].address("client")) as other:
+                attached = await other.attach(cookie)
+                assert await asyncio.wait_for(attached, WAIT_S) == {"echo": "later"}
+
+
+async def test_a_job_delivered_twice_ends_once_and_the_duplicate_is_dropped(
+    nats_server: NatsCluster, tmp_path: Path
+) -> None:
+    """Two nodes with workers both get the same job (published twice under two message
+    ids, as a redelivery after a node's death would): the first result written to the
+    bucket is the one its client gets, the other node's is dropped."""
+    runs: list[str] = []
+
+    def worker_on(node: str) -> Any:
+        async def handler(variables: Any) -> Any:
+            runs.append(node)
+            return node
+
+        return handler
+
+    async with _nodes(nats_server.urls, tmp_path, names=("a", "b", "c")) as nodes:
+        async with (
+            Worker(nodes["b"].address("worker"), handlers={"twice": worker_on("b")}),
+            Worker(nodes["c"].address("worker"), handlers={"twice": worker_on("c")}),
+            Client(nodes["a"].address("client")) as client,
+        ):
+            handle = await client.submit("twice", None, timeout=WAIT_S)
+            # The same job again, as JetStream would redeliver it.
+            message = JobMessage(handle.cookie.bytes, "twice", None, 0, None, None, 1, "a", 0.0)
+            nc = await nats.connect(servers=nats_server.urls)
+            try:
+                js = nc.jetstream()
+                names = Names("rb")
+                await js.publish(
+                    names.jobs("twice"), message.encode(), headers={"Nats-Msg-Id": "again"}
+                )
+                winner = await asyncio.wait_for(handle, WAIT_S)
+                assert winner in ("b", "c")
+                await _until(lambda: len(runs) == 2)
+            finally:
+                await nc.close()
+            bridges = [nodes[n].bridge for n in ("b", "c")]
+            await _until(lambda: sum(b.stats.duplicates_dropped for b in bridges if b) == 1)
+            # Nothing else reached the client: a later job's answer is its own.
+            assert await client.run("twice", None, timeout=WAIT_S) in ("b", "c")
+
+
+async def test_jobs_survive_losing_a_nats_server_of_three(
+    nats_cluster: NatsCluster, tmp_path: Path
+) -> None:
+    async with _nodes(nats_cluster.urls, tmp_path, replicas=3) as nodes:
+        async with (
+            Worker(nodes["b"].address("worker"), handlers={"echo": echo}, capacity=8),
+            Client(nodes["a"].address("client")) as client,
+        ):
+            first = await asyncio.gather(*(client.run("echo", i, timeout=60) for i in range(20)))
+            nats_cluster.kill(0)
+            second = await asyncio.gather(
+                *(client.run("echo", i, timeout=60) for i in range(20, 40))
+            )
+        lost = 40 - len(first) - len(second)
+        print(f"cluster: 40 jobs, one nats-server of 3 SIGKILLed midway: {lost} lost")
+        assert first + second == [{"echo": i} for i in range(40)]
+
+
+async def test_a_stream_with_other_settings_is_reported_not_changed(
+    nats_server: NatsCluster, tmp_path: Path
+) -> None:
+    nc = await nats.connect(servers=nats_server.urls)
+    try:
+        await nc.jetstream().add_stream(name="RB_JOBS", subjects=["something.else.>"])
+    finally:
+        await nc.close()
+    with pytest.raises(ClusterError, match="RB_JOBS exists with other settings"):
+        async with ClusterNode(_config(nats_server.urls, "a", tmp_path)):
+            pass
+
+
+def test_serve_exits_2_naming_the_nats_it_cannot_reach(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REASONBROKER_")}
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "reasonbroker", "serve",
+            "--client", f"unix://{tmp_path / 'c.sock'}",
+            "--worker", f"unix://{tmp_path / 'w.sock'}",
+            "--cluster", "nats://127.0.0.1:9", "--node", "a",
+        ],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot reach NATS at nats://127.0.0.1:9" in proc.stderr
+
+
+def test_without_cluster_nothing_of_nats_is_imported() -> None:
+    code = (
+        "import sys, reasonbroker.cli, reasonbroker.daemon.broker; "
+        "sys.exit(1 if 'nats' in sys.modules or 'reasonbroker.cluster' in sys.modules else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_a_both_listener_is_refused_in_cluster_mode(tmp_path: Path) -> None:
+    config = dataclasses.replace(
+        _config(["nats://127.0.0.1:4222"], "a", tmp_path),
+        listeners=(ListenerConfig(f"unix://{tmp_path / 'b.sock'}", ListenerRole.BOTH),),
+    )
+    with pytest.raises(ClusterError, match="both listener"):
+        ClusterNode(config)
+
+
+async def test_a_node_sigkilled_mid_job_loses_nothing_another_node_runs_it(
+    nats_server: NatsCluster, tmp_path: Path
+) -> None:
+    """Node b is a `reasonbroker serve --cluster` process whose worker is running a job
+    when b is SIGKILLed; JetStream gives the job to node c after ack_wait (2 s here), and
+    the client on node a gets its one RESULT."""
+    worker_sock = tmp_path / "b-workers.sock"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REASONBROKER_")}
+    env["REASONBROKER_CLUSTER_ACK_WAIT_S"] = "2"
+    b = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "reasonbroker", "serve",
+        "--client", f"unix://{tmp_path / 'b-clients.sock'}",
+        "--worker", f"unix://{worker_sock}",
+        "--cluster", ",".join(nats_server.urls), "--node", "b", "--log-format", "json",
+        stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert b.stderr is not None
+    try:
+        async with asyncio.timeout(WAIT_S):
+            while b"cluster_joined" not in await b.stderr.readline():
+                pass
+        started_on_b = asyncio.Event()
+
+        async def stuck(variables: Any) -> Any:
+            started_on_b.set()
+            await asyncio.sleep(3600)  # until its node dies
+
+        async def quick(variables: Any) -> Any:
+            return f"done on c: {variables}"
+
+        async with _nodes(nats_server.urls, tmp_path, names=("a",), ack_wait_s=2) as nodes:
+            on_b = Worker(f"unix://{worker_sock}", handlers={"job": stuck}, reconnect=False)
+            serving_b = asyncio.create_task(on_b.run())
+            async with Client(nodes["a"].address("client")) as client:
+                handle = await client.submit("job", 7, timeout=60)
+                await asyncio.wait_for(started_on_b.wait(), WAIT_S)
+                b.kill()
+                await b.wait()
+                with pytest.raises(BrokerConnectionError):  # its node is gone
+                    await asyncio.wait_for(serving_b, WAIT_S)
+                async with _nodes(nats_server.urls, tmp_path, names=("c",), ack_wait_s=2) as c:
+                    async with Worker(c["c"].address("worker"), handlers={"job": quick}):
+                        result = await asyncio.wait_for(handle, WAIT_S)
+                        stats = c["c"].bridge.stats if c["c"].bridge else None
+        lost = 0 if result == "done on c: 7" else 1
+        print(f"cluster: node b SIGKILLed with a job running: {lost} lost, re-run on node c")
+        assert result == "done on c: 7"
+        assert stats is not None and stats.redelivered == 1
+    finally:
+        if b.returncode is None:
+            b.kill()
+            await b.wait()
