@@ -22,6 +22,7 @@ import msgpack
 import pytest
 
 from reasonbroker.core.protocol import (
+    Accepted,
     Cancel,
     Hello,
     Packet,
@@ -38,6 +39,7 @@ from reasonbroker.core.protocol import (
     encode,
     new_cookie,
 )
+from reasonbroker.sdk import client as client_mod
 from reasonbroker.sdk import errors
 from reasonbroker.sdk.client import Client
 from reasonbroker.sdk.errors import (
@@ -52,6 +54,7 @@ from reasonbroker.sdk.errors import (
     Unauthorized,
     error_for,
 )
+from reasonbroker.sdk.peer import Peer
 from reasonbroker.sdk.worker import (
     Handler,
     JobContext,
@@ -698,6 +701,106 @@ async def test_connection_refused_raises_broker_connection_error() -> None:
     await broker.close()
     with pytest.raises(BrokerConnectionError, match="cannot connect"):
         await Client(url).connect()
+
+
+# ---------------------------------------------------------------------------
+# One write per loop turn (sdk/peer.py), and run() without the ACCEPTED wait
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many frames each write of every Peer carried (a write is one syscall)."""
+    carried: list[int] = []
+    flush = Peer._flush
+
+    def counting(self: Peer) -> None:
+        if self._out:
+            carried.append(len(self._out))
+        flush(self)
+
+    monkeypatch.setattr(Peer, "_flush", counting)
+    return carried
+
+
+async def test_the_runs_of_one_loop_turn_leave_in_one_write(
+    raw_fake: FakeBroker, writes: list[int]
+) -> None:
+    async with Client(raw_fake.url) as client:
+        # Tasks made together take their first step in the same loop turn.
+        tasks = [asyncio.create_task(client.run("p", i)) for i in range(50)]
+        await raw_fake.wait_for(lambda: len(raw_fake.seen(Run)) == 50)
+        runs = raw_fake.seen(Run)
+        assert writes == [50]
+        [conn] = raw_fake.conns_of(Role.CLIENT)
+        for run in runs:
+            conn.send(Result(run.cookie, ResultCode.OK, result=run.variables))
+        assert await asyncio.gather(*tasks) == list(range(50))
+
+
+async def test_a_workers_results_of_one_read_leave_together(
+    raw_fake: FakeBroker, writes: list[int]
+) -> None:
+    async with Worker(raw_fake.url, handlers={"echo": echo}, capacity=20):
+        await raw_fake.wait_for(lambda: raw_fake.seen(Register))
+        [conn] = raw_fake.conns_of(Role.WORKER)
+        runs = [Run(new_cookie(), "echo", i) for i in range(20)]
+        # One write, so (on loopback) one read or very few: handlers started by
+        # one read run in the same loop turn, and their RESULTs share a write.
+        conn.writer.write(b"".join(encode(run) for run in runs))
+        await raw_fake.wait_for(lambda: len(raw_fake.seen(Result)) == 20)
+        results = raw_fake.seen(Result)
+    assert {r.cookie: r.result for r in results} == {run.cookie: run.variables for run in runs}
+    assert writes[0] == 1  # REGISTER
+    assert sum(writes[1:]) == 20
+    assert len(writes[1:]) < 20  # not one write per RESULT
+
+
+async def test_frames_held_for_the_turn_are_written_once_past_64_kib(
+    raw_fake: FakeBroker, writes: list[int]
+) -> None:
+    # A sender that never yields still hands its bytes to the transport (whose
+    # backpressure send() then waits on), instead of holding them all.
+    async with Client(raw_fake.url) as client:
+        peer = client._peer
+        assert peer is not None
+        for _ in range(40):
+            peer.send_nowait(Run(new_cookie(), "p", b"x" * 10_000))
+            assert peer._out_bytes < 64 * 1024
+        assert len(writes) >= 5
+        await raw_fake.wait_for(lambda: len(raw_fake.seen(Run)) == 40)
+    assert sum(writes) == 40
+
+
+async def test_run_takes_its_result_without_waiting_for_accepted() -> None:
+    # run() needs the RESULT only; submit() still returns once ACCEPTED came.
+    hello = Hello(version="fake", features=("accepted",), heartbeat_ms=None)
+    broker = FakeBroker(hello_answer=hello, route=False)
+    await broker.start()
+    try:
+        async with Client(broker.url) as client:
+            running = asyncio.create_task(client.run("p", "ran"))
+            [run] = await broker.wait_for(lambda: broker.seen(Run))
+            [conn] = broker.conns_of(Role.CLIENT)
+            conn.send(Result(run.cookie, ResultCode.OK, result="ran"))
+            assert await running == "ran"
+            submitting = asyncio.create_task(client.submit("p", "submitted"))
+            await broker.wait_for(lambda: len(broker.seen(Run)) == 2)
+            runs = broker.seen(Run)
+            assert not submitting.done()
+            conn.send(Accepted(runs[1].cookie))
+            handle = await submitting
+            assert handle.accepted and not handle.done()
+            conn.send(Result(runs[1].cookie, ResultCode.OK, result="submitted"))
+            assert await handle == "submitted"
+    finally:
+        await broker.close()
+
+
+def test_fresh_cookies_are_16_bytes_and_never_repeat() -> None:
+    count = 3 * client_mod._COOKIES_PER_READ + 5  # across several pool refills
+    cookies = [client_mod._new_cookie() for _ in range(count)]
+    assert {len(c) for c in cookies} == {16}
+    assert len(set(cookies)) == count
 
 
 # ---------------------------------------------------------------------------

@@ -120,14 +120,15 @@ class WorkerModel:
     pipelines: set[str] | None = None
     outstanding: dict[bytes, str] = field(default_factory=dict)  # wcookie -> pipeline
     answered: list[bytes] = field(default_factory=list)
-    # A legacy worker's slot rests after each answer until this time (the broker
-    # may keep it resting longer, until its next tick, never shorter).
+    # A ReasonChip-like worker's slot (JSON, no HELLO) rests after each answer
+    # until this time (the broker may keep it resting longer, until its next
+    # tick, never shorter). msgpack workers' slots never rest.
     rests: list[float] = field(default_factory=list)
 
     def answer(self, wcookie: bytes, now: float) -> None:
         del self.outstanding[wcookie]
         self.answered.append(wcookie)
-        if not self.hello:
+        if not self.hello and self.codec is Codec.JSON:
             self.rests.append(now + REST_S)
 
 

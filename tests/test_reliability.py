@@ -320,8 +320,7 @@ async def test_jobs_that_end_before_their_deadline_are_not_retained() -> None:
             assert (await client.recv_type(Result)).cookie == cookie
         assert b.board.live_jobs == 0
         # Nothing is left of the 20 finished jobs (each with 10 kB of variables
-        # and a 10-minute timeout) once the legacy worker's last slot has
-        # rested (legacy_slot_reuse_ms), not when their timeouts pass.
+        # and a 10-minute timeout) once they end, not when their timeouts pass.
         await until(lambda: len(b.board.deadlines.heap) == 0)
 
 

@@ -43,6 +43,7 @@ from reasonbroker.core.roles import FEATURES
 
 OK = ResultCode.OK
 BOTH = ListenerRole.BOTH
+JSON = Codec.JSON
 CLIENTS = ListenerRole.CLIENTS
 WORKERS = ListenerRole.WORKERS
 
@@ -610,12 +611,13 @@ def test_register_with_huge_capacity_is_clamped() -> None:
 
 
 # ---------------------------------------------------------------------------
-# legacy slot rest (Limits.legacy_slot_reuse_ms, docs/protocol.md "Legacy workers")
+# legacy slot rest (Limits.legacy_slot_reuse_ms, docs/protocol.md "Legacy workers"):
+# for ReasonChip's worker, JSON without HELLO; JSON = Codec.JSON
 
 
 def test_legacy_slot_rests_before_reuse() -> None:
     h = H(legacy_slot_reuse_ms=50)
-    w = h.worker(1)
+    w = h.worker(1, codec=JSON)
     c = h.client()
     h.now = 10.0
     h.run(c, 1)
@@ -635,9 +637,30 @@ def test_hello_worker_slot_is_refilled_at_once() -> None:
     assert h.answer("job1") == [("RESULT", c, 1, OK), ("RUN", w, "job2")]
 
 
+def test_msgpack_worker_without_hello_is_refilled_at_once() -> None:
+    # The rest is for ReasonChip's JSON worker; a msgpack worker that REGISTERs
+    # without HELLO gets its next RUN in the same actions as its RESULT's answer.
+    h = H(legacy_slot_reuse_ms=50)
+    w = h.worker(1)
+    c = h.client()
+    h.run(c, 1)
+    assert h.run(c, 2) == []  # queued
+    assert h.answer("job1") == [("RESULT", c, 1, OK), ("RUN", w, "job2")]
+    assert h.b.slots(w) == (1, 1)
+
+
+def test_json_worker_with_hello_is_refilled_at_once() -> None:
+    h = H(legacy_slot_reuse_ms=50)
+    w = h.worker(1, hello=True, codec=JSON)
+    c = h.client()
+    h.run(c, 1)
+    h.run(c, 2)
+    assert h.answer("job1") == [("RESULT", c, 1, OK), ("RUN", w, "job2")]
+
+
 def test_resting_slot_is_not_free_for_a_new_run() -> None:
     h = H(legacy_slot_reuse_ms=50, queue_limit=0)
-    w = h.worker(1)
+    w = h.worker(1, codec=JSON)
     c = h.client()
     h.run(c, 1)
     h.answer("job1")
@@ -648,7 +671,7 @@ def test_resting_slot_is_not_free_for_a_new_run() -> None:
 
 def test_resting_slot_counts_as_load() -> None:
     h = H(legacy_slot_reuse_ms=50)
-    legacy = h.worker(2)
+    legacy = h.worker(2, codec=JSON)
     ours = h.worker(2, hello=True)
     c = h.client()
     assert h.run(c, 1) == [("RUN", legacy, "job1")]
@@ -659,7 +682,7 @@ def test_resting_slot_counts_as_load() -> None:
 
 def test_resting_worker_that_leaves_is_forgotten() -> None:
     h = H(legacy_slot_reuse_ms=50)
-    w = h.worker(1)
+    w = h.worker(1, codec=JSON)
     c = h.client()
     h.run(c, 1)
     h.answer("job1")

@@ -697,10 +697,12 @@ class Switchboard:
                 job, Result(job.cookie, res.rc, res.error, res.stacktrace, res.result), out
             )
         self._forget(job)
-        if not w.hello and self._slot_rest_s > 0:
-            # ReasonChip's worker sends its RESULT a few loop turns before it
-            # drops the finished task from its own table, and shuts down on a
-            # RUN that arrives in between (docs/protocol.md, Legacy workers).
+        if not w.hello and w.codec is Codec.JSON and self._slot_rest_s > 0:
+            # ReasonChip's worker (JSON, no HELLO) sends its RESULT a few loop
+            # turns before it drops the finished task from its own table, and
+            # shuts down on a RUN that arrives in between (docs/protocol.md,
+            # Legacy workers). A msgpack worker without HELLO is not
+            # ReasonChip's: its slot is refilled at once, as ours are.
             w.resting += 1
             self.deadlines.add(now + self._slot_rest_s, _Deadline.SLOT_REUSE, w, out)
         self._fill(w, out)

@@ -58,10 +58,11 @@ class Limits:
     # Liveness for peers that said HELLO: one silent for a beat is sent PING,
     # one silent for 3 beats is gone (its jobs handled as on disconnect).
     heartbeat_ms: int = 5_000
-    # A slot that a worker without HELLO frees with a RESULT is reused only
-    # after this rest: ReasonChip's worker drops the finished task from its own
-    # table a few loop turns after sending the RESULT, and shuts down if a new
-    # RUN arrives first. 0 reuses slots at once.
+    # A slot that a JSON-codec worker without HELLO frees with a RESULT is
+    # reused only after this rest: ReasonChip's worker (JSON, no HELLO) drops
+    # the finished task from its own table a few loop turns after sending the
+    # RESULT, and shuts down if a new RUN arrives first. msgpack workers never
+    # rest. 0 reuses slots at once.
     legacy_slot_reuse_ms: int = 50
     # A connection that has not sent one whole packet this long after it
     # opened is closed: it holds a file descriptor and says nothing.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import ssl as _ssl
 import uuid
 from collections.abc import Callable, Generator, Sequence
@@ -57,6 +58,25 @@ DEFAULT_RESUME_TIMEOUT_S: Final = 60.0
 
 # A job's cookie as a caller may give it: a UUID, its text, or its 16 bytes.
 CookieLike = uuid.UUID | str | bytes
+
+# Fresh cookies are cut from one os.urandom read of this many: as random as a
+# uuid4 each (a cookie found by another connection lets it ATTACH, so they
+# must not be guessable from one another), without a syscall and a UUID
+# object per job.
+_COOKIES_PER_READ: Final = 256
+_cookie_pool = b""
+_cookie_at = 0
+
+
+def _new_cookie() -> bytes:
+    """16 fresh random bytes (what `uuid.uuid4().bytes` gives, less the version bits)."""
+    global _cookie_pool, _cookie_at
+    at = _cookie_at
+    if at >= len(_cookie_pool):
+        _cookie_pool = os.urandom(16 * _COOKIES_PER_READ)
+        at = 0
+    _cookie_at = at + 16
+    return _cookie_pool[at : at + 16]
 
 
 def cookie_bytes(cookie: CookieLike) -> bytes:
@@ -119,6 +139,25 @@ class JobHandle:
     same handle. `cancel()` asks the broker to cancel the job.
     """
 
+    # Slotted: one is made per job, and Client.run makes them by the thousand.
+    __slots__ = (
+        "_abandoned",
+        "_accept",
+        "_cancel_how",
+        "_cancel_sent",
+        "_client",
+        "_future",
+        "_on_progress",
+        "_raw_cookie",
+        "_resent",
+        "_run",
+        "_started",
+        "_uuid",
+        "accepted",
+        "detach",
+        "pipeline",
+    )
+
     def __init__(
         self,
         client: Client,
@@ -128,7 +167,6 @@ class JobHandle:
         on_progress: ProgressCallback | None,
         run: p.Run | None = None,
     ) -> None:
-        self.cookie = uuid.UUID(bytes=cookie)
         self.pipeline = pipeline
         self.detach = detach
         self.accepted = False
@@ -138,16 +176,33 @@ class JobHandle:
         self._resent = False
         # Set by submit() when the broker offers ACCEPTED: submit waits on it.
         self._accept: asyncio.Future[None] | None = None
-        # Set when the broker forwards the worker's STARTED.
-        self.started = asyncio.Event()
+        # `started` and `cookie` are made when first asked for (most jobs never are).
+        self._started: asyncio.Event | None = None
+        self._uuid: uuid.UUID | None = None
         self._raw_cookie = cookie
         self._client = client
         self._on_progress = on_progress
-        self._future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._future: asyncio.Future[Any] = client._loop.create_future()
         self._cancel_sent = False
         # How this client cancelled the job, for the Cancelled it then raises.
         self._cancel_how: str | None = None
         self._abandoned = False
+
+    @property
+    def cookie(self) -> uuid.UUID:
+        """The job's cookie (the client's, the one ATTACH and `Client.job` take)."""
+        cookie = self._uuid
+        if cookie is None:
+            cookie = self._uuid = uuid.UUID(bytes=self._raw_cookie)
+        return cookie
+
+    @property
+    def started(self) -> asyncio.Event:
+        """Set when the broker forwards the worker's STARTED."""
+        started = self._started
+        if started is None:
+            started = self._started = asyncio.Event()
+        return started
 
     def __repr__(self) -> str:
         state = "done" if self._future.done() else "pending"
@@ -227,11 +282,14 @@ class JobHandle:
             log.exception("progress_callback_failed", cookie=str(self.cookie))
 
     def _abandon(self) -> None:
-        """The caller stopped waiting (its task was cancelled): cancel the job, best effort."""
+        """The caller stopped waiting (its task was cancelled): cancel the job, best effort.
+
+        A cancelled future is one `Client.run` awaited directly (unshielded, as
+        the only awaiter): the job itself may still be running.
+        """
         self._abandoned = True
-        if self._future.done():
-            if not self._future.cancelled():
-                self._future.exception()
+        if self._future.done() and not self._future.cancelled():
+            self._future.exception()
             return
         peer = self._client._peer
         if self._cancel_sent or peer is None:
@@ -284,6 +342,8 @@ class Client:
         self._max_frame_bytes = max_frame_bytes
         self._ssl = ssl  # for TLS transports (tls:// URLs); plaintext schemes refuse one
         self._peer: Peer | None = None
+        # The loop connect() ran on: handles make their futures on it.
+        self._loop: asyncio.AbstractEventLoop
         self._reader: asyncio.Task[None] | None = None
         self._jobs: dict[bytes, JobHandle] = {}
         # Client.job() calls waiting for their JOB (or COOKIE_NOT_FOUND), per cookie, FIFO.
@@ -335,6 +395,7 @@ class Client:
         ConnectTimeout, BrokerConnectionError (both ConnectionErrors) or Unauthorized."""
         if self._peer is not None or self._closed:
             raise RuntimeError("a Client connects once")
+        self._loop = asyncio.get_running_loop()
         failure: BrokerConnectionError | None = None
         for url in self.urls:
             try:
@@ -395,16 +456,16 @@ class Client:
         If the awaiting task is cancelled, a CANCEL is sent for the job (best
         effort) and the CancelledError propagates.
         """
-        handle = await self.submit(
-            pipeline,
-            variables,
-            timeout=timeout,
-            priority=priority,
-            max_attempts=max_attempts,
-            on_progress=on_progress,
+        # submit() without waiting for ACCEPTED: the RESULT comes after it, and
+        # a refusal is the RESULT. The handle is this call's alone (nobody else
+        # knows its cookie), so its future is awaited without a shield.
+        handle, peer = self._start(
+            pipeline, variables, timeout, priority, max_attempts, False, on_progress, False
         )
         try:
-            return await handle
+            if peer is not None and peer.must_drain:
+                await self._drain(handle, peer)
+            return await handle._future
         except asyncio.CancelledError:
             handle._abandon()
             raise
@@ -433,19 +494,54 @@ class Client:
         accepted (written, for a broker without ACCEPTED). Raises EncodeError
         when msgpack cannot carry `variables`, BrokerWentAway when the
         connection is gone (a resuming client instead sends the RUN once it
-        has reconnected). `cookie` names the job instead of a fresh uuid4 (a
+        has reconnected). `cookie` names the job instead of a fresh random one (a
         UUID, its string or its 16 bytes): for a caller whose own ids map to
         cookies, so that another connection can ATTACH or a re-sent RUN is
         known as the same job; a cookie live on the broker is answered
         COOKIE_COLLISION, and one this client already awaits raises ValueError.
         """
+        handle, peer = self._start(
+            pipeline, variables, timeout, priority, max_attempts, detach, on_progress, True, cookie
+        )
+        if peer is not None and peer.must_drain:
+            try:
+                await self._drain(handle, peer)
+            except asyncio.CancelledError:
+                handle._abandon()
+                raise
+        accept = handle._accept
+        if accept is not None:
+            try:
+                await accept
+            except asyncio.CancelledError:
+                handle._abandon()
+                raise
+        elif detach:
+            handle._settle(None, None)
+        return handle
+
+    def _start(
+        self,
+        pipeline: str,
+        variables: Any,
+        timeout: float | None,
+        priority: int,
+        max_attempts: int | None,
+        detach: bool,
+        on_progress: ProgressCallback | None,
+        wait_accept: bool,
+        cookie: CookieLike | None = None,
+    ) -> tuple[JobHandle, Peer | None]:
+        """The part of submit() that does not wait: the job registered and its RUN
+        written (to the peer returned, which the caller drains) or, while resuming,
+        left for the reconnect to send (no peer returned)."""
         peer = self._require_peer()
         if not pipeline:
             raise ValueError("pipeline must be a non-empty string")
         if max_attempts is not None and max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         if cookie is None:
-            raw = p.new_cookie()
+            raw = _new_cookie()
         else:
             raw = cookie_bytes(cookie)
             if raw in self._jobs:
@@ -458,40 +554,43 @@ class Client:
         if down:
             p.encode(run)  # EncodeError now, not when the RUN is re-sent
         waits = self._accepting or down
-        if waits:
-            handle._accept = asyncio.get_running_loop().create_future()
+        if waits and wait_accept:
+            handle._accept = self._loop.create_future()
         if waits or not detach:
             # Registered before the write, so no answer can arrive unclaimed.
             self._jobs[raw] = handle
-        if not down:
-            try:
-                await peer.send(run)
-            except BrokerConnectionError as exc:
-                if not (self.resume and not self._closed):
-                    self._jobs.pop(raw, None)
-                    handle._abandon()
-                    raise BrokerWentAway(
-                        f"connection lost: {peer.close_reason or exc}", cookie=handle.cookie
-                    ) from exc
-                # Resuming: the reader sees the loss and re-sends the RUN.
-            except asyncio.CancelledError:
-                # The RUN is written (only drain was waiting): the job exists on
-                # the broker, so cancel it rather than leave it running unobserved.
-                handle._abandon()
-                raise
-            except BaseException:
-                self._jobs.pop(raw, None)  # EncodeError: nothing was written
-                raise
-        accept = handle._accept
-        if accept is not None:
-            try:
-                await accept
-            except asyncio.CancelledError:
-                handle._abandon()
-                raise
-        elif detach:
-            handle._settle(None, None)
-        return handle
+        if down:
+            return handle, None
+        try:
+            peer.send_nowait(run)
+        except BrokerConnectionError as exc:
+            self._lost_while_sending(handle, peer, exc)
+            return handle, None  # resuming: the reader sees the loss and re-sends the RUN
+        except BaseException:
+            self._jobs.pop(raw, None)  # EncodeError: nothing was written
+            raise
+        return handle, peer
+
+    async def _drain(self, handle: JobHandle, peer: Peer) -> None:
+        """Wait while the broker reads slowly. The RUN is written: if the caller is
+        cancelled here the job exists on the broker, and the caller cancels it
+        rather than leave it running unobserved."""
+        try:
+            await peer.drain()
+        except BrokerConnectionError as exc:
+            self._lost_while_sending(handle, peer, exc)
+
+    def _lost_while_sending(
+        self, handle: JobHandle, peer: Peer, exc: BrokerConnectionError
+    ) -> None:
+        """The connection went while the RUN was being written: BrokerWentAway,
+        unless resuming (then the reader sees the loss and re-sends the RUN)."""
+        if not (self.resume and not self._closed):
+            self._jobs.pop(handle._raw_cookie, None)
+            handle._abandon()
+            raise BrokerWentAway(
+                f"connection lost: {peer.close_reason or exc}", cookie=handle.cookie
+            ) from exc
 
     async def attach(
         self, cookie: CookieLike, *, on_progress: ProgressCallback | None = None
@@ -593,9 +692,12 @@ class Client:
             self._fail_all(reason, failure)
 
     async def _read(self, peer: Peer) -> None:
+        dispatch = self._dispatch
         try:
-            async for packet in peer.packets():
-                self._dispatch(packet)
+            async for batch in peer.batches():
+                for packet in batch:
+                    dispatch(packet)
+                peer.flush_soon()  # after the run() calls this read answered send again
         except Exception:
             peer.log.exception("client_reader_failed")
             peer.abort("client reader failed")

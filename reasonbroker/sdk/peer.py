@@ -5,6 +5,11 @@ and encodes outgoing packets (`protocol.encode`), decodes incoming ones
 (`protocol.PacketDecoder`), answers the broker's PING with PONG, and keeps the
 connection alive per the broker's `heartbeat_ms`. It knows nothing of jobs:
 `client.py` and `worker.py` own what packets mean.
+
+Frames sent in one event-loop turn leave in one write at the end of the turn
+(`_flush`, scheduled by the turn's first frame), as the broker's outboxes do:
+one syscall per packet was the SDK's largest cost per job (README,
+Benchmarks, SDK).
 """
 
 from __future__ import annotations
@@ -34,11 +39,17 @@ DEFAULT_MAX_FRAME_BYTES: Final = Limits().max_frame_bytes
 # PROTOCOL.md section 6: a peer silent for 3 heartbeats is gone.
 HEARTBEAT_MISSES: Final = 3
 _READ_CHUNK: Final = 256 * 1024
+# What batches() answers or drops itself.
+_LIVENESS: Final = (p.Ping, p.Pong)
 # Reconnect backoff, shared by the worker and a resuming client.
 RECONNECT_FIRST_S: Final = 0.1
 RECONNECT_MAX_S: Final = 5.0
 # How long close() waits for buffered bytes to flush before dropping them.
 _CLOSE_FLUSH_S: Final = 1.0
+# Frames held for the end of the turn are written at once past this many
+# bytes, so a sender that never yields still meets the transport's
+# backpressure (send() waits while it is paused).
+_FLUSH_BYTES: Final = 64 * 1024
 
 # The libraries' loggers are children of "reasonbroker" in the stdlib logging
 # tree. A NullHandler there keeps them silent (no "last resort" printing of
@@ -104,11 +115,17 @@ class Peer:
         self.broker_hello = broker_hello
         self.log = log
         self.close_reason: str | None = None
+        # The loop this connection lives on (the worker makes its job tasks on it).
+        self.loop = loop = asyncio.get_running_loop()
         self._reader = reader
         self._writer = writer
         self._decoder = decoder
         self._pending = pending  # decoded in the same read as the broker's HELLO
-        loop = asyncio.get_running_loop()
+        self._transport = writer.transport
+        # Frames written this turn, joined and written by _flush at its end.
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._flush_pending = False  # a _flush is scheduled
         self._last_rx = self._last_tx = loop.time()
         self._heartbeat: asyncio.Task[None] | None = None
         if broker_hello.heartbeat_ms is not None and broker_hello.heartbeat_ms > 0:
@@ -167,25 +184,66 @@ class Peer:
         written, so the connection stays usable. BrokerConnectionError when the
         connection is gone.
         """
-        frame = p.encode(packet)
-        self._write(frame)
+        self._write(p.encode(packet))
+        if self._transport.get_write_buffer_size():
+            await self.drain()
+
+    def send_nowait(self, packet: p.Packet) -> None:
+        """Write one packet without waiting for the buffer to drain (best effort)."""
+        self._write(p.encode(packet))
+
+    @property
+    def must_drain(self) -> bool:
+        """Whether the transport holds unsent bytes: then `drain()` may have to wait.
+        An empty buffer cannot be paused, so a caller may skip the await."""
+        return bool(self._transport.get_write_buffer_size())
+
+    async def drain(self) -> None:
+        """Wait while the transport is paused (the broker reads slowly)."""
         try:
             await self._writer.drain()
         except OSError as exc:
             self.abort(f"write failed: {exc}")
             raise BrokerConnectionError(f"connection to {self.url} lost: {exc}") from exc
 
-    def send_nowait(self, packet: p.Packet) -> None:
-        """Write one packet without waiting for the buffer to drain (best effort)."""
-        self._write(p.encode(packet))
-
     def _write(self, frame: bytes) -> None:
-        if self.close_reason is not None or self._writer.is_closing():
+        """Hold `frame` for this turn's one write (sooner past _FLUSH_BYTES)."""
+        if self.close_reason is not None or self._transport.is_closing():
             raise BrokerConnectionError(
                 f"connection to {self.url} is closed: {self.close_reason or 'closing'}"
             )
-        self._writer.write(frame)
-        self._last_tx = asyncio.get_running_loop().time()
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        if self._out_bytes >= _FLUSH_BYTES:
+            self._flush()
+        elif not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush)
+        self._last_tx = self.loop.time()
+
+    def flush_soon(self) -> None:
+        """Have this turn's write wait behind the callbacks scheduled so far.
+
+        The client and worker call it after handing on a read's packets: the
+        tasks those woke (a job's handler, a `run()` whose answer came) run
+        first, and what they send leaves in the same write, a loop turn
+        sooner than a write scheduled by their own first frame.
+        """
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write what this turn sent as one buffer (a no-op when already written)."""
+        self._flush_pending = False
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._out_bytes = 0
+        if not self._transport.is_closing():
+            self._transport.write(data)
 
     async def packets(self) -> AsyncIterator[p.Packet]:
         """Yield the broker's packets until the connection ends; PING is answered here.
@@ -193,14 +251,28 @@ class Peer:
         Ends normally on EOF, a read error or a broken stream; `close_reason`
         then says why.
         """
-        pending, self._pending = self._pending, []
-        for packet in pending:
-            if self._answer_ping(packet):
+        async for batch in self.batches():
+            for packet in batch:
                 yield packet
-        loop = asyncio.get_running_loop()
+
+    async def batches(self) -> AsyncIterator[list[p.Packet]]:
+        """`packets()` a read at a time: each list holds the packets of one read
+        (never empty), with PING answered and PING and PONG left out.
+
+        The client and worker loop over these: one async-generator step per
+        read instead of one per packet.
+        """
+        pending, self._pending = self._pending, []
+        if pending:
+            pending = self._answer_pings(pending)
+            if pending:
+                yield pending
+        loop = self.loop
+        read = self._reader.read
+        feed = self._decoder.feed
         while self.close_reason is None:
             try:
-                data = await self._reader.read(_READ_CHUNK)
+                data = await read(_READ_CHUNK)
             except OSError as exc:
                 self.abort(f"read failed: {exc}")
                 break
@@ -209,22 +281,29 @@ class Peer:
                 break
             self._last_rx = loop.time()
             try:
-                batch = self._decoder.feed(data)
+                batch = feed(data)
             except RemoteProtocolError as exc:
                 self.log.warning("broker_protocol_error", url=self.url, error=str(exc))
                 self.abort(f"broker broke the protocol: {exc}")
                 break
             for packet in batch:
-                if self._answer_ping(packet):
-                    yield packet
+                if isinstance(packet, _LIVENESS):
+                    batch = self._answer_pings(batch)
+                    break
+            if batch:
+                yield batch
 
-    def _answer_ping(self, packet: p.Packet) -> bool:
-        """Answer PING; True when the packet is for the caller."""
-        if isinstance(packet, p.Ping):
-            with contextlib.suppress(BrokerConnectionError):
-                self.send_nowait(p.Pong())
-            return False
-        return not isinstance(packet, p.Pong)  # PONG only proves liveness (_last_rx)
+    def _answer_pings(self, batch: list[p.Packet]) -> list[p.Packet]:
+        """Answer each PING; the packets that are for the caller (no PING, no PONG:
+        a PONG only proves liveness, which `_last_rx` has noted)."""
+        kept: list[p.Packet] = []
+        for packet in batch:
+            if isinstance(packet, p.Ping):
+                with contextlib.suppress(BrokerConnectionError):
+                    self.send_nowait(p.Pong())
+            elif not isinstance(packet, p.Pong):
+                kept.append(packet)
+        return kept
 
     async def _keepalive(self, interval_s: float) -> None:
         # We PING when we have sent nothing for an interval, so the broker
@@ -251,6 +330,8 @@ class Peer:
             self.close_reason = reason
         if self._heartbeat is not None and self._heartbeat is not asyncio.current_task():
             self._heartbeat.cancel()
+        self._out.clear()  # nothing more is sent
+        self._out_bytes = 0
         # abort(), not close(): the connection is unusable, and abort also ends
         # a reader blocked in read() (it sees EOF).
         self._writer.transport.abort()
@@ -261,6 +342,7 @@ class Peer:
             self.close_reason = reason
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        self._flush()  # this turn's frames go before the close
         self._writer.close()
         try:
             async with asyncio.timeout(_CLOSE_FLUSH_S):

@@ -179,6 +179,8 @@ class Worker:
         # whose clients watch for it should pay for it.
         self.send_started = send_started
         self._handlers = dict(handlers)
+        # Each job's task is named for its pipeline (made once, not per job).
+        self._task_names = {name: f"job {name}" for name in self._handlers}
         self._token = token
         self._connect_timeout = connect_timeout
         self._max_frame_bytes = max_frame_bytes
@@ -336,8 +338,11 @@ class Worker:
                 pipelines=list(self._handlers),
                 broker_version=peer.broker_hello.version,
             )
-            async for packet in peer.packets():
-                self._dispatch(peer, packet)
+            dispatch = self._dispatch
+            async for batch in peer.batches():
+                for packet in batch:
+                    dispatch(peer, packet)
+                peer.flush_soon()  # after the first step of the jobs this read started
         except BrokerConnectionError:
             pass  # REGISTER failed: the connection is gone, close_reason says why
         finally:
@@ -464,13 +469,15 @@ class Worker:
             )
             return
         job = _Job(cookie, run.pipeline, peer)
-        job.task = asyncio.create_task(
-            self._run_job(job, handler, run.variables),
-            name=f"job {run.pipeline} {p.cookie_str(cookie)}",
+        # The loop's own create_task: asyncio.create_task adds a Python frame
+        # and a set_name call per job.
+        job.task = peer.loop.create_task(
+            self._run_job(job, handler, run.variables), name=self._task_names[run.pipeline]
         )
         job.task.add_done_callback(lambda task: self._job_done(job, task))
+        if not self._jobs:
+            self._idle.clear()
         self._jobs[cookie] = job
-        self._idle.clear()
 
     async def _run_job(self, job: _Job, handler: Handler, variables: Any) -> None:
         _current_job.set(job)  # this task's own context: seen by progress()
@@ -488,7 +495,9 @@ class Worker:
             answer = self._exception_result(job, exc)
         else:
             answer = p.Result(job.cookie, p.ResultCode.OK, result=value)
-        await self._answer(job, answer)
+        if self._answer(job, answer):
+            with contextlib.suppress(BrokerConnectionError):  # the broker handles the loss
+                await job.peer.drain()
 
     def _exception_result(self, job: _Job, exc: BaseException) -> p.Result:
         self._log.info(
@@ -501,30 +510,37 @@ class Worker:
             tuple(traceback.format_exception(exc)),
         )
 
-    async def _answer(self, job: _Job, result: p.Result) -> None:
+    def _answer(self, job: _Job, result: p.Result) -> bool:
+        """Write the job's one RESULT; whether the connection then wants draining
+        (the caller awaits that, so the answer itself costs no coroutine)."""
         if job.abandoned:
-            return
+            return False
         job.answered = True
+        peer = job.peer
         try:
-            await job.peer.send(result)
-        except EncodeError as exc:
-            # Nothing was written: answer in a form that can always be sent.
-            self._log.warning(
-                "job_result_unencodable", pipeline=job.pipeline, cookie=p.cookie_str(job.cookie)
-            )
-            fallback = p.Result(
-                job.cookie,
-                p.ResultCode.PROCESSOR_EXCEPTION,
-                f"the result of pipeline {job.pipeline!r} cannot be sent: {exc}",
-            )
             try:
-                await job.peer.send(fallback)
-            except EncodeError:
-                await job.peer.send(
-                    p.Result(job.cookie, p.ResultCode.PROCESSOR_EXCEPTION, "unencodable result")
+                peer.send_nowait(result)
+            except EncodeError as exc:
+                # Nothing was written: answer in a form that can always be sent.
+                self._log.warning(
+                    "job_result_unencodable",
+                    pipeline=job.pipeline,
+                    cookie=p.cookie_str(job.cookie),
                 )
+                fallback = p.Result(
+                    job.cookie,
+                    p.ResultCode.PROCESSOR_EXCEPTION,
+                    f"the result of pipeline {job.pipeline!r} cannot be sent: {exc}",
+                )
+                try:
+                    peer.send_nowait(fallback)
+                except EncodeError:
+                    peer.send_nowait(
+                        p.Result(job.cookie, p.ResultCode.PROCESSOR_EXCEPTION, "unencodable result")
+                    )
         except BrokerConnectionError:
-            pass  # the broker re-queues or fails the job itself
+            return False  # the broker re-queues or fails the job itself
+        return peer.must_drain
 
     def _job_done(self, job: _Job, task: asyncio.Task[None]) -> None:
         if self._jobs.get(job.cookie) is job:
