@@ -914,6 +914,28 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append("")
     queue = status.get("queue", {})
     lines += table("queue", ["pipeline", "queued"], [[k, v] for k, v in sorted(queue.items())])
+    cluster = status.get("cluster")
+    if isinstance(cluster, dict):
+        # A cluster node: its client side's one worker is the bridge; the cluster's
+        # workers are per node, below, and this node's own in the worker side's table.
+        lines.append("")
+        lines.append(
+            f"cluster: node {cluster.get('node')}, stream {cluster.get('stream')}, "
+            f"fetched {cluster.get('fetched', 0)}, redelivered {cluster.get('redelivered', 0)}, "
+            f"duplicates dropped {cluster.get('duplicates_dropped', 0)}"
+        )
+        node_keys = ["node", "workers", "slots", "busy", "running", "pipelines"]
+        nodes = cluster.get("nodes", [])
+        lines += table("nodes", node_keys, [[n.get(k) for k in node_keys] for n in nodes])
+        lines.append("")
+        keys = ["conn", "name", "pipelines", "capacity", "busy"]
+        local = cluster.get("workers", [])
+        lines += table("this node's workers", keys, [[w.get(k) for k in keys] for w in local])
+        pending = cluster.get("pending", {})
+        if pending:
+            lines.append("")
+            rows = [[k, v] for k, v in sorted(pending.items())]
+            lines += table("stream pending", ["pipeline", "jobs"], rows)
     return "\n".join(lines)
 
 

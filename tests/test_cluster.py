@@ -39,10 +39,17 @@ __all__ = ["nats_cluster", "nats_server"]  # the fixtures, imported to be found 
 WAIT_S = 30.0
 
 
+ADMIN_TOKEN = "cluster-test-admin-token"
+
+
 def _config(servers: list[str], node: str, tmp: Path, **cluster: Any) -> Config:
     return Config(
         listeners=(
-            ListenerConfig(f"unix://{tmp / f'{node}-clients.sock'}", ListenerRole.CLIENTS),
+            ListenerConfig(
+                f"unix://{tmp / f'{node}-clients.sock'}",
+                ListenerRole.CLIENTS,
+                admin_token=ADMIN_TOKEN,
+            ),
             ListenerConfig(f"unix://{tmp / f'{node}-workers.sock'}", ListenerRole.WORKERS),
         ),
         limits=Limits(heartbeat_ms=2000),
@@ -389,3 +396,48 @@ async def test_a_resuming_client_whose_node_stops_gets_its_result_from_another_n
             await _until(lambda: client.url == urls[1])  # resumed on node c, re-ATTACHed
             release.set()
             assert await asyncio.wait_for(handle, WAIT_S) == "ran 1"
+
+
+async def test_status_and_metrics_show_the_cluster(
+    nats_server: NatsCluster, tmp_path: Path
+) -> None:
+    from reasonbroker.cli import format_status
+    from reasonbroker.core import protocol as p
+    from reasonbroker.sdk.peer import Peer, library_logger
+
+    async with _nodes(nats_server.urls, tmp_path) as nodes:
+        async with (
+            Worker(nodes["b"].address("worker"), handlers={"echo": echo}, capacity=3, name="wb"),
+            Client(nodes["a"].address("client")) as client,
+        ):
+            assert await client.run("echo", 1, timeout=WAIT_S) == {"echo": 1}
+            a = nodes["a"]
+            assert a.bridge is not None and a.client_side is not None
+            await _until(lambda: len(a.bridge.status()["nodes"]) == 2)  # surveyed
+            peer = await Peer.connect(
+                a.address("client"),
+                p.Hello(role=p.Role.ADMIN, name="test", token=ADMIN_TOKEN),
+                log=library_logger("test"),
+            )
+            try:
+                await peer.send(p.Status())
+                async with asyncio.timeout(WAIT_S):
+                    async for packet in peer.packets():
+                        if isinstance(packet, p.Status) and packet.status is not None:
+                            status = packet.status
+                            break
+            finally:
+                await peer.aclose()
+            cluster = status["cluster"]
+            assert cluster["node"] == "a" and cluster["stream"] == "RB_JOBS"
+            by_node = {n["node"]: n for n in cluster["nodes"]}
+            assert set(by_node) == {"a", "b"}
+            assert (by_node["b"]["workers"], by_node["b"]["slots"]) == (1, 3)
+            assert by_node["a"]["workers"] == 0
+            text = format_status(status)
+            assert "cluster: node a" in text and "nodes (2)" in text
+            metrics = dict((name, value) for name, _, value in a.bridge.metrics())
+            assert metrics["reasonbroker_cluster_nodes"] == 2
+            assert metrics["reasonbroker_cluster_relayed_total"] == 1
+            b = nodes["b"].bridge
+            assert b is not None and b.status()["workers"][0]["name"] == "wb"

@@ -56,8 +56,10 @@ from .wire import (
     Outcome,
     decode_progress,
     key,
+    pack,
     pack_value,
     progress_event,
+    unpack,
 )
 
 _log = structlog.get_logger("reasonbroker.cluster")
@@ -72,6 +74,8 @@ PIPELINES_POLL_S: Final = 2.0  # how often the cluster's known pipelines are rea
 OUTBOUND_CAPACITY: Final = 65_536  # the outbound peer's slots: the broker's clamp
 CANCELLED_REMEMBERED: Final = 100_000
 WHO_WAIT_S: Final = 0.5  # how long a JOB question waits for a node to claim the job
+SURVEY_S: Final = 5.0  # how often the nodes are surveyed (status, metrics)
+SURVEY_WAIT_S: Final = 0.3  # how long a survey collects answers
 ADOPTED_POLL_S: Final = 1.0  # how often the bucket is asked for adopted jobs' results
 ADOPTED_PIPELINE: Final = "(a job of another node)"  # what a JOB says of one not ended
 EARLY_REMEMBERED: Final = 10_000
@@ -144,6 +148,9 @@ class Bridge:
         self._freed = asyncio.Event()
         self._refresh = asyncio.Event()  # read the cluster's pipelines now
         self._every: set[int] = set()  # worker-side connections serving every pipeline
+        self._nodes_seen: list[dict[str, Any]] = []  # the last survey's answers
+        self._surveyed_at: float | None = None
+        self._pending: dict[str, int] = {}  # the stream's undelivered jobs, per pipeline
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._nats_subs: list[Any] = []
@@ -163,6 +170,7 @@ class Bridge:
         self._nats_subs.append(await self.nc.subscribe(self.names.node(self.node), cb=self._event))
         self._nats_subs.append(await self.nc.subscribe(self.names.cancel, cb=self._cancel_seen))
         self._nats_subs.append(await self.nc.subscribe(self.names.who, cb=self._who))
+        self._nats_subs.append(await self.nc.subscribe(self.names.nodes, cb=self._answer_survey))
         log = _log.bind(node=self.node)
         self._out = await Peer.connect(
             client_side_url,
@@ -182,8 +190,11 @@ class Bridge:
             asyncio.create_task(self._keep_alive(), name="cluster in_progress"),
             asyncio.create_task(self._watch_pipelines(), name="cluster pipelines"),
             asyncio.create_task(self._watch_adopted(), name="cluster adopted"),
+            asyncio.create_task(self._survey(), name="cluster survey"),
         ]
         client_side.intercept = self.intercept
+        client_side.status_extra = self.status
+        client_side.metrics_extra = self.metrics
 
     def stop_fetching(self) -> None:
         """The node is stopping: take no more jobs (the worker side drains what it has).
@@ -205,6 +216,8 @@ class Bridge:
         self._running.clear()
         if self._client_side is not None:
             self._client_side.intercept = None
+            self._client_side.status_extra = None
+            self._client_side.metrics_extra = None
         for task in [*self._loops, *self._fetchers.values()]:
             task.cancel()
         for sub in [*self._nats_subs, *self._subs.values()]:
@@ -627,6 +640,124 @@ class Bridge:
                 if now - running.last_tick >= every:
                     running.last_tick = now
                     self._spawn(_quiet(running.msg.in_progress()))
+
+    # -- what STATUS and the metrics show ----------------------------------------------
+
+    def _summary(self) -> dict[str, Any]:
+        """This node as the others see it in a survey."""
+        workers = slots = busy = 0
+        broker = self._worker_side
+        if broker is not None:
+            board = broker.board
+            for conn in board.workers():
+                capacity, used = board.slots(conn)
+                workers += 1
+                slots += capacity
+                busy += used
+        return {
+            "node": self.node,
+            "workers": workers,
+            "slots": slots,
+            "busy": busy,
+            "running": len(self._running),
+            "pipelines": sorted(self._capacity),
+        }
+
+    def status(self) -> dict[str, Any]:
+        """STATUS's "cluster": this node, the nodes seen in the last survey, the
+        stream's pending jobs per pipeline this node fetches, the bridge's counters,
+        and the worker side's workers (the client side's only worker is the bridge)."""
+        s = self.stats
+        worker_side = self._worker_side
+        workers = []
+        if worker_side is not None:
+            workers = list(worker_side.board.status_snapshot().get("workers", []))
+        return {
+            "node": self.node,
+            "stream": self.names.stream,
+            "nodes": self._nodes_seen,
+            "surveyed_at": self._surveyed_at,
+            "pending": dict(self._pending),
+            "workers": workers,
+            "fetched": s.fetched,
+            "redelivered": s.redelivered,
+            "duplicates_dropped": s.duplicates_dropped,
+            "nacked": s.nacked,
+            "relayed": s.relayed,
+            "went_away": s.went_away,
+            "adopted": s.adopted,
+            "cancels_seen": s.cancels_seen,
+        }
+
+    def metrics(self) -> list[tuple[str, str, float]]:
+        s = self.stats
+        return [
+            (
+                "reasonbroker_cluster_nodes",
+                "Nodes that answered the last survey.",
+                len(self._nodes_seen),
+            ),
+            (
+                "reasonbroker_cluster_pending_jobs",
+                "Jobs in the stream not yet delivered, for the pipelines this node fetches.",
+                sum(self._pending.values()),
+            ),
+            (
+                "reasonbroker_cluster_fetched_total",
+                "Jobs this node took from the stream.",
+                s.fetched,
+            ),
+            (
+                "reasonbroker_cluster_redelivered_total",
+                "Jobs this node took that JetStream had delivered before (a node died, ack_wait).",
+                s.redelivered,
+            ),
+            (
+                "reasonbroker_cluster_duplicates_dropped_total",
+                "Results dropped because the job's result was written first elsewhere.",
+                s.duplicates_dropped,
+            ),
+            ("reasonbroker_cluster_nacked_total", "Jobs given back for another node.", s.nacked),
+            (
+                "reasonbroker_cluster_relayed_total",
+                "Results relayed to this node's clients.",
+                s.relayed,
+            ),
+        ]
+
+    async def _survey(self) -> None:
+        """Every SURVEY_S: ask every node for its summary (and answer the others'), and
+        read the stream's pending jobs for the pipelines fetched here."""
+        while True:
+            seen: list[dict[str, Any]] = []
+            inbox = self.nc.new_inbox()
+
+            async def collect(msg: Any, seen: list[dict[str, Any]] = seen) -> None:
+                with contextlib.suppress(Exception):
+                    seen.append(unpack(msg.data))
+
+            with contextlib.suppress(Exception):
+                sub = await self.nc.subscribe(inbox, cb=collect)
+                try:
+                    await self.nc.publish(self.names.nodes, b"", reply=inbox)
+                    await self.nc.flush(timeout=2)
+                    await asyncio.sleep(SURVEY_WAIT_S)  # a collection window: replies
+                finally:
+                    await sub.unsubscribe()
+                self._nodes_seen = sorted(seen, key=lambda n: str(n.get("node")))
+                self._surveyed_at = time.time()
+            for pipeline in list(self._subs):
+                with contextlib.suppress(Exception):
+                    info = await self.js.consumer_info(
+                        self.names.stream, self.names.consumer(pipeline)
+                    )
+                    self._pending[pipeline] = int(info.num_pending or 0)
+            await asyncio.sleep(SURVEY_S)
+
+    async def _answer_survey(self, msg: Any) -> None:
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(pack(self._summary()))
 
     # -- ATTACH on a node that did not accept the job ----------------------------------
 

@@ -17,6 +17,8 @@ Names (all under the configured prefix, "rb" by default):
                                   whoever runs it stops it
     subject  rb.who               core NATS request: which node has this job (a JOB
                                   question on a node that does not know it)
+    subject  rb.nodes             core NATS survey: every node answers with its
+                                  summary (workers, slots, busy, running, pipelines)
 
 Messages are msgpack maps with short keys; payloads (variables, result) are kept
 as the msgpack bytes of their value, never decoded on the way.
@@ -41,6 +43,10 @@ def _pack(value: Any) -> bytes:
 
 def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+pack = _pack  # a survey answer (a plain map)
+unpack = _unpack
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +76,10 @@ class Names:
     @property
     def who(self) -> str:
         return f"{self.prefix}.who"
+
+    @property
+    def nodes(self) -> str:
+        return f"{self.prefix}.nodes"
 
     def token(self, pipeline: str) -> str:
         return base64.urlsafe_b64encode(pipeline.encode()).decode().rstrip("=") or "_"

@@ -214,6 +214,10 @@ class Broker:
         # A cluster node's bridge sees a connection's packets before the switchboard
         # (it takes the ATTACHes the board cannot answer; see `inject`). None: nothing.
         self.intercept: Callable[[int, list[Packet]], list[Packet]] | None = None
+        # A cluster node's view of the cluster, added to STATUS as "cluster" and to the
+        # metrics (cluster/bridge.py). None: a single broker.
+        self.status_extra: Callable[[], dict[str, Any]] | None = None
+        self.metrics_extra: Callable[[], list[tuple[str, str, float]]] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -737,6 +741,8 @@ class Broker:
             status[kind] = entries
         status["uptime_s"] = self.uptime_s
         status["compiled"] = COMPILED
+        if self.status_extra is not None:
+            status["cluster"] = self.status_extra()
         return Status(status)
 
     def _encode_failed(self, conn: _Connection, action: Send, exc: EncodeError) -> int:

@@ -170,6 +170,16 @@ class BrokerCollector:
             "reasonbroker_uptime_seconds", "Seconds since the broker started.", broker.uptime_s
         )
 
+        # A cluster node's own figures (cluster/bridge.py): (name, help, value); a name
+        # ending in _total is a counter.
+        extra = getattr(broker, "metrics_extra", None)
+        if extra is not None:
+            for name, doc, value in extra():
+                if name.endswith("_total"):
+                    yield CounterMetricFamily(name.removesuffix("_total"), doc, value)
+                else:
+                    yield GaugeMetricFamily(name, doc, value)
+
         latency = board.latency
         buckets: list[tuple[str, float]] = []
         running_total = 0
