@@ -20,24 +20,29 @@ BENCH = ROOT / "scripts" / "bench"
 CELLS = {"pattern", "pattern -inpr", "publish+ack", "kv create", "fetch+ack"}
 
 
-@pytest.mark.timeout(240)
-def test_cluster_baseline_smoke_run_writes_the_report(tmp_path: Path) -> None:
+def _smoke(mode: str, out: Path) -> tuple[str, dict[str, Any]]:
+    """`scripts/bench MODE --smoke`: its stdout and its JSON report (skipped without NATS)."""
     pytest.importorskip("nats", reason="nats-py is not installed: pip install -e '.[cluster]'")
     try:
         find_server()
     except ServerNotFound as e:
         pytest.skip(str(e))
-    out = tmp_path / "cluster.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--cluster-baseline", "--smoke", "--json", str(out)],
+        [sys.executable, str(BENCH), mode, "--smoke", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=200,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "jobs/s" in proc.stdout
     report: dict[str, Any] = json.loads(out.read_text())
+    return proc.stdout, report
+
+
+@pytest.mark.timeout(240)
+def test_cluster_baseline_smoke_run_writes_the_report(tmp_path: Path) -> None:
+    stdout, report = _smoke("--cluster-baseline", tmp_path / "cluster.json")
+    assert "jobs/s" in stdout
     assert report["meta"]["mode"] == "cluster-baseline"
     rows = report["rows"]
     assert {r["topology"] for r in rows} == {"1 server, R1", "3 servers, R3"}
@@ -51,22 +56,8 @@ def test_cluster_baseline_smoke_run_writes_the_report(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(240)
 def test_cluster_bench_smoke_run_puts_nodes_beside_the_pattern(tmp_path: Path) -> None:
-    pytest.importorskip("nats", reason="nats-py is not installed: pip install -e '.[cluster]'")
-    try:
-        find_server()
-    except ServerNotFound as e:
-        pytest.skip(str(e))
-    out = tmp_path / "nodes.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--cluster", "--smoke", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=200,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "/pattern" in proc.stdout
-    report: dict[str, Any] = json.loads(out.read_text())
+    stdout, report = _smoke("--cluster", tmp_path / "nodes.json")
+    assert "/pattern" in stdout
     assert report["meta"]["mode"] == "cluster"
     rows = report["rows"]
     assert {r["cell"] for r in rows} == {"jetstream pattern", "rb 1 node", "rb 2 nodes"}

@@ -31,7 +31,7 @@ from ..common import HOST, RB_NATIVE, ROOT, log, run_async
 from ..loadgen import Cell, run_closed
 from ..processes import Broker, child_setup, free_port, start_workers, stop_process, wait_listening
 from ..procfs import cpu_seconds
-from .jetstream import CONSUMER_SLOTS, DURABLE, FETCH_MAX, Consumer, Window, pattern_cell
+from .jetstream import CONSUMER_SLOTS, FETCH_MAX, Consumer, Window, pattern_cell, pattern_stream
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -103,7 +103,6 @@ async def topology(
     size: int, replicas: int, args: argparse.Namespace, tmp: Path
 ) -> list[dict[str, Any]]:
     import nats
-    from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType
 
     from tests.natscluster import NatsCluster
 
@@ -115,26 +114,7 @@ async def topology(
             # The bare pattern.
             nc = await nats.connect(servers=cluster.urls, pending_size=64 << 20)
             js = nc.jetstream(timeout=10.0)
-            stream, subject, bucket = f"PAT{k}", f"pat.{k}.echo", f"patres{k}"
-            await js.add_stream(
-                name=stream,
-                subjects=[subject],
-                retention=RetentionPolicy.WORK_QUEUE,
-                storage=StorageType.FILE,
-                num_replicas=replicas,
-            )
-            await js.add_consumer(
-                stream,
-                ConsumerConfig(
-                    durable_name=DURABLE,
-                    ack_policy=AckPolicy.EXPLICIT,
-                    ack_wait=30.0,
-                    max_ack_pending=4 * CONSUMER_SLOTS,
-                ),
-            )
-            await js.create_key_value(
-                bucket=bucket, history=1, storage=StorageType.FILE, replicas=replicas
-            )
+            stream, subject, bucket = await pattern_stream(js, f"P{k}", replicas, True)
             consumer = await Consumer.start(
                 {
                     "urls": cluster.urls,

@@ -277,6 +277,36 @@ async def pattern_cell(
         await rsub.unsubscribe()
 
 
+async def pattern_stream(js: Any, rid: str, replicas: int, with_kv: bool) -> tuple[str, str, str]:
+    """A fresh work-queue stream, its durable consumer and (with_kv) a results bucket:
+    (stream, subject, bucket), named after `rid`."""
+    from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType
+
+    stream, subject, bucket = f"JOBS{rid}", f"jobs.{rid}.echo", f"res{rid}"
+    await js.add_stream(
+        name=stream,
+        subjects=[subject],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=120.0,
+    )
+    await js.add_consumer(
+        stream,
+        ConsumerConfig(
+            durable_name=DURABLE,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30.0,
+            max_ack_pending=4 * CONSUMER_SLOTS,
+        ),
+    )
+    if with_kv:
+        await js.create_key_value(
+            bucket=bucket, history=1, storage=StorageType.FILE, replicas=replicas
+        )
+    return stream, subject, bucket
+
+
 class Topology:
     def __init__(self, name: str, size: int, replicas: int) -> None:
         self.name, self.size, self.replicas = name, size, replicas
@@ -285,7 +315,6 @@ class Topology:
 async def run_topology(topo: Topology, args: argparse.Namespace) -> list[dict[str, Any]]:
     import nats
     import nats.js.errors
-    from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType
 
     from tests.natscluster import NatsCluster
 
@@ -299,30 +328,7 @@ async def run_topology(topo: Topology, args: argparse.Namespace) -> list[dict[st
         me = os.getpid()
 
         async def fresh(with_kv: bool) -> tuple[str, str, str]:
-            rid = next(run_ids)
-            stream, subject, bucket = f"JOBS{rid}", f"jobs.{rid}.echo", f"res{rid}"
-            await js.add_stream(
-                name=stream,
-                subjects=[subject],
-                retention=RetentionPolicy.WORK_QUEUE,
-                storage=StorageType.FILE,
-                num_replicas=topo.replicas,
-                duplicate_window=120.0,
-            )
-            await js.add_consumer(
-                stream,
-                ConsumerConfig(
-                    durable_name=DURABLE,
-                    ack_policy=AckPolicy.EXPLICIT,
-                    ack_wait=30.0,
-                    max_ack_pending=4 * CONSUMER_SLOTS,
-                ),
-            )
-            if with_kv:
-                await js.create_key_value(
-                    bucket=bucket, history=1, storage=StorageType.FILE, replicas=topo.replicas
-                )
-            return stream, subject, bucket
+            return await pattern_stream(js, str(next(run_ids)), topo.replicas, with_kv)
 
         async def drop(stream: str, bucket: str | None) -> None:
             with contextlib.suppress(Exception):
