@@ -441,3 +441,32 @@ async def test_status_and_metrics_show_the_cluster(
             assert metrics["reasonbroker_cluster_relayed_total"] == 1
             b = nodes["b"].bridge
             assert b is not None and b.status()["workers"][0]["name"] == "wb"
+
+
+async def test_priority_bands_across_nodes_run_higher_first(
+    nats_server: NatsCluster, tmp_path: Path
+) -> None:
+    order: list[str] = []
+    release, began = asyncio.Event(), asyncio.Event()
+
+    async def one_at_a_time(variables: Any) -> Any:
+        if variables == "first":
+            began.set()
+            await release.wait()
+        order.append(variables)
+        return variables
+
+    async with _nodes(nats_server.urls, tmp_path) as nodes:
+        async with (
+            Worker(nodes["b"].address("worker"), handlers={"p": one_at_a_time}, capacity=1),
+            Client(nodes["a"].address("client")) as client,
+        ):
+            first = await client.submit("p", "first")
+            await asyncio.wait_for(began.wait(), WAIT_S)  # the worker's one slot is taken
+            handles = [
+                await client.submit("p", name, priority=priority)
+                for name, priority in (("low", -1), ("normal", 0), ("high", 5))
+            ]
+            release.set()
+            await asyncio.wait_for(asyncio.gather(first, *handles), WAIT_S)
+    assert order == ["first", "high", "normal", "low"]

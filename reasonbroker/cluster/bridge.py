@@ -48,6 +48,7 @@ from ..daemon.broker import Broker
 from ..sdk.errors import BrokerConnectionError
 from ..sdk.peer import Peer
 from .wire import (
+    BANDS,
     EVENT_PROGRESS,
     EVENT_RESULT,
     EVENT_STARTED,
@@ -144,7 +145,9 @@ class Bridge:
         self._cancel_order: deque[bytes] = deque()
         self._known: set[str] = set()  # pipelines the cluster has seen
         self._fetchers: dict[str, asyncio.Task[None]] = {}
-        self._subs: dict[str, Any] = {}
+        self._subs: dict[tuple[str, str], Any] = {}  # (pipeline, band) -> pull subscription
+        # Jobs fetched, not yet run, per pipeline and band (_fetch takes the higher first).
+        self._held: dict[str, dict[str, deque[Any]]] = {}
         self._freed = asyncio.Event()
         self._refresh = asyncio.Event()  # read the cluster's pipelines now
         self._every: set[int] = set()  # worker-side connections serving every pipeline
@@ -210,6 +213,11 @@ class Bridge:
         if self._fetchers:
             await asyncio.wait(list(self._fetchers.values()), timeout=FETCH_WAIT_S + 5)
         # Jobs fetched and not finished: give them back at once rather than after ack_wait.
+        for bands in self._held.values():
+            for queue in bands.values():
+                while queue:
+                    with contextlib.suppress(Exception):
+                        await queue.popleft().nak()
         for running in list(self._running.values()):
             with contextlib.suppress(Exception):
                 await running.msg.nak()
@@ -511,17 +519,17 @@ class Bridge:
     def _known_tokens(self) -> set[str]:
         return {self.names.token(name) for name in self._known}
 
-    async def _subscription(self, pipeline: str) -> Any:
-        sub = self._subs.get(pipeline)
+    async def _subscription(self, pipeline: str, band: str) -> Any:
+        sub = self._subs.get((pipeline, band))
         if sub is None:
             from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-            durable = self.names.consumer(pipeline)
+            durable = self.names.consumer(pipeline, band)
             await self.js.add_consumer(
                 self.names.stream,
                 ConsumerConfig(
                     durable_name=durable,
-                    filter_subject=self.names.jobs(pipeline),
+                    filter_subject=self.names.jobs(pipeline, band),
                     ack_policy=AckPolicy.EXPLICIT,
                     deliver_policy=DeliverPolicy.ALL,
                     ack_wait=self.ack_wait_s,
@@ -530,7 +538,7 @@ class Bridge:
                 ),
             )
             sub = await self.js.pull_subscribe_bind(durable=durable, stream=self.names.stream)
-            self._subs[pipeline] = sub
+            self._subs[(pipeline, band)] = sub
         return sub
 
     async def _fetch_loop(self, pipeline: str) -> None:
@@ -547,16 +555,7 @@ class Bridge:
                         await self._freed.wait()
                 continue
             try:
-                sub = await self._subscription(pipeline)
-                # One job, waiting for it up to FETCH_WAIT_S; then what else is there
-                # now, up to the free slots, without waiting. (nats-py's fetch of a
-                # batch that long-polls returns only when the batch is full or its
-                # time is up: a job would sit in it, un-run, for up to that long.)
-                msgs = await sub.fetch(batch=1, timeout=FETCH_WAIT_S)
-                if free > 1:
-                    with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
-                        more = min(free - 1, FETCH_MAX)
-                        msgs += await sub.fetch(batch=more, timeout=FETCH_MORE_WAIT_S)
+                msgs = await self._fetch(pipeline, min(free, FETCH_MAX))
             except (TimeoutError, nats.errors.TimeoutError):
                 continue  # nothing to run (nats-py raises either kind)
             except asyncio.CancelledError:
@@ -569,10 +568,68 @@ class Bridge:
             delay = 0.1
             for msg in msgs:
                 if self._stopping or pipeline not in self._capacity:
-                    self.stats.nacked += 1
-                    self._spawn(_quiet(msg.nak()))  # came in as we stopped: another node's now
+                    self._give_back(msg)  # came in as we stopped: another node's now
                 else:
                     self._take(pipeline, msg)
+        for queue in self._held.pop(pipeline, {}).values():
+            while queue:
+                self._give_back(queue.popleft())
+
+    def _give_back(self, msg: Any) -> None:
+        self.stats.nacked += 1
+        self._spawn(_quiet(msg.nak()))
+
+    async def _fetch(self, pipeline: str, want: int) -> list[Any]:
+        """Up to `want` jobs, the higher bands first.
+
+        Each band is asked at once (concurrently, without waiting) for what it has,
+        up to `want` less what is held of it; the jobs are taken in band order and
+        the rest held here for the next call (at most `want` per band, so at most
+        three times the free slots are ever delivered to this node and not yet
+        running). When no band had any, the first job of any band is waited for,
+        up to FETCH_WAIT_S. (nats-py's fetch of a batch that long-polls returns
+        only when the batch is full or its time is up, so a long poll asks for one
+        job; a poll that lost the race is cancelled, and a job its pull request
+        brings later stays in that band's subscription, where the next fetch of
+        the band takes it first.)"""
+        import nats.errors
+
+        held = self._held.setdefault(pipeline, {band: deque() for band in BANDS})
+
+        async def now(band: str) -> list[Any]:
+            n = want - len(held[band])
+            if n <= 0:
+                return []
+            sub = await self._subscription(pipeline, band)
+            try:
+                got: list[Any] = await sub.fetch(batch=n, timeout=FETCH_MORE_WAIT_S)
+            except (TimeoutError, nats.errors.TimeoutError):
+                return []
+            return got
+
+        for band, got in zip(BANDS, await asyncio.gather(*(now(b) for b in BANDS)), strict=True):
+            held[band].extend(got)
+        if not any(held.values()):
+            polls = {
+                asyncio.ensure_future(
+                    (await self._subscription(pipeline, band)).fetch(1, FETCH_WAIT_S)
+                ): band
+                for band in BANDS
+            }
+            done, pending = await asyncio.wait(polls, return_when=asyncio.FIRST_COMPLETED)
+            for poll in pending:
+                poll.cancel()
+            for poll in done:
+                with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
+                    held[polls[poll]].extend(poll.result())
+        msgs: list[Any] = []
+        for band in BANDS:
+            queue = held[band]
+            while queue and len(msgs) < want:
+                msgs.append(queue.popleft())
+        if not msgs:
+            raise TimeoutError
+        return msgs
 
     def _take(self, pipeline: str, msg: Any) -> None:
         try:
@@ -746,12 +803,14 @@ class Bridge:
                     await sub.unsubscribe()
                 self._nodes_seen = sorted(seen, key=lambda n: str(n.get("node")))
                 self._surveyed_at = time.time()
-            for pipeline in list(self._subs):
+            pending: dict[str, int] = {}
+            for pipeline, band in list(self._subs):
                 with contextlib.suppress(Exception):
                     info = await self.js.consumer_info(
-                        self.names.stream, self.names.consumer(pipeline)
+                        self.names.stream, self.names.consumer(pipeline, band)
                     )
-                    self._pending[pipeline] = int(info.num_pending or 0)
+                    pending[pipeline] = pending.get(pipeline, 0) + int(info.num_pending or 0)
+            self._pending = pending
             await asyncio.sleep(SURVEY_S)
 
     async def _answer_survey(self, msg: Any) -> None:

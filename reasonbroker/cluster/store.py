@@ -33,7 +33,7 @@ from typing import Any, Final
 import structlog
 
 from ..daemon.store.base import Accepted, Ended, OnCommit, OnTrouble, Recovered, Store
-from .wire import JobMessage, Names, Outcome, key
+from .wire import JobMessage, Names, Outcome, band_of, key
 
 _log = structlog.get_logger("reasonbroker.cluster")
 
@@ -181,7 +181,7 @@ class JetStreamStore(Store):
             origin=self._node,
             accepted_at=job.accepted_at,
         ).encode()
-        subject = self._names.jobs(job.pipeline)
+        subject = self._names.jobs(job.pipeline, band_of(job.priority))
         headers = {"Nats-Msg-Id": key(job.cookie)}
 
         async def publish() -> BaseException | None:

@@ -3,10 +3,12 @@
 Names (all under the configured prefix, "rb" by default):
 
     stream   RB_JOBS              work-queue stream of every accepted job, file storage
-    subject  rb.jobs.<token>      one per pipeline; <token> is the pipeline name in
-                                  unpadded url-safe base64 (pipeline names may hold
-                                  dots and other bytes a subject token may not)
-    consumer rb_<hash>            durable pull consumer per pipeline, shared by the nodes
+    subject  rb.jobs.<token>.<band>  per pipeline and priority band (high, normal, low);
+                                  <token> is the pipeline name in unpadded url-safe
+                                  base64 (pipeline names may hold dots and other bytes
+                                  a subject token may not)
+    consumer rb_<hash>_<band>     durable pull consumer per pipeline and band, shared
+                                  by the nodes
     bucket   rb_results           KV: the terminal RESULT of each job, by cookie (hex);
                                   created first-writer-wins, kept `result_ttl_s`
     bucket   rb_pipelines         KV: the pipelines the cluster has seen, so that a
@@ -67,7 +69,7 @@ class Names:
 
     @property
     def jobs_wildcard(self) -> str:
-        return f"{self.prefix}.jobs.*"
+        return f"{self.prefix}.jobs.*.*"
 
     @property
     def cancel(self) -> str:
@@ -84,15 +86,26 @@ class Names:
     def token(self, pipeline: str) -> str:
         return base64.urlsafe_b64encode(pipeline.encode()).decode().rstrip("=") or "_"
 
-    def jobs(self, pipeline: str) -> str:
-        return f"{self.prefix}.jobs.{self.token(pipeline)}"
+    def jobs(self, pipeline: str, band: str = "normal") -> str:
+        return f"{self.prefix}.jobs.{self.token(pipeline)}.{band}"
 
-    def consumer(self, pipeline: str) -> str:
+    def consumer(self, pipeline: str, band: str = "normal") -> str:
         digest = hashlib.sha256(pipeline.encode()).hexdigest()[:32]
-        return f"{self.prefix}_{digest}"
+        return f"{self.prefix}_{digest}_{band}"
 
     def node(self, node: str) -> str:
         return f"{self.prefix}.node.{node}"
+
+
+# Priority across nodes: the stream is first in, first out per subject, so a job goes to
+# its pipeline's subject for its band, and a node fetches the higher bands first. Within
+# a band the order is arrival; a node's worker side orders what it holds by priority.
+BANDS: Final = ("high", "normal", "low")
+
+
+def band_of(priority: int) -> str:
+    """high: priority > 0; normal: 0; low: < 0."""
+    return "high" if priority > 0 else "low" if priority < 0 else "normal"
 
 
 def key(cookie: bytes) -> str:
