@@ -12,9 +12,11 @@ length header, the decoder's loop) is framing.py's.
 from __future__ import annotations
 
 import json
+import json.decoder
 import json.scanner
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any, Final, cast
 
 import msgpack
@@ -250,6 +252,42 @@ def _orjson_object(body: bytes | memoryview) -> dict[Any, Any] | None:
         if type(value) is float or type(value) is dict:
             return None  # a map is only ever STATUS's, passed on as it was read
     return obj
+
+
+def json_literal_text(literal: bytes) -> str | None:
+    """The text of one whole JSON string literal (quotes included) as json
+    reads it, or None when json would refuse it (a control character, a bad
+    escape, not UTF-8) or it holds a lone surrogate (see _check_json_text).
+    orjson checks and decodes it in one pass; else json's own C reader."""
+    if _orjson is not None:
+        try:
+            text = _orjson.loads(literal)
+        except ValueError:  # orjson.JSONDecodeError: lone surrogates too
+            return None
+        return text if type(text) is str else None
+    try:
+        found: str
+        found, end = _scanstring(literal.decode(), 1, True)
+    except ValueError:  # UnicodeDecodeError, JSONDecodeError
+        return None
+    if end != len(literal) or (not found.isascii() and _lone_surrogate(found)):
+        return None
+    return found
+
+
+def _lone_surrogate(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+# json's own reader of a string literal's body (the C one: json.loads reads
+# every string with it); its stub is not in typeshed.
+_scanstring: Final = cast(
+    "Callable[[str, int, bool], tuple[str, int]]", vars(json.decoder)["scanstring"]
+)
 
 
 # json.loads' own steps for a UTF-8 body, without its Python-level wrappers.

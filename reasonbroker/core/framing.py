@@ -10,12 +10,10 @@ of a frame is the codecs' business (codecs.py). The contract is
 
 from __future__ import annotations
 
-import json.decoder
 import re
 import struct
 from binascii import a2b_hex as _a2b_hex
-from collections.abc import Callable
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from mypy_extensions import i64
 
@@ -42,6 +40,7 @@ from .codecs import (
     decode_body,
     detect_codec,
     json_cookie,
+    json_literal_text,
     packet_from_map,
     packet_to_map,
     unpack_map_raw,
@@ -420,11 +419,6 @@ _JSON_ERROR: Final = b',"error":'
 _JSON_STRING: Final = re.compile(
     rb'"(?:[^"\\\x00-\x1f]++|\\["\\/bfnrt]|\\u(?![dD][89a-fA-F])[0-9a-fA-F]{4})*+"'
 )
-# json's own reader of a string literal's body (the C one: json.loads reads
-# every string with it); its stub is not in typeshed.
-_scanstring: Final = cast(
-    Callable[[str, int, bool], tuple[str, int]], vars(json.decoder)["scanstring"]
-)
 
 
 def _json_string_end(data: bytes, pos: i64, stop: i64) -> i64:
@@ -443,26 +437,20 @@ def _json_string(data: bytes, pos: i64, stop: i64) -> tuple[i64, str | None]:
     if pos >= stop or data[pos] != 0x22:
         return -1, None
     # Most strings (names, codes, short payloads) have no escape: the first
-    # quote ends them, and their text is their bytes. A printable text holds
-    # no control character (strict json's rule); any other goes the long way.
+    # quote ends them. Any other is measured by the pattern first.
     q: i64 = data.find(b'"', pos + 1, stop)
     if q < 0:
         return -1, None
     if data.find(b"\\", pos + 1, q) < 0:
-        try:
-            text = data[pos + 1 : q].decode()
-        except UnicodeDecodeError:
+        end: i64 = q + 1
+    else:
+        end = _json_string_end(data, pos, stop)
+        if end < 0:
             return -1, None
-        if text.isprintable():
-            return q + 1, text
-    end = _json_string_end(data, pos, stop)
-    if end < 0:
+    text = json_literal_text(data[pos:end])
+    if text is None:
         return -1, None
-    try:
-        # json's own C reader of a string body (the pattern checked it).
-        return end, _scanstring(data[pos:end].decode(), 1, True)[0]
-    except UnicodeDecodeError:
-        return -1, None
+    return end, text
 
 
 def _json_string_or_null(data: bytes, pos: i64, stop: i64) -> tuple[i64, str | None]:
