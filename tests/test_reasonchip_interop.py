@@ -540,3 +540,40 @@ async def test_reasonchip_worker_survives_more_jobs_than_its_tasks(scene: _Scene
         assert not failed, f"{len(failed)} of 40 failed, first {failed[0]}:\n{scene.logs}"
         assert not worker.eof, f"the worker exited:\n{worker.log}"
         assert broker.board.stats.completed["OK"] == 40
+
+
+# Reads each body (hex, one a line) as ReasonChip's SocketPacket and writes it back.
+ROUND_TRIP_SCRIPT = """\
+import sys
+from reasonchip.net.protocol import SocketPacket
+for line in sys.stdin.read().split():
+    packet = SocketPacket.model_validate_json(bytes.fromhex(line).decode("utf-8"))
+    print(packet.model_dump_json().encode("utf-8").hex())
+"""
+
+
+@pytest.mark.parametrize("backend", ["orjson", "stdlib"])
+def test_reasonchip_writes_back_our_json_frames_byte_for_byte(
+    rc_venv: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Our JSON frames, with either backend, are exactly what ReasonChip's own
+    # SocketPacket writes for the packets it reads from them.
+    from reasonbroker.core import codecs
+    from reasonbroker.core.protocol import encode
+    from tests.test_json_codec import GOLDEN
+
+    if backend == "stdlib":
+        monkeypatch.setattr(codecs, "_orjson", None)
+    elif codecs._orjson is None:
+        pytest.skip("orjson is not installed")
+    bodies = [encode(packet, Codec.JSON)[4:] for packet, _ in GOLDEN]
+    assert bodies == [golden for _, golden in GOLDEN]
+    out = subprocess.run(
+        [str(rc_venv / "bin" / "python"), "-c", ROUND_TRIP_SCRIPT],
+        input="\n".join(b.hex() for b in bodies),
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_S,
+        check=True,
+    ).stdout.split()
+    assert [bytes.fromhex(h) for h in out] == bodies

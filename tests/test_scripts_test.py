@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SANS_IO = [
     "tests/test_protocol.py",
+    "tests/test_json_codec.py",
     "tests/test_switchboard.py",
     "tests/test_properties.py",
     "tests/test_native.py",

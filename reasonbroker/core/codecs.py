@@ -12,13 +12,20 @@ length header, the decoder's loop) is framing.py's.
 from __future__ import annotations
 
 import json
+import json.decoder
 import json.scanner
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any, Final, cast
 
 import msgpack
 from mypy_extensions import i64
+
+try:
+    import orjson
+except ImportError:  # the stdlib's json serves instead, byte for byte the same
+    orjson = None  # type: ignore[assignment]
 
 from .errors import EncodeError, RemoteProtocolError
 from .packets import (
@@ -203,6 +210,9 @@ def decode_body(body: bytes | memoryview, codec: Codec) -> Packet:
     """Decode one frame body. Raises RemoteProtocolError when it is not a map at all."""
     if codec is Codec.MSGPACK:
         return packet_from_map(_unpack_map(body), codec)
+    obj = _orjson_object(body)
+    if obj is not None:
+        return packet_from_map(obj, codec)
     data = bytes(body) if isinstance(body, memoryview) else body
     obj = _json_object(data)
     if obj is None:
@@ -214,6 +224,70 @@ def decode_body(body: bytes | memoryview, codec: Codec) -> Packet:
         raise RemoteProtocolError(f"body is a {type(obj).__name__}, not a map")
     _check_json_text(obj)
     return packet_from_map(obj, codec)
+
+
+# orjson when it is installed (a module global, so a test can take it away);
+# None: the stdlib reads and writes every JSON body.
+_orjson: Any = orjson
+
+
+def _orjson_object(body: bytes | memoryview) -> dict[Any, Any] | None:
+    """What the stdlib path below reads from a JSON object body, read by
+    orjson (4x faster on a per-job packet); None when orjson is not there or
+    might read the body otherwise: any error (the stdlib then gives its own
+    reading or its own error: it takes NaN, 1e400 and lone surrogates, which
+    orjson refuses), and any float or map at the top (orjson reads an
+    integer past 64 bits as a float, the stdlib as an int; in a list, such a
+    number makes the same BadPacket either way). A string orjson returns is
+    valid Unicode, so the lone-surrogate check has nothing to find."""
+    if _orjson is None:
+        return None
+    try:
+        obj = _orjson.loads(body)
+    except ValueError:  # orjson.JSONDecodeError
+        return None
+    if type(obj) is not dict:
+        return None
+    for value in obj.values():
+        if type(value) is float or type(value) is dict:
+            return None  # a map is only ever STATUS's, passed on as it was read
+    return obj
+
+
+def json_literal_text(literal: bytes) -> str | None:
+    """The text of one whole JSON string literal (quotes included) as json
+    reads it, or None when json would refuse it (a control character, a bad
+    escape, not UTF-8) or it holds a lone surrogate (see _check_json_text).
+    orjson checks and decodes it in one pass; else json's own C reader."""
+    if _orjson is not None:
+        try:
+            text = _orjson.loads(literal)
+        except ValueError:  # orjson.JSONDecodeError: lone surrogates too
+            return None
+        return text if type(text) is str else None
+    try:
+        found: str
+        found, end = _scanstring(literal.decode(), 1, True)
+    except ValueError:  # UnicodeDecodeError, JSONDecodeError
+        return None
+    if end != len(literal) or (not found.isascii() and _lone_surrogate(found)):
+        return None
+    return found
+
+
+def _lone_surrogate(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+# json's own reader of a string literal's body (the C one: json.loads reads
+# every string with it); its stub is not in typeshed.
+_scanstring: Final = cast(
+    "Callable[[str, int, bool], tuple[str, int]]", vars(json.decoder)["scanstring"]
+)
 
 
 # json.loads' own steps for a UTF-8 body, without its Python-level wrappers.
@@ -335,13 +409,12 @@ def _cookie(value: Any, codec: Codec) -> bytes:
             and value[23] == "-"
         ):
             try:
-                raw = bytes.fromhex(
-                    value[:8] + value[9:13] + value[14:18] + value[19:23] + value[24:]
-                )
+                raw = bytes.fromhex(value.replace("-", ""))
             except ValueError:
                 raw = b""
             # 16 bytes from 32 characters: every one was a hex digit (fromhex
-            # skips whitespace, which would leave fewer than 16).
+            # skips whitespace, and a hyphen elsewhere is taken out too, either
+            # of which leaves fewer than 16).
             if len(raw) == 16:
                 return raw
         # Not canonical: uuid.UUID says which way, for the error.
@@ -710,6 +783,44 @@ def _json_flat(d: dict[str, Any]) -> str | None:
     return "{" + ",".join(parts) + "}"
 
 
+def _json_text(value: str) -> bytes:
+    """A string as the JSON literal the stdlib writes for it (ensure_ascii=False,
+    UTF-8): orjson's is the same text, checked for every code point by
+    tests/test_protocol.py. A lone surrogate raises UnicodeEncodeError."""
+    if _orjson is not None:
+        try:
+            return _orjson.dumps(value)  # type: ignore[no-any-return]
+        except TypeError:
+            pass  # a lone surrogate: the stdlib's error names it
+    return _json_str(value).encode()
+
+
+# The integers orjson writes (a 64-bit signed or unsigned range); the stdlib
+# writes any, so a map holding a larger one is written by the stdlib.
+_ORJSON_INT_MIN: Final = -(2**63)
+_ORJSON_INT_END: Final = 2**64
+
+
+def _orjson_writes_as_stdlib(d: dict[str, Any]) -> bool:
+    """Whether orjson.dumps(d) is the stdlib's text for d: values of the types
+    every packet sent to a JSON peer has (null, string, boolean, integer in
+    64 bits, list of strings), none of the floats or maps the two write apart."""
+    for value in d.values():
+        kind = type(value)
+        if value is None or kind is str or kind is bool:
+            continue
+        if kind is int:
+            if not _ORJSON_INT_MIN <= value < _ORJSON_INT_END:
+                return False
+        elif kind is list:
+            for item in value:
+                if type(item) is not str:
+                    return False
+        else:
+            return False
+    return True
+
+
 def _json_body(d: dict[str, Any]) -> bytes:
     # ReasonChip's SocketPacket dumps all ten keys with null for unset ones;
     # we do the same so its pydantic model sees exactly what it would send.
@@ -723,11 +834,59 @@ def _json_body(d: dict[str, Any]) -> bytes:
             raise EncodeError(f"{key} must be a string for a JSON peer, not {type(value).__name__}")
         else:
             out[key] = value
+    if _orjson is not None and _orjson_writes_as_stdlib(out):
+        try:
+            return _orjson.dumps(out)  # type: ignore[no-any-return]
+        except TypeError:
+            pass  # a lone surrogate: the stdlib's error below names it
     try:
         flat = _json_flat(out)
         return (_json_encode(out) if flat is None else flat).encode()
     except (TypeError, ValueError) as exc:
         raise EncodeError(f"JSON cannot carry this packet: {exc}") from exc
+
+
+# The per-job JSON packets in their plain shape (framing._json_plain_parts)
+# are written from these pieces: the same bytes as _json_body writes for
+# them, the ten SocketPacket keys in its order, without building the map.
+# tests/test_protocol.py checks the two agree.
+_JSON_RUN_OPEN: Final = b'{"packet_type":"RUN","cookie":"'
+_JSON_RUN_TAIL: Final = b',"detach":null,"rc":null,"error":null,"stacktrace":null,"result":null}'
+_JSON_RUN_TAIL_DETACH: Final = (
+    b',"detach":true,"rc":null,"error":null,"stacktrace":null,"result":null}'
+)
+_JSON_RESULT_OPEN: Final = b'{"packet_type":"RESULT","cookie":"'
+# What follows a RESULT's cookie up to its error's value, by result code.
+_JSON_RC_THEN: Final = {
+    rc: b'","capacity":null,"pipeline":null,"variables":null,"detach":null,"rc":'
+    + _json_text(rc.value)
+    + b',"error":'
+    for rc in ResultCode
+}
+_JSON_RESULT_THEN: Final = b',"stacktrace":null,"result":'
+# After a RUN's cookie, by pipeline name, up to the variables' value; bounded
+# as _PIPELINE_THEN3 is.
+_JSON_PIPELINE_THEN: Final[dict[str, bytes]] = {}
+
+
+def _json_pipeline_then(name: str) -> bytes:
+    cache = _JSON_PIPELINE_THEN
+    piece = cache.get(name)
+    if piece is None:
+        fresh = b'","capacity":null,"pipeline":' + _json_text(name) + b',"variables":'
+        if len(name) > _PACKED_NAME_MAX_CHARS:
+            return fresh
+        piece = fresh
+        if len(cache) >= _PACKED_NAMES_MAX:
+            cache.clear()
+        cache[name] = piece
+    return piece
+
+
+def json_cookie(cookie: bytes) -> bytes:
+    """A 16-byte cookie's canonical UUID text, as the bytes a JSON body holds."""
+    h = cookie.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()
 
 
 def can_carry(value: Any, codec: Codec) -> bool:

@@ -10,12 +10,20 @@ of a frame is the codecs' business (codecs.py). The contract is
 
 from __future__ import annotations
 
+import re
 import struct
+from binascii import a2b_hex as _a2b_hex
 from typing import Any, Final
 
 from mypy_extensions import i64
 
 from .codecs import (
+    _JSON_RC_THEN,
+    _JSON_RESULT_OPEN,
+    _JSON_RESULT_THEN,
+    _JSON_RUN_OPEN,
+    _JSON_RUN_TAIL,
+    _JSON_RUN_TAIL_DETACH,
     _RC_THEN3,
     _RC_THEN4,
     _RESULT_OPEN3,
@@ -23,12 +31,16 @@ from .codecs import (
     _RUN_OPEN3,
     _RUN_OPEN4,
     _json_body,
+    _json_pipeline_then,
+    _json_text,
     _packb,
     _pipeline_then,
     _same,
     _skip,
     decode_body,
     detect_codec,
+    json_cookie,
+    json_literal_text,
     packet_from_map,
     packet_to_map,
     unpack_map_raw,
@@ -61,6 +73,7 @@ class PacketDecoder:
         "_held_bytes",
         "_max",
         "_need",
+        "_pipe_lit",
         "_pipe_name",
         "_pipe_raw",
         "_raw",
@@ -83,6 +96,8 @@ class PacketDecoder:
         # names the same few pipelines over and over.
         self._pipe_raw = b""
         self._pipe_name = ""
+        # The same for a JSON connection: the name's literal, quotes included.
+        self._pipe_lit = b""
         self.codec: Codec | None = None
         # Set when a bad frame followed good ones in the same feed: those good
         # packets are returned first (a worker's RESULT just before garbage
@@ -111,6 +126,7 @@ class PacketDecoder:
         limit: i64 = self._max
         size: i64 = 0
         native = self.codec is Codec.MSGPACK
+        json_codec = self.codec is Codec.JSON
         mv: memoryview | None = None
         try:
             while end - pos >= HEADER_BYTES:
@@ -137,10 +153,17 @@ class PacketDecoder:
                     if packet is not None:
                         packets.append(packet)
                         continue
+                elif json_codec:
+                    # The same for ReasonChip's SocketPacket JSON (_plain_json).
+                    packet = self._plain_json(data, start, stop)
+                    if packet is not None:
+                        packets.append(packet)
+                        continue
                 if mv is None:
                     mv = memoryview(data)  # zero-copy bodies: `data` is immutable
                 packets.append(self._decode(mv[start:stop]))
                 native = self.codec is Codec.MSGPACK
+                json_codec = self.codec is Codec.JSON
             else:
                 self._need = 0
         except RemoteProtocolError as exc:
@@ -285,6 +308,173 @@ class PacketDecoder:
             return Result(cookie, rc, None, None, payload)
         return None
 
+    def _plain_json(self, data: bytes, pos: i64, stop: i64) -> Packet | None:
+        """RUN or RESULT in the shape ReasonChip's SocketPacket dumps (all ten
+        keys in its order, no spaces; what `_json_plain_parts` writes too)
+        read from data[pos:stop] without building the map:
+
+            {"packet_type":"RUN","cookie":C,"capacity":null,"pipeline":P,
+             "variables":S,"detach":null|false|true,"rc":null,"error":null,
+             "stacktrace":null,"result":null}
+            {"packet_type":"RESULT","cookie":C,"capacity":null,"pipeline":null,
+             "variables":null,"detach":null,"rc":R,"error":S,"stacktrace":null,
+             "result":S}
+
+        C a canonical UUID, P a non-empty string, R a result code, S a string
+        or null. None for anything else (the general path reads that frame,
+        and gives the same packet or the same error for it; so does any string
+        this reader is unsure of: invalid UTF-8, an escaped surrogate, a cookie
+        in another form). tests/test_protocol.py checks both.
+        """
+        kind: i64 = 0
+        if _same(data, pos, _JSON_RUN_OPEN):
+            kind = 1
+            pos += len(_JSON_RUN_OPEN)
+        elif _same(data, pos, _JSON_RESULT_OPEN):
+            kind = 2
+            pos += len(_JSON_RESULT_OPEN)
+        else:
+            return None
+        if pos + 37 > stop or data[pos + 36] != 0x22:  # 36 characters, then '"'
+            return None
+        cookie = _json_cookie_bytes(data, pos)
+        if cookie is None:
+            return None
+        pos += 36  # the closing quote opens the next piece
+        if kind == 1:
+            if not _same(data, pos, _JSON_RUN_PIPELINE):
+                return None
+            pos += len(_JSON_RUN_PIPELINE)
+            lit = self._pipe_lit
+            n: i64 = len(lit)
+            if n and _same(data, pos, lit):
+                pipeline = self._pipe_name
+                pos += n
+            else:
+                end, name = _json_string(data, pos, stop)
+                if not name:
+                    return None  # empty or unread here: the general path says which
+                pipeline = name
+                self._pipe_lit = data[pos:end]
+                self._pipe_name = name
+                pos = end
+            if not _same(data, pos, _JSON_VARIABLES):
+                return None
+            pos += len(_JSON_VARIABLES)
+            end, variables = _json_string_or_null(data, pos, stop)
+            if end < 0:
+                return None
+            pos = end
+            detach = False
+            if _same(data, pos, _JSON_RUN_TAIL):
+                pos += len(_JSON_RUN_TAIL)
+            elif _same(data, pos, _JSON_RUN_TAIL_FALSE):
+                pos += len(_JSON_RUN_TAIL_FALSE)
+            elif _same(data, pos, _JSON_RUN_TAIL_DETACH):
+                pos += len(_JSON_RUN_TAIL_DETACH)
+                detach = True
+            else:
+                return None
+            if pos != stop:
+                return None
+            return Run(cookie, pipeline, variables, detach)
+        if not _same(data, pos, _JSON_RESULT_RC):
+            return None
+        pos += len(_JSON_RESULT_RC)
+        # A code is plain capitals: the first quote after the opening one ends it.
+        end = data.find(b'"', pos + 1, stop)
+        if data[pos] != 0x22 or end < 0:
+            return None
+        rc = _RESULT_CODES_RAW.get(data[pos + 1 : end])
+        if rc is None:
+            return None
+        pos = end + 1
+        if not _same(data, pos, _JSON_ERROR):
+            return None
+        pos += len(_JSON_ERROR)
+        end, error = _json_string_or_null(data, pos, stop)
+        if end < 0:
+            return None
+        pos = end
+        if not _same(data, pos, _JSON_RESULT_THEN):
+            return None
+        pos += len(_JSON_RESULT_THEN)
+        end, result = _json_string_or_null(data, pos, stop)
+        if end < 0 or end + 1 != stop or data[end] != 0x7D:  # then "}", the end
+            return None
+        return Result(cookie, rc, error, None, result)
+
+
+# What follows the cookie in the plain JSON shapes, piece by piece.
+_JSON_RUN_PIPELINE: Final = b'","capacity":null,"pipeline":'
+_JSON_VARIABLES: Final = b',"variables":'
+_JSON_RUN_TAIL_FALSE: Final = (
+    b',"detach":false,"rc":null,"error":null,"stacktrace":null,"result":null}'
+)
+_JSON_RESULT_RC: Final = b'","capacity":null,"pipeline":null,"variables":null,"detach":null,"rc":'
+_JSON_ERROR: Final = b',"error":'
+# One JSON string literal, as strict json reads it (no control characters),
+# save escaped surrogates (\ud800-\udfff), left to the general path, which
+# pairs them or refuses a lone one. Possessive: no backtracking on a long one.
+_JSON_STRING: Final = re.compile(
+    rb'"(?:[^"\\\x00-\x1f]++|\\["\\/bfnrt]|\\u(?![dD][89a-fA-F])[0-9a-fA-F]{4})*+"'
+)
+
+
+def _json_string_end(data: bytes, pos: i64, stop: i64) -> i64:
+    """Where the JSON string literal at data[pos] ends, or -1 (see _JSON_STRING)."""
+    m = _JSON_STRING.match(data, pos, stop)
+    if m is None:
+        return -1
+    end: i64 = m.end()
+    return end
+
+
+def _json_string(data: bytes, pos: i64, stop: i64) -> tuple[i64, str | None]:
+    """The JSON string literal at data[pos]: where it ends and its text; -1
+    and None when this reader leaves it to the general path (not a string,
+    not UTF-8, a control character, an escaped surrogate, a bad escape)."""
+    if pos >= stop or data[pos] != 0x22:
+        return -1, None
+    # Most strings (names, codes, short payloads) have no escape: the first
+    # quote ends them. Any other is measured by the pattern first.
+    q: i64 = data.find(b'"', pos + 1, stop)
+    if q < 0:
+        return -1, None
+    if data.find(b"\\", pos + 1, q) < 0:
+        end: i64 = q + 1
+    else:
+        end = _json_string_end(data, pos, stop)
+        if end < 0:
+            return -1, None
+    text = json_literal_text(data[pos:end])
+    if text is None:
+        return -1, None
+    return end, text
+
+
+def _json_string_or_null(data: bytes, pos: i64, stop: i64) -> tuple[i64, str | None]:
+    """The string or null at data[pos]: where it ends and its text or None;
+    -1 when this reader leaves it to the general path."""
+    if _same(data, pos, b"null"):
+        return pos + 4, None
+    return _json_string(data, pos, stop)
+
+
+def _json_cookie_bytes(data: bytes, pos: i64) -> bytes | None:
+    """The 16 bytes of the canonical UUID text at data[pos:pos+36] (hex digits
+    in either case), or None."""
+    if data[pos + 8] != 0x2D or data[pos + 13] != 0x2D or data[pos + 18] != 0x2D:
+        return None
+    if data[pos + 23] != 0x2D:
+        return None
+    try:
+        # A hyphen anywhere else leaves an odd count of digits: an error.
+        raw = _a2b_hex(data[pos : pos + 36].replace(b"-", b""))
+    except ValueError:  # binascii.Error
+        return None
+    return raw
+
 
 def _header(size: int) -> bytes:
     if size < _SMALL_FRAME:
@@ -353,6 +543,71 @@ def _append_plain(
     return HEADER_BYTES + size
 
 
+_JSON_NULL: Final = b"null"
+
+
+def _json_plain_parts(packet: Packet, out: list[bytes]) -> int:
+    """A RUN or RESULT in its per-job shape (a 16-byte cookie, string or no
+    payload; RUN without priority, deadline or attempts; RESULT without a
+    stacktrace) written to `out` as pieces: `_json_body`'s bytes for it.
+    0 (and `out` untouched) for any other packet: the general path writes it.
+    """
+    pieces: list[bytes]
+    if type(packet) is Run:
+        run = packet
+        variables = run.variables
+        if (
+            run.priority
+            or run.timeout_ms is not None
+            or run.max_attempts is not None
+            or len(run.cookie) != 16
+        ):
+            return 0
+        if variables is None:
+            payload = _JSON_NULL
+        elif type(variables) is str:
+            payload = _json_text(variables)
+        else:
+            return 0  # a msgpack payload: the general path says whether it can cross
+        pieces = [
+            _JSON_RUN_OPEN,
+            json_cookie(run.cookie),
+            _json_pipeline_then(run.pipeline),
+            payload,
+            _JSON_RUN_TAIL_DETACH if run.detach else _JSON_RUN_TAIL,
+        ]
+    elif type(packet) is Result:
+        res = packet
+        cookie = res.cookie
+        error = res.error
+        result = res.result
+        if cookie is None or len(cookie) != 16 or res.stacktrace is not None:
+            return 0
+        if result is None:
+            payload = _JSON_NULL
+        elif type(result) is str:
+            payload = _json_text(result)
+        else:
+            return 0
+        pieces = [
+            _JSON_RESULT_OPEN,
+            json_cookie(cookie),
+            _JSON_RC_THEN[res.rc],
+            _JSON_NULL if error is None else _json_text(error),
+            _JSON_RESULT_THEN,
+            payload,
+            b"}",
+        ]
+    else:
+        return 0
+    size = 0
+    for piece in pieces:
+        size += len(piece)
+    out.append(_header(size))
+    out.extend(pieces)
+    return HEADER_BYTES + size
+
+
 def encode_into(packet: Packet, codec: Codec, out: list[bytes]) -> int:
     """Append `packet`'s frame to `out` as pieces whose join is `encode(packet,
     codec)`; return the frame's length. On EncodeError `out` is unchanged.
@@ -363,6 +618,9 @@ def encode_into(packet: Packet, codec: Codec, out: list[bytes]) -> int:
     try:
         if codec is Codec.MSGPACK:
             return _msgpack_parts(packet, out)
+        size = _json_plain_parts(packet, out)
+        if size:
+            return size
         body = _json_body(packet_to_map(packet))
     except (TypeError, ValueError, OverflowError) as exc:
         raise EncodeError(f"{codec.value} cannot carry this packet: {exc}") from exc
