@@ -215,6 +215,34 @@ async def test_a_job_delivered_twice_ends_once_and_the_duplicate_is_dropped(
             assert await client.run("twice", None, timeout=WAIT_S) in ("b", "c")
 
 
+async def test_a_run_resent_to_another_node_after_its_first_node_published_it_ends(
+    nats_server: NatsCluster, tmp_path: Path
+) -> None:
+    """A node published a job and died before its ACCEPTED reached the client, which
+    resumed on node a and sent the RUN again (same cookie): a's publish is a duplicate,
+    the job in the stream names the dead node as its origin, so its RESULT is sent
+    there. Node a gets it from the results bucket. (Found by `scripts/chaos
+    --cluster`: the job was lost.)"""
+    cookie = uuid.uuid4()
+    names = Names("rb")
+    async with _nodes(nats_server.urls, tmp_path, names=("a", "b")) as nodes:
+        nc = await nats.connect(servers=nats_server.urls)
+        try:
+            message = JobMessage(cookie.bytes, "resent", None, 0, None, None, 1, "gone", 0.0)
+            ack = await nc.jetstream().publish(
+                names.jobs("resent"), message.encode(), headers={"Nats-Msg-Id": key(cookie.bytes)}
+            )
+            assert not ack.duplicate
+        finally:
+            await nc.close()
+        async with Client(nodes["a"].address("client")) as client:
+            handle = await client.submit("resent", 5, cookie=cookie)
+            assert handle.accepted
+            async with Worker(nodes["b"].address("worker"), handlers={"resent": echo}):
+                # The job the stream holds ran (its variables None: the dead node's copy).
+                assert await asyncio.wait_for(handle, WAIT_S) == {"echo": None}
+
+
 async def test_jobs_survive_losing_a_nats_server_of_three(
     nats_cluster: NatsCluster, tmp_path: Path
 ) -> None:

@@ -98,6 +98,7 @@ class _Stats:
     went_away: int = 0
     cancels_seen: int = 0
     adopted: int = 0
+    resent: int = 0  # publishes the stream called duplicates (a RUN sent again)
     by_pipeline: dict[str, int] = field(default_factory=dict)
 
 
@@ -225,6 +226,14 @@ class Bridge:
 
     def publish_cancel(self, cookie: bytes) -> None:
         self._spawn(self._publish(self.names.cancel, cookie))
+
+    def resent(self, cookie: bytes) -> None:
+        """The job's publish was a duplicate: the stream's copy of it may name another
+        node (one that died before the client saw ACCEPTED) as its origin, whose
+        subject its RESULT goes to. Watch the bucket for it, as for an adopted job;
+        if its RESULT comes to this node's subject after all, that ends the watch."""
+        self.stats.resent += 1
+        self._adopted.add(cookie)
 
     def new_pipeline(self, pipeline: str) -> None:
         self._known.add(pipeline)

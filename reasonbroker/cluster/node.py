@@ -112,6 +112,7 @@ class ClusterNode:
             settled=bridge.settled,
             publish_cancel=bridge.publish_cancel,
             new_pipeline=bridge.new_pipeline,
+            resent=bridge.resent,
             location=f"nats {', '.join(cluster.servers)} stream {self.names.stream}",
         )
         self._dir = Path(tempfile.mkdtemp(prefix="reasonbroker-node-"))
