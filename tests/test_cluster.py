@@ -14,6 +14,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,7 +27,7 @@ pytest.importorskip("nats", reason="nats-py is not installed: pip install -e '.[
 import nats
 
 from reasonbroker.cluster.node import ClusterError, ClusterNode
-from reasonbroker.cluster.wire import JobMessage, Names, key
+from reasonbroker.cluster.wire import JobMessage, Names, Outcome, key, pack_value
 from reasonbroker.core.limits import Limits, ListenerRole
 from reasonbroker.daemon.config import ClusterConfig, Config, ListenerConfig
 from reasonbroker.sdk.client import Client
@@ -241,6 +242,32 @@ async def test_a_run_resent_to_another_node_after_its_first_node_published_it_en
             async with Worker(nodes["b"].address("worker"), handlers={"resent": echo}):
                 # The job the stream holds ran (its variables None: the dead node's copy).
                 assert await asyncio.wait_for(handle, WAIT_S) == {"echo": None}
+
+
+async def test_a_job_whose_result_a_dead_node_wrote_reaches_its_client_when_run_again(
+    nats_server: NatsCluster, tmp_path: Path
+) -> None:
+    """A node wrote a job's result to the bucket and was SIGKILLed before it told the
+    job's node (nor acked it): JetStream gives the job to node b, whose result loses
+    the create; b tells the job's node the result that won, and its client gets it.
+    (Found by `scripts/chaos --cluster`: the job was lost.)"""
+    async with _nodes(nats_server.urls, tmp_path, names=("a", "b")) as nodes:
+        async with Client(nodes["a"].address("client")) as client:
+            handle = await client.submit("late", 1)  # no worker anywhere yet: queued
+            nc = await nats.connect(servers=nats_server.urls)
+            try:
+                kv = await nc.jetstream().key_value(Names("rb").results)
+                won = Outcome(
+                    handle.cookie.bytes, "OK", None, None, pack_value("by the dead node"),
+                    "gone", 1, time.time(), "late",
+                )  # fmt: skip
+                await kv.create(key(handle.cookie.bytes), won.encode(), validate_keys=False)
+            finally:
+                await nc.close()
+            async with Worker(nodes["b"].address("worker"), handlers={"late": echo}):
+                assert await asyncio.wait_for(handle, WAIT_S) == "by the dead node"
+            bridge = nodes["b"].bridge
+            assert bridge is not None and bridge.stats.duplicates_dropped == 1
 
 
 async def test_jobs_survive_losing_a_nats_server_of_three(

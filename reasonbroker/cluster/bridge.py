@@ -409,6 +409,7 @@ class Bridge:
         """Create the job's result in the bucket (first writer wins), tell its node, ack."""
         from nats.js.errors import KeyWrongLastSequenceError as exists
 
+        origin = self.names.node(running.job.origin)
         for attempt in range(8):
             try:
                 await self.results.create(
@@ -416,6 +417,12 @@ class Bridge:
                 )
             except exists:
                 self.stats.duplicates_dropped += 1  # its one result was written first: drop ours
+                # The node that wrote it may have died before it told the job's node
+                # (that is why the job came here again): tell it the result that won.
+                # The job's node relays a job's end once, so this is harmless if not.
+                with contextlib.suppress(Exception):
+                    won = await self.results.get(key(outcome.cookie), validate_keys=False)
+                    await self._publish(origin, EVENT_RESULT + won.value)
                 break
             except Exception as exc:
                 if attempt == 7:
@@ -426,8 +433,7 @@ class Bridge:
                     return
                 await asyncio.sleep(0.05 * 2**attempt)
                 continue
-            event = EVENT_RESULT + outcome.encode()
-            await self._publish(self.names.node(running.job.origin), event)
+            await self._publish(origin, EVENT_RESULT + outcome.encode())
             break
         with contextlib.suppress(Exception):
             await msg.ack()

@@ -68,9 +68,12 @@ from chaoskit.crash import ROOT, BrokerProcess, Plan, Tally, WorkerPool
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Error lines a node logs, as it should, while a nats-server is down (publishes and
-# result writes retried under the same ids): counted, not failures.
-NATS_LOSS_ERRORS = frozenset({"cluster_publish_failing", "journal_failing"})
+# Error lines a node logs, as it should, while a nats-server is down (publishes
+# retried under the same ids; a result it could not write is left un-acked, so the
+# job runs again after ack_wait): counted, not failures.
+NATS_LOSS_ERRORS = frozenset(
+    {"cluster_publish_failing", "journal_failing", "cluster_result_unwritten"}
+)
 
 
 @dataclasses.dataclass
@@ -142,6 +145,8 @@ class ClusterReport(crash.CrashReport):
         "nats_loss_errors",
         "stream_left",
         "stop_status",
+        "lost_in_bucket",
+        "clients_on",
         "lost",
     )
 
@@ -194,6 +199,31 @@ async def _stream_left(nats_urls: list[str]) -> tuple[int, int, int]:
         return int(info.state.messages), pending, unacked
     finally:
         await nc.close()
+
+
+async def _bucket_says(nats_urls: list[str], cookies: list[bytes]) -> list[str]:
+    """What the results bucket holds for each of these jobs (to tell, of a lost job,
+    whether it ended in the cluster and its RESULT did not reach the client)."""
+    import nats
+    import nats.js.errors
+
+    from reasonbroker.cluster.wire import Names, Outcome, key
+
+    nc = await nats.connect(servers=nats_urls, connect_timeout=5, max_reconnect_attempts=2)
+    said = []
+    try:
+        kv = await nc.jetstream(timeout=5).key_value(Names("rb").results)
+        for cookie in cookies:
+            try:
+                entry = await kv.get(key(cookie), validate_keys=False)
+            except nats.js.errors.KeyNotFoundError:
+                said.append(f"{key(cookie)}: not in the bucket")
+                continue
+            o = Outcome.decode(entry.value)
+            said.append(f"{key(cookie)}: {o.rc} written by {o.node} at {o.ended_at:.3f}")
+    finally:
+        await nc.close()
+    return said
 
 
 # --------------------------------------------------------------------------- the run
@@ -309,6 +339,14 @@ async def _run(
     cli_checked = await crash._check_with_cli(client_urls, detached, settings.cli_sample, report)
     for client in tally.clients:
         await client.close()
+    lost = [o for o in tally.outcomes if o.rc is None]
+    if lost:
+        try:
+            said = await _bucket_says(list(nats.urls), [o.cookie for o in lost[:5]])
+        except Exception as exc:
+            said = [f"the bucket could not be read: {exc}"]
+        report.figures["lost_in_bucket"] = said
+        report.figures["clients_on"] = [c.url for c in tally.clients]
     left = await _drained(nats, settings.drain_s)
     statuses = [await node.stop() for node in nodes]
     crash.check_outcomes(report, tally, pool)
