@@ -26,8 +26,9 @@ pytest.importorskip("nats", reason="nats-py is not installed: pip install -e '.[
 
 import nats
 
+from reasonbroker.cluster.bridge import RECHECK_FIRST_S
 from reasonbroker.cluster.node import ClusterError, ClusterNode
-from reasonbroker.cluster.wire import JobMessage, Names, Outcome, key, pack_value
+from reasonbroker.cluster.wire import EVENT_RESULT, JobMessage, Names, Outcome, key, pack_value
 from reasonbroker.core.limits import Limits, ListenerRole
 from reasonbroker.daemon.config import ClusterConfig, Config, ListenerConfig
 from reasonbroker.sdk.client import Client
@@ -268,6 +269,43 @@ async def test_a_job_whose_result_a_dead_node_wrote_reaches_its_client_when_run_
                 assert await asyncio.wait_for(handle, WAIT_S) == "by the dead node"
             bridge = nodes["b"].bridge
             assert bridge is not None and bridge.stats.duplicates_dropped == 1
+
+
+async def test_a_result_event_lost_in_transit_is_found_in_the_bucket(
+    nats_server: NatsCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Core NATS drops what is sent to a node's subject while a connection is down (a
+    nats-server lost): the job's node asks the bucket for it when its connection comes
+    back, and for any job still waiting after RECHECK_FIRST_S. (Found by `scripts/chaos
+    --cluster`: a result written just before a nats-server was SIGKILLed was lost.)"""
+    async with _nodes(nats_server.urls, tmp_path, names=("a", "b")) as nodes:
+        a, b = nodes["a"].bridge, nodes["b"].bridge
+        assert a is not None and b is not None
+        publish = b._publish
+        dropped: list[bytes] = []
+
+        async def lossy(subject: str, data: bytes) -> None:
+            if data[:1] == EVENT_RESULT:
+                dropped.append(data)  # lost on the way to node a
+                return
+            await publish(subject, data)
+
+        monkeypatch.setattr(b, "_publish", lossy)
+        async with (
+            Worker(nodes["b"].address("worker"), handlers={"echo": echo}),
+            Client(nodes["a"].address("client")) as client,
+        ):
+            # No reconnect seen (the event was lost on the sender's side): the recheck.
+            first = await client.submit("echo", 1)
+            assert await asyncio.wait_for(first, WAIT_S) == {"echo": 1}
+            assert len(dropped) == 1 and a.stats.recovered == 1
+            second = await client.submit("echo", 2)
+            await _until(lambda: len(dropped) == 2)
+            began = time.monotonic()
+            a.reconnected()  # as nats-py calls it when the connection is back
+            assert await asyncio.wait_for(second, WAIT_S) == {"echo": 2}
+            assert time.monotonic() - began < RECHECK_FIRST_S  # not the recheck's
+        assert a.stats.recovered == 2
 
 
 async def test_jobs_survive_losing_a_nats_server_of_three(

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -75,6 +76,15 @@ WHO_WAIT_S: Final = 0.5  # how long a JOB question waits for a node to claim the
 ADOPTED_POLL_S: Final = 1.0  # how often the bucket is asked for adopted jobs' results
 ADOPTED_PIPELINE: Final = "(a job of another node)"  # what a JOB says of one not ended
 EARLY_REMEMBERED: Final = 10_000
+# A job's RESULT comes to its node's subject over core NATS, which drops what is sent
+# while a connection is down (a nats-server lost): the bucket is asked for a job still
+# waiting RECHECK_FIRST_S after it came, then after twice as long each time, at most
+# RECHECK_MAX_S apart; and for every waiting job when the connection came back, and
+# again RECONNECT_AGAIN_S later (the new server's interest reaches the others late).
+RECHECK_FIRST_S: Final = 5.0
+RECHECK_MAX_S: Final = 60.0
+RECONNECT_AGAIN_S: Final = 2.0
+LOOKUPS_AT_ONCE: Final = 64
 # What the inbound peer asks of the worker side: its jobs' STARTED and PROGRESS,
 # and their priority, deadline and attempts honoured.
 INBOUND_FEATURES: Final = ("started", "progress", "priority", "timeout", "attempts")
@@ -98,6 +108,7 @@ class _Stats:
     went_away: int = 0
     cancels_seen: int = 0
     adopted: int = 0
+    recovered: int = 0  # RESULTs found in the bucket for jobs whose event never came
     resent: int = 0  # publishes the stream called duplicates (a RUN sent again)
     by_pipeline: dict[str, int] = field(default_factory=dict)
 
@@ -134,6 +145,8 @@ class Bridge:
         self._client_side: Broker | None = None
         self._adopted: set[bytes] = set()  # other nodes' jobs attached here, not ended yet
         self._early: OrderedDict[bytes, Outcome] = OrderedDict()  # results before their RUN
+        # When to ask the bucket for a job of ours still waiting: (at, interval, cookie).
+        self._rechecks: list[tuple[float, float, bytes]] = []
         self._running: dict[bytes, _Running] = {}
         self._by_pipeline: dict[str, int] = {}  # inbound jobs running per pipeline
         self._capacity: dict[str, int] = {}  # local workers' slots per pipeline
@@ -183,6 +196,7 @@ class Bridge:
             asyncio.create_task(self._keep_alive(), name="cluster in_progress"),
             asyncio.create_task(self._watch_pipelines(), name="cluster pipelines"),
             asyncio.create_task(self._watch_adopted(), name="cluster adopted"),
+            asyncio.create_task(self._recheck(), name="cluster rechecks"),
         ]
         client_side.intercept = self.intercept
 
@@ -259,6 +273,8 @@ class Bridge:
                             continue  # cancelled or timed out in the same turn
                         self._mine[cookie] = wcookie
                         self._job_of[wcookie] = cookie
+                        at = asyncio.get_running_loop().time() + RECHECK_FIRST_S
+                        heapq.heappush(self._rechecks, (at, RECHECK_FIRST_S, cookie))
                         early = self._early.pop(cookie, None)
                         if early is not None:
                             self._relay(early)
@@ -730,6 +746,45 @@ class Bridge:
                     if outcome is not None:
                         self._adopted.discard(cookie)
                         self._relay(outcome)
+
+    async def _recheck(self) -> None:
+        """Ask the bucket for the jobs of ours whose RESULT is late (RECHECK_FIRST_S)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            now = loop.time()
+            due: list[bytes] = []
+            while self._rechecks and self._rechecks[0][0] <= now:
+                _, interval, cookie = heapq.heappop(self._rechecks)
+                if cookie in self._mine:
+                    due.append(cookie)
+                    interval = min(interval * 2, RECHECK_MAX_S)
+                    heapq.heappush(self._rechecks, (now + interval, interval, cookie))
+            await self._look_up_all(due)
+
+    def reconnected(self) -> None:
+        """The node's NATS connection came back: what was sent to its subject meanwhile
+        is lost; ask the bucket for every job of ours still waiting, now and once more
+        a little later."""
+        self._spawn(self._after_reconnect())
+
+    async def _after_reconnect(self) -> None:
+        await self._look_up_all(list(self._mine))
+        await asyncio.sleep(RECONNECT_AGAIN_S)
+        await self._look_up_all(list(self._mine))
+
+    async def _look_up_all(self, cookies: list[bytes]) -> None:
+        """Relay the RESULT of each of these jobs that the bucket has (LOOKUPS_AT_ONCE)."""
+
+        async def one(cookie: bytes) -> None:
+            with contextlib.suppress(Exception):
+                outcome = await self.lookup(cookie)
+                if outcome is not None and cookie in self._mine:
+                    self.stats.recovered += 1
+                    self._relay(outcome)
+
+        for i in range(0, len(cookies), LOOKUPS_AT_ONCE):
+            await asyncio.gather(*(one(c) for c in cookies[i : i + LOOKUPS_AT_ONCE]))
 
     async def lookup(self, cookie: bytes) -> Outcome | None:
         """The job's result in the bucket, or None (running, queued or unknown)."""
