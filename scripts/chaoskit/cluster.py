@@ -78,7 +78,7 @@ NATS_LOSS_ERRORS = frozenset(
 
 @dataclasses.dataclass
 class ClusterSettings:
-    jobs: int = 2000
+    jobs: int = 3000
     clients: int = 4
     workers: int = 3  # worker processes, spread over the nodes
     capacity: int = 16  # slots per worker process
