@@ -10,8 +10,11 @@ ordinary protocol over Unix sockets private to the node.
 
 Outbound (client side): a RUN only registers the job (the store published it
 already); its RESULT is relayed when the node's subject brings it (the fast
-path) or, for a job this node adopted for an ATTACH, when the results bucket
-has it. A CANCEL writes CANCELLED to the bucket, first writer wins: if it
+path) or, for a job this node adopted for an ATTACH or whose publish was a
+duplicate (a RUN sent again here after another node published it), when the
+results bucket has it. Core NATS drops what is sent while a connection is down,
+so the bucket is also asked for every waiting job when the node's connection
+comes back, and for any job still waiting after a few seconds (`_recheck`). A CANCEL writes CANCELLED to the bucket, first writer wins: if it
 wins the cancel is announced to every node, else the result that won is
 relayed instead, so the client always gets the job's one terminal RESULT.
 
@@ -21,7 +24,8 @@ submits each as a RUN (the remaining deadline as its timeout). A job's
 STARTED and PROGRESS go to its node's subject as they come. Its RESULT is
 created in the results bucket (first writer wins: a job delivered twice,
 after a node died or `ack_wait` passed, ends once; the loser's result is
-dropped), sent to its node, and only then acked. A job the worker side
+dropped, and the one that won is sent to the job's node again, in case its
+writer died before it could), sent to its node, and only then acked. A job the worker side
 cannot run (no worker left, or the node is stopping) is nak'ed, so another
 node takes it at once. Running jobs are kept from redelivery by an
 `in_progress` every `ack_wait`/3. A job that several nodes' deaths caught

@@ -312,7 +312,7 @@ async def _run(
     shares = [plans[i :: settings.clients] for i in range(settings.clients)]
     clients = [
         asyncio.create_task(
-            crash._client(i, _rotated(client_urls, i), share, settings.window, tally)
+            crash.client_task(i, _rotated(client_urls, i), share, settings.window, tally)
         )
         for i, share in enumerate(shares)
     ]
@@ -331,12 +331,12 @@ async def _run(
     detached: list[crash.Outcome] = []
     try:
         async with asyncio.timeout(settings.collect_s):
-            detached = await crash._collect_detached(client_urls, tally)
+            detached = await crash.collect_detached(client_urls, tally)
     except TimeoutError:
         report.check(
             "detached jobs collected within collect_s", False, f"{settings.collect_s} s passed"
         )
-    cli_checked = await crash._check_with_cli(client_urls, detached, settings.cli_sample, report)
+    cli_checked = await crash.check_with_cli(client_urls, detached, settings.cli_sample, report)
     for client in tally.clients:
         await client.close()
     lost = [o for o in tally.outcomes if o.rc is None]

@@ -358,7 +358,7 @@ async def _settle(handle: JobHandle, outcome: Outcome) -> None:
         outcome.rc = None  # the client gave up resuming: lost to it
 
 
-async def _client(
+async def client_task(
     index: int, urls: str | list[str], plans: list[Plan], window_size: int, tally: Tally
 ) -> None:
     client = CountingClient(urls, name=f"chaos-client-{index}", resume=True, resume_timeout=90)
@@ -507,7 +507,7 @@ async def _run(
 
     shares = [plans[i :: settings.clients] for i in range(settings.clients)]
     clients = [
-        asyncio.create_task(_client(i, broker.client_url, share, settings.window, tally))
+        asyncio.create_task(client_task(i, broker.client_url, share, settings.window, tally))
         for i, share in enumerate(shares)
     ]
     crashes = asyncio.create_task(crasher())
@@ -515,7 +515,7 @@ async def _run(
         async with asyncio.timeout(settings.seconds):
             await asyncio.gather(*clients)
             await crashes
-            detached = await _collect_detached([broker.client_url], tally)
+            detached = await collect_detached([broker.client_url], tally)
     except TimeoutError:
         report.check("finished within --seconds", False, f"{settings.seconds} s passed")
         detached = []
@@ -524,7 +524,7 @@ async def _run(
             task.cancel()
         await asyncio.gather(*clients, crashes, return_exceptions=True)
     elapsed = time.monotonic() - began
-    cli_checked = await _check_with_cli([broker.client_url], detached, settings.cli_sample, report)
+    cli_checked = await check_with_cli([broker.client_url], detached, settings.cli_sample, report)
     for client in tally.clients:
         await client.close()
     status = await broker.stop()
@@ -543,7 +543,7 @@ async def _run(
     )
 
 
-async def _collect_detached(urls: list[str], tally: Tally) -> list[Outcome]:
+async def collect_detached(urls: list[str], tally: Tally) -> list[Outcome]:
     """ATTACH to every accepted detached job (its retained RESULT, or it when it ends),
     the i-th through the (i mod len(urls))-th broker URL."""
     detached = [o for o in tally.outcomes if o.plan.detach]
@@ -560,9 +560,7 @@ async def _collect_detached(urls: list[str], tally: Tally) -> list[Outcome]:
     return detached
 
 
-async def _check_with_cli(
-    urls: list[str], detached: list[Outcome], sample: int, report: Any
-) -> int:
+async def check_with_cli(urls: list[str], detached: list[Outcome], sample: int, report: Any) -> int:
     """`reasonbroker job COOKIE` (its state as JSON) for a sample of the detached jobs,
     the i-th asked of the (i + 1 mod len(urls))-th broker URL (with several, another
     than the one the collector ATTACHed through)."""
