@@ -14,9 +14,10 @@ path) or, for a job this node adopted for an ATTACH or whose publish was a
 duplicate (a RUN sent again here after another node published it), when the
 results bucket has it. Core NATS drops what is sent while a connection is down,
 so the bucket is also asked for every waiting job when the node's connection
-comes back, and for any job still waiting after a few seconds (`_recheck`). A CANCEL writes CANCELLED to the bucket, first writer wins: if it
-wins the cancel is announced to every node, else the result that won is
-relayed instead, so the client always gets the job's one terminal RESULT.
+comes back, and for any job still waiting after a few seconds (`_recheck`).
+A CANCEL writes CANCELLED to the bucket, first writer wins: if it wins the
+cancel is announced to every node, else the result that won is relayed
+instead, so the client always gets the job's one terminal RESULT.
 
 Inbound (worker side): per pipeline that local workers serve, one fetch loop
 takes `min(free slots, 128)` jobs from the pipeline's durable consumer and
