@@ -14,6 +14,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,8 +26,9 @@ pytest.importorskip("nats", reason="nats-py is not installed: pip install -e '.[
 
 import nats
 
+from reasonbroker.cluster.bridge import RECHECK_FIRST_S
 from reasonbroker.cluster.node import ClusterError, ClusterNode
-from reasonbroker.cluster.wire import JobMessage, Names, key
+from reasonbroker.cluster.wire import EVENT_RESULT, JobMessage, Names, Outcome, key, pack_value
 from reasonbroker.core.limits import Limits, ListenerRole
 from reasonbroker.daemon.config import ClusterConfig, Config, ListenerConfig
 from reasonbroker.sdk.client import Client
@@ -52,7 +54,9 @@ def _config(servers: list[str], node: str, tmp: Path, **cluster: Any) -> Config:
             ),
             ListenerConfig(f"unix://{tmp / f'{node}-workers.sock'}", ListenerRole.WORKERS),
         ),
-        limits=Limits(heartbeat_ms=2000),
+        # The default heartbeat (5 s): a client gives up after 3 silent ones, and a node
+        # holds what it sends a client while a new stream leader is elected (4-7 s here).
+        limits=Limits(),
         cluster=ClusterConfig(servers=tuple(servers), node=node, **cluster),
     )
 
@@ -220,6 +224,97 @@ async def test_a_job_delivered_twice_ends_once_and_the_duplicate_is_dropped(
             await _until(lambda: sum(b.stats.duplicates_dropped for b in bridges if b) == 1)
             # Nothing else reached the client: a later job's answer is its own.
             assert await client.run("twice", None, timeout=WAIT_S) in ("b", "c")
+
+
+async def test_a_run_resent_to_another_node_after_its_first_node_published_it_ends(
+    nats_server: NatsCluster, tmp_path: Path
+) -> None:
+    """A node published a job and died before its ACCEPTED reached the client, which
+    resumed on node a and sent the RUN again (same cookie): a's publish is a duplicate,
+    the job in the stream names the dead node as its origin, so its RESULT is sent
+    there. Node a gets it from the results bucket. (Found by `scripts/chaos
+    --cluster`: the job was lost.)"""
+    cookie = uuid.uuid4()
+    names = Names("rb")
+    async with _nodes(nats_server.urls, tmp_path, names=("a", "b")) as nodes:
+        nc = await nats.connect(servers=nats_server.urls)
+        try:
+            message = JobMessage(cookie.bytes, "resent", None, 0, None, None, 1, "gone", 0.0)
+            ack = await nc.jetstream().publish(
+                names.jobs("resent"), message.encode(), headers={"Nats-Msg-Id": key(cookie.bytes)}
+            )
+            assert not ack.duplicate
+        finally:
+            await nc.close()
+        async with Client(nodes["a"].address("client")) as client:
+            handle = await client.submit("resent", 5, cookie=cookie)
+            assert handle.accepted
+            async with Worker(nodes["b"].address("worker"), handlers={"resent": echo}):
+                # The job the stream holds ran (its variables None: the dead node's copy).
+                assert await asyncio.wait_for(handle, WAIT_S) == {"echo": None}
+
+
+async def test_a_job_whose_result_a_dead_node_wrote_reaches_its_client_when_run_again(
+    nats_server: NatsCluster, tmp_path: Path
+) -> None:
+    """A node wrote a job's result to the bucket and was SIGKILLed before it told the
+    job's node (nor acked it): JetStream gives the job to node b, whose result loses
+    the create; b tells the job's node the result that won, and its client gets it.
+    (Found by `scripts/chaos --cluster`: the job was lost.)"""
+    async with _nodes(nats_server.urls, tmp_path, names=("a", "b")) as nodes:
+        async with Client(nodes["a"].address("client")) as client:
+            handle = await client.submit("late", 1)  # no worker anywhere yet: queued
+            nc = await nats.connect(servers=nats_server.urls)
+            try:
+                kv = await nc.jetstream().key_value(Names("rb").results)
+                won = Outcome(
+                    handle.cookie.bytes, "OK", None, None, pack_value("by the dead node"),
+                    "gone", 1, time.time(), "late",
+                )  # fmt: skip
+                await kv.create(key(handle.cookie.bytes), won.encode(), validate_keys=False)
+            finally:
+                await nc.close()
+            async with Worker(nodes["b"].address("worker"), handlers={"late": echo}):
+                assert await asyncio.wait_for(handle, WAIT_S) == "by the dead node"
+            bridge = nodes["b"].bridge
+            assert bridge is not None and bridge.stats.duplicates_dropped == 1
+
+
+async def test_a_result_event_lost_in_transit_is_found_in_the_bucket(
+    nats_server: NatsCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Core NATS drops what is sent to a node's subject while a connection is down (a
+    nats-server lost): the job's node asks the bucket for it when its connection comes
+    back, and for any job still waiting after RECHECK_FIRST_S. (Found by `scripts/chaos
+    --cluster`: a result written just before a nats-server was SIGKILLed was lost.)"""
+    async with _nodes(nats_server.urls, tmp_path, names=("a", "b")) as nodes:
+        a, b = nodes["a"].bridge, nodes["b"].bridge
+        assert a is not None and b is not None
+        publish = b._publish
+        dropped: list[bytes] = []
+
+        async def lossy(subject: str, data: bytes) -> None:
+            if data[:1] == EVENT_RESULT:
+                dropped.append(data)  # lost on the way to node a
+                return
+            await publish(subject, data)
+
+        monkeypatch.setattr(b, "_publish", lossy)
+        async with (
+            Worker(nodes["b"].address("worker"), handlers={"echo": echo}),
+            Client(nodes["a"].address("client")) as client,
+        ):
+            # No reconnect seen (the event was lost on the sender's side): the recheck.
+            first = await client.submit("echo", 1)
+            assert await asyncio.wait_for(first, WAIT_S) == {"echo": 1}
+            assert len(dropped) == 1 and a.stats.recovered == 1
+            second = await client.submit("echo", 2)
+            await _until(lambda: len(dropped) == 2)
+            began = time.monotonic()
+            a.reconnected()  # as nats-py calls it when the connection is back
+            assert await asyncio.wait_for(second, WAIT_S) == {"echo": 2}
+            assert time.monotonic() - began < RECHECK_FIRST_S  # not the recheck's
+        assert a.stats.recovered == 2
 
 
 async def test_jobs_survive_losing_a_nats_server_of_three(

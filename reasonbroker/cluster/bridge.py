@@ -10,10 +10,14 @@ ordinary protocol over Unix sockets private to the node.
 
 Outbound (client side): a RUN only registers the job (the store published it
 already); its RESULT is relayed when the node's subject brings it (the fast
-path) or, for a job this node adopted for an ATTACH, when the results bucket
-has it. A CANCEL writes CANCELLED to the bucket, first writer wins: if it
-wins the cancel is announced to every node, else the result that won is
-relayed instead, so the client always gets the job's one terminal RESULT.
+path) or, for a job this node adopted for an ATTACH or whose publish was a
+duplicate (a RUN sent again here after another node published it), when the
+results bucket has it. Core NATS drops what is sent while a connection is down,
+so the bucket is also asked for every waiting job when the node's connection
+comes back, and for any job still waiting after a few seconds (`_recheck`).
+A CANCEL writes CANCELLED to the bucket, first writer wins: if it wins the
+cancel is announced to every node, else the result that won is relayed
+instead, so the client always gets the job's one terminal RESULT.
 
 Inbound (worker side): per pipeline that local workers serve, one fetch loop
 takes `min(free slots, 128)` jobs from the pipeline's durable consumer and
@@ -21,7 +25,8 @@ submits each as a RUN (the remaining deadline as its timeout). A job's
 STARTED and PROGRESS go to its node's subject as they come. Its RESULT is
 created in the results bucket (first writer wins: a job delivered twice,
 after a node died or `ack_wait` passed, ends once; the loser's result is
-dropped), sent to its node, and only then acked. A job the worker side
+dropped, and the one that won is sent to the job's node again, in case its
+writer died before it could), sent to its node, and only then acked. A job the worker side
 cannot run (no worker left, or the node is stopping) is nak'ed, so another
 node takes it at once. Running jobs are kept from redelivery by an
 `in_progress` every `ack_wait`/3. A job that several nodes' deaths caught
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -80,6 +86,15 @@ SURVEY_WAIT_S: Final = 0.3  # how long a survey collects answers
 ADOPTED_POLL_S: Final = 1.0  # how often the bucket is asked for adopted jobs' results
 ADOPTED_PIPELINE: Final = "(a job of another node)"  # what a JOB says of one not ended
 EARLY_REMEMBERED: Final = 10_000
+# A job's RESULT comes to its node's subject over core NATS, which drops what is sent
+# while a connection is down (a nats-server lost): the bucket is asked for a job still
+# waiting RECHECK_FIRST_S after it came, then after twice as long each time, at most
+# RECHECK_MAX_S apart; and for every waiting job when the connection came back, and
+# again RECONNECT_AGAIN_S later (the new server's interest reaches the others late).
+RECHECK_FIRST_S: Final = 5.0
+RECHECK_MAX_S: Final = 60.0
+RECONNECT_AGAIN_S: Final = 2.0
+LOOKUPS_AT_ONCE: Final = 64
 # What the inbound peer asks of the worker side: its jobs' STARTED and PROGRESS,
 # and their priority, deadline and attempts honoured.
 INBOUND_FEATURES: Final = ("started", "progress", "priority", "timeout", "attempts")
@@ -103,6 +118,8 @@ class _Stats:
     went_away: int = 0
     cancels_seen: int = 0
     adopted: int = 0
+    recovered: int = 0  # RESULTs found in the bucket for jobs whose event never came
+    resent: int = 0  # publishes the stream called duplicates (a RUN sent again)
     by_pipeline: dict[str, int] = field(default_factory=dict)
 
 
@@ -138,6 +155,8 @@ class Bridge:
         self._client_side: Broker | None = None
         self._adopted: set[bytes] = set()  # other nodes' jobs attached here, not ended yet
         self._early: OrderedDict[bytes, Outcome] = OrderedDict()  # results before their RUN
+        # When to ask the bucket for a job of ours still waiting: (at, interval, cookie).
+        self._rechecks: list[tuple[float, float, bytes]] = []
         self._running: dict[bytes, _Running] = {}
         self._by_pipeline: dict[str, int] = {}  # inbound jobs running per pipeline
         self._capacity: dict[str, int] = {}  # local workers' slots per pipeline
@@ -194,6 +213,7 @@ class Bridge:
             asyncio.create_task(self._watch_pipelines(), name="cluster pipelines"),
             asyncio.create_task(self._watch_adopted(), name="cluster adopted"),
             asyncio.create_task(self._survey(), name="cluster survey"),
+            asyncio.create_task(self._recheck(), name="cluster rechecks"),
         ]
         client_side.intercept = self.intercept
         client_side.status_extra = self.status
@@ -247,6 +267,14 @@ class Bridge:
     def publish_cancel(self, cookie: bytes) -> None:
         self._spawn(self._publish(self.names.cancel, cookie))
 
+    def resent(self, cookie: bytes) -> None:
+        """The job's publish was a duplicate: the stream's copy of it may name another
+        node (one that died before the client saw ACCEPTED) as its origin, whose
+        subject its RESULT goes to. Watch the bucket for it, as for an adopted job;
+        if its RESULT comes to this node's subject after all, that ends the watch."""
+        self.stats.resent += 1
+        self._adopted.add(cookie)
+
     def new_pipeline(self, pipeline: str) -> None:
         self._known.add(pipeline)
         self._spawn(self._register_pipeline(pipeline))
@@ -271,6 +299,8 @@ class Bridge:
                             continue  # cancelled or timed out in the same turn
                         self._mine[cookie] = wcookie
                         self._job_of[wcookie] = cookie
+                        at = asyncio.get_running_loop().time() + RECHECK_FIRST_S
+                        heapq.heappush(self._rechecks, (at, RECHECK_FIRST_S, cookie))
                         early = self._early.pop(cookie, None)
                         if early is not None:
                             self._relay(early)
@@ -421,6 +451,7 @@ class Bridge:
         """Create the job's result in the bucket (first writer wins), tell its node, ack."""
         from nats.js.errors import KeyWrongLastSequenceError as exists
 
+        origin = self.names.node(running.job.origin)
         for attempt in range(8):
             try:
                 await self.results.create(
@@ -428,6 +459,12 @@ class Bridge:
                 )
             except exists:
                 self.stats.duplicates_dropped += 1  # its one result was written first: drop ours
+                # The node that wrote it may have died before it told the job's node
+                # (that is why the job came here again): tell it the result that won.
+                # The job's node relays a job's end once, so this is harmless if not.
+                with contextlib.suppress(Exception):
+                    won = await self.results.get(key(outcome.cookie), validate_keys=False)
+                    await self._publish(origin, EVENT_RESULT + won.value)
                 break
             except Exception as exc:
                 if attempt == 7:
@@ -438,8 +475,7 @@ class Bridge:
                     return
                 await asyncio.sleep(0.05 * 2**attempt)
                 continue
-            event = EVENT_RESULT + outcome.encode()
-            await self._publish(self.names.node(running.job.origin), event)
+            await self._publish(origin, EVENT_RESULT + outcome.encode())
             break
         with contextlib.suppress(Exception):
             await msg.ack()
@@ -905,6 +941,45 @@ class Bridge:
                     if outcome is not None:
                         self._adopted.discard(cookie)
                         self._relay(outcome)
+
+    async def _recheck(self) -> None:
+        """Ask the bucket for the jobs of ours whose RESULT is late (RECHECK_FIRST_S)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            now = loop.time()
+            due: list[bytes] = []
+            while self._rechecks and self._rechecks[0][0] <= now:
+                _, interval, cookie = heapq.heappop(self._rechecks)
+                if cookie in self._mine:
+                    due.append(cookie)
+                    interval = min(interval * 2, RECHECK_MAX_S)
+                    heapq.heappush(self._rechecks, (now + interval, interval, cookie))
+            await self._look_up_all(due)
+
+    def reconnected(self) -> None:
+        """The node's NATS connection came back: what was sent to its subject meanwhile
+        is lost; ask the bucket for every job of ours still waiting, now and once more
+        a little later."""
+        self._spawn(self._after_reconnect())
+
+    async def _after_reconnect(self) -> None:
+        await self._look_up_all(list(self._mine))
+        await asyncio.sleep(RECONNECT_AGAIN_S)
+        await self._look_up_all(list(self._mine))
+
+    async def _look_up_all(self, cookies: list[bytes]) -> None:
+        """Relay the RESULT of each of these jobs that the bucket has (LOOKUPS_AT_ONCE)."""
+
+        async def one(cookie: bytes) -> None:
+            with contextlib.suppress(Exception):
+                outcome = await self.lookup(cookie)
+                if outcome is not None and cookie in self._mine:
+                    self.stats.recovered += 1
+                    self._relay(outcome)
+
+        for i in range(0, len(cookies), LOOKUPS_AT_ONCE):
+            await asyncio.gather(*(one(c) for c in cookies[i : i + LOOKUPS_AT_ONCE]))
 
     async def lookup(self, cookie: bytes) -> Outcome | None:
         """The job's result in the bucket, or None (running, queued or unknown)."""

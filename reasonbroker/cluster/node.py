@@ -112,6 +112,7 @@ class ClusterNode:
             settled=bridge.settled,
             publish_cancel=bridge.publish_cancel,
             new_pipeline=bridge.new_pipeline,
+            resent=bridge.resent,
             location=f"nats {', '.join(cluster.servers)} stream {self.names.stream}",
         )
         self._dir = Path(tempfile.mkdtemp(prefix="reasonbroker-node-"))
@@ -162,7 +163,7 @@ class ClusterNode:
             "pending_size": 64 << 20,
             "error_cb": _on_error,
             "disconnected_cb": _on_disconnected,
-            "reconnected_cb": _on_reconnected,
+            "reconnected_cb": self._on_reconnected,
         }
         if cluster.credentials is not None:
             options["user_credentials"] = cluster.credentials
@@ -251,6 +252,11 @@ class ClusterNode:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
 
+    async def _on_reconnected(self) -> None:
+        _log.warning("cluster_nats_reconnected")
+        if self.bridge is not None:
+            self.bridge.reconnected()
+
     # -- what tests and the CLI read -----------------------------------------------------
 
     def address(self, role: str) -> str:
@@ -265,7 +271,3 @@ async def _on_error(exc: Exception) -> None:
 
 async def _on_disconnected() -> None:
     _log.warning("cluster_nats_disconnected")
-
-
-async def _on_reconnected() -> None:
-    _log.warning("cluster_nats_reconnected")

@@ -57,6 +57,7 @@ class JetStreamStore(Store):
         settled: set[bytes],
         publish_cancel: Callable[[bytes], None],
         new_pipeline: Callable[[str], None],
+        resent: Callable[[bytes], None],
         location: str,
     ) -> None:
         self._js = js
@@ -68,6 +69,8 @@ class JetStreamStore(Store):
         self._settled = settled
         self._publish_cancel = publish_cancel
         self._new_pipeline = new_pipeline
+        # A job whose publish was a duplicate: the stream's copy may be another node's.
+        self._resent = resent
         self._pipelines: set[str] = set()
         self.location = location
         self._on_commit: OnCommit | None = None
@@ -186,10 +189,17 @@ class JetStreamStore(Store):
 
         async def publish() -> BaseException | None:
             try:
-                await self._js.publish(subject, message, headers=headers)
+                ack = await self._js.publish(subject, message, headers=headers)
             except Exception as exc:  # any failure is retried, and reported
                 return exc
             self.published += 1
+            if ack.duplicate:
+                # The stream had this cookie already: our own earlier try (a publish
+                # retried after a timeout), or another node's, which published it and
+                # died before its ACCEPTED reached the client, who resumed here and
+                # sent the RUN again. Then the job names that node as its origin, and
+                # its RESULT goes to that node's subject: the bucket is watched for it.
+                self._resent(job.cookie)
             return None
 
         return publish

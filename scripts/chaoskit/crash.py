@@ -49,7 +49,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import structlog
 
@@ -124,8 +124,8 @@ class BrokerProcess:
     """`reasonbroker serve` with a journal, started, SIGKILLed and restarted on
     the same addresses; its JSON log lines are read (journal_opened's counts)."""
 
-    def __init__(self, journal: Path, sync: str) -> None:
-        self.journal = journal
+    def __init__(self, journal: Path | None, sync: str = "full") -> None:
+        self.journal = journal  # None: a subclass's arguments() says what it runs on
         self.sync = sync
         self.client_url = f"tcp://127.0.0.1:{_free_port()}"
         self.worker_url = f"tcp://127.0.0.1:{_free_port()}"
@@ -133,30 +133,44 @@ class BrokerProcess:
         self.starts: list[dict[str, Any]] = []  # each start's journal_opened event
         self.events: Counter[str] = Counter()
         self.errors: list[str] = []
+        self.log: Path | None = None  # where every line it logs is kept, if set
         self._reader: asyncio.Task[None] | None = None
+
+    def arguments(self) -> list[str]:
+        """What follows `reasonbroker serve --client URL --worker URL`."""
+        assert self.journal is not None
+        return ["--journal", str(self.journal), "--journal-sync", self.sync]
+
+    def environment(self) -> dict[str, str]:
+        """The broker's environment: ours without any REASONBROKER_ setting."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REASONBROKER_")}
+        return {**env, "PYTHONUNBUFFERED": "1"}
+
+    def ready(self, event: dict[str, Any], listening: int) -> bool:
+        """Whether this log line (after `listening` "listening" lines) says it serves."""
+        if event.get("event") == "journal_opened":
+            self.starts.append(event)
+        return listening >= 2
 
     async def start(self) -> float:
         """Start it; return the seconds until it listened (journal restored)."""
         began = time.monotonic()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("REASONBROKER_")}
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "reasonbroker", "serve",
             "--client", self.client_url, "--worker", self.worker_url,
-            "--journal", str(self.journal), "--journal-sync", self.sync,
-            "--log-format", "json",
+            *self.arguments(), "--log-format", "json",
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env={**env, "PYTHONUNBUFFERED": "1"}, cwd=ROOT,
+            env=self.environment(), cwd=ROOT,
         )  # fmt: skip
         listening = 0
         async with asyncio.timeout(60):
-            while listening < 2:
+            while True:
                 event = await self._line()
                 if event is None:
                     raise RuntimeError(f"the broker exited before listening: {self.errors}")
-                if event.get("event") == "journal_opened":
-                    self.starts.append(event)
-                elif event.get("event") == "listening":
-                    listening += 1
+                listening += event.get("event") == "listening"
+                if self.ready(event, listening):
+                    break
         self._reader = asyncio.create_task(self._read_rest())
         return time.monotonic() - began
 
@@ -165,6 +179,9 @@ class BrokerProcess:
         line = await self.proc.stderr.readline()
         if not line:
             return None
+        if self.log is not None:
+            with self.log.open("ab") as log:
+                log.write(line)
         try:
             event: dict[str, Any] = json.loads(line)
         except ValueError:
@@ -239,23 +256,36 @@ def worker_main(url: str, capacity: int, name: str, log_path: str) -> None:
 
 
 class WorkerPool:
-    def __init__(self, url: str, capacity: int, logs: Path) -> None:
-        self.url, self.capacity, self.logs = url, capacity, logs
+    """Worker processes (`scripts/chaos MODE --role worker`), spread over `urls` in turn
+    (each serves one broker URL for its life, reconnecting to it)."""
+
+    def __init__(
+        self, urls: str | list[str], capacity: int, logs: Path, mode: str = "--crash"
+    ) -> None:
+        self.urls = [urls] if isinstance(urls, str) else urls
+        self.capacity, self.logs, self.mode = capacity, logs, mode
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.url_of: dict[str, str] = {}  # worker name -> the URL it serves
 
     def spawn(self, count: int) -> None:
         for i in range(count):
-            name = f"crash-worker-{i + 1}"
-            cmd = [sys.executable, str(CHAOS), "--crash", "--role", "worker", "--url", self.url]
+            name = f"{self.mode.strip('-')}-worker-{i + 1}"
+            url = self.urls[i % len(self.urls)]
+            cmd = [sys.executable, str(CHAOS), self.mode, "--role", "worker", "--url", url]
             cmd += ["--capacity", str(self.capacity), "--name", name]
             cmd += ["--log", str(self.logs / f"{name}.log")]
+            self.url_of[name] = url
             self.procs.append(
                 subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=ROOT)
             )
 
-    def started(self) -> int:
-        """Bytes in the workers' files: grows with every job started."""
-        return sum(log.stat().st_size for log in self.logs.glob("*.log"))
+    def started(self, url: str | None = None) -> int:
+        """Bytes in the workers' files (of those serving `url`): grows with every job started."""
+        return sum(
+            log.stat().st_size
+            for log in self.logs.glob("*.log")
+            if url is None or self.url_of.get(log.stem) == url
+        )
 
     def executions(self) -> Counter[int]:
         runs: Counter[int] = Counter()
@@ -328,13 +358,13 @@ async def _settle(handle: JobHandle, outcome: Outcome) -> None:
         outcome.rc = None  # the client gave up resuming: lost to it
 
 
-async def _client(
-    index: int, url: str, plans: list[Plan], settings: CrashSettings, tally: Tally
+async def client_task(
+    index: int, urls: str | list[str], plans: list[Plan], window_size: int, tally: Tally
 ) -> None:
-    client = CountingClient(url, name=f"crash-client-{index}", resume=True, resume_timeout=90)
+    client = CountingClient(urls, name=f"chaos-client-{index}", resume=True, resume_timeout=90)
     tally.clients.append(client)
     await client.connect()
-    window = asyncio.Semaphore(settings.window)
+    window = asyncio.Semaphore(window_size)
     waits: set[asyncio.Task[None]] = set()
     try:
         for plan in plans:
@@ -374,10 +404,29 @@ async def _client(
 
 @dataclasses.dataclass
 class CrashReport:
-    settings: CrashSettings
+    settings: Any  # CrashSettings here; another mode's settings in a subclass
     figures: dict[str, Any] = dataclasses.field(default_factory=dict)
     checks: list[tuple[str, bool, str]] = dataclasses.field(default_factory=list)
     codes: Counter[str] = dataclasses.field(default_factory=Counter)
+
+    MODE: ClassVar[str] = "chaos --crash"
+    FIGURES: ClassVar[tuple[str, ...]] = (
+        "submitted",
+        "accepted",
+        "accepted_detached",
+        "refused",
+        "crashes",
+        "restart_s",
+        "recovered_per_restart",
+        "reruns_per_restart",
+        "executions",
+        "reruns",
+        "broker_went_away",
+        "cli_checked",
+        "journal_bytes",
+        "stop_status",
+        "lost",
+    )
 
     @property
     def ok(self) -> bool:
@@ -386,30 +435,18 @@ class CrashReport:
     def check(self, name: str, ok: bool, detail: str) -> None:
         self.checks.append((name, ok, detail))
 
-    def render(self) -> str:
+    def header(self) -> str:
         s, f = self.settings, self.figures
-        lines = [
-            f"chaos --crash: seed={s.seed} jobs={s.jobs} clients={s.clients} "
+        return (
+            f"{self.MODE}: seed={s.seed} jobs={s.jobs} clients={s.clients} "
             f"workers={s.workers}x{s.capacity} slots, sync={s.sync}, "
-            f"{f.get('crashes', 0)} SIGKILLs, {f.get('elapsed_s', 0):.1f} s",
-        ]
-        for key in (
-            "submitted",
-            "accepted",
-            "accepted_detached",
-            "refused",
-            "crashes",
-            "restart_s",
-            "recovered_per_restart",
-            "reruns_per_restart",
-            "executions",
-            "reruns",
-            "broker_went_away",
-            "cli_checked",
-            "journal_bytes",
-            "stop_status",
-            "lost",
-        ):
+            f"{f.get('crashes', 0)} SIGKILLs, {f.get('elapsed_s', 0):.1f} s"
+        )
+
+    def render(self) -> str:
+        f = self.figures
+        lines = [self.header()]
+        for key in self.FIGURES:
             if key in f:
                 lines.append(f"  {key:24} {f[key]}")
         lines.append("  result codes (accepted jobs):")
@@ -418,7 +455,7 @@ class CrashReport:
         lines.append("checks:")
         for name, ok, detail in self.checks:
             lines.append(f"  [{'PASS' if ok else 'FAIL'}] {name}: {detail}")
-        lines.append(f"chaos --crash: lost {f.get('lost', '?')}; {'PASS' if self.ok else 'FAIL'}")
+        lines.append(f"{self.MODE}: lost {f.get('lost', '?')}; {'PASS' if self.ok else 'FAIL'}")
         return "\n".join(lines)
 
 
@@ -470,7 +507,7 @@ async def _run(
 
     shares = [plans[i :: settings.clients] for i in range(settings.clients)]
     clients = [
-        asyncio.create_task(_client(i, broker.client_url, share, settings, tally))
+        asyncio.create_task(client_task(i, broker.client_url, share, settings.window, tally))
         for i, share in enumerate(shares)
     ]
     crashes = asyncio.create_task(crasher())
@@ -478,7 +515,7 @@ async def _run(
         async with asyncio.timeout(settings.seconds):
             await asyncio.gather(*clients)
             await crashes
-            detached = await _collect_detached(broker, tally)
+            detached = await collect_detached([broker.client_url], tally)
     except TimeoutError:
         report.check("finished within --seconds", False, f"{settings.seconds} s passed")
         detached = []
@@ -487,7 +524,7 @@ async def _run(
             task.cancel()
         await asyncio.gather(*clients, crashes, return_exceptions=True)
     elapsed = time.monotonic() - began
-    cli_checked = await _check_with_cli(broker, detached, settings.cli_sample, report)
+    cli_checked = await check_with_cli([broker.client_url], detached, settings.cli_sample, report)
     for client in tally.clients:
         await client.close()
     status = await broker.stop()
@@ -500,33 +537,41 @@ async def _run(
     f["recovered_per_restart"] = [s.get("recovered") for s in broker.starts[1:]]
     f["reruns_per_restart"] = [s.get("reruns") for s in broker.starts[1:]]
     f["cli_checked"] = cli_checked
+    assert broker.journal is not None
     f["journal_bytes"] = sum(
         path.stat().st_size for path in broker.journal.parent.glob(broker.journal.name + "*")
     )
 
 
-async def _collect_detached(broker: BrokerProcess, tally: Tally) -> list[Outcome]:
-    """ATTACH to every accepted detached job (its retained RESULT, or it when it ends)."""
+async def collect_detached(urls: list[str], tally: Tally) -> list[Outcome]:
+    """ATTACH to every accepted detached job (its retained RESULT, or it when it ends),
+    the i-th through the (i mod len(urls))-th broker URL."""
     detached = [o for o in tally.outcomes if o.plan.detach]
-    async with Client(broker.client_url, name="crash-collector") as collector:
-        handles = [await collector.attach(o.cookie) for o in detached]
+    async with contextlib.AsyncExitStack() as stack:
+        collectors = [
+            await stack.enter_async_context(Client(url, name=f"chaos-collector-{i}"))
+            for i, url in enumerate(urls)
+        ]
+        handles = [
+            await collectors[i % len(collectors)].attach(o.cookie) for i, o in enumerate(detached)
+        ]
         for outcome, handle in zip(detached, handles, strict=True):
             await _settle(handle, outcome)
     return detached
 
 
-async def _check_with_cli(
-    broker: BrokerProcess, detached: list[Outcome], sample: int, report: CrashReport
-) -> int:
-    """`reasonbroker job COOKIE` (its state as JSON) for a sample of the detached jobs."""
+async def check_with_cli(urls: list[str], detached: list[Outcome], sample: int, report: Any) -> int:
+    """`reasonbroker job COOKIE` (its state as JSON) for a sample of the detached jobs,
+    the i-th asked of the (i + 1 mod len(urls))-th broker URL (with several, another
+    than the one the collector ATTACHed through)."""
     picked = detached[:sample]
     wrong = []
     env = {k: v for k, v in os.environ.items() if not k.startswith("REASONBROKER_")}
-    for outcome in picked:
+    for i, outcome in enumerate(picked):
         cookie = str(p.cookie_str(outcome.cookie))
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "reasonbroker", "job", cookie,
-            "--broker", broker.client_url,
+            "--broker", urls[(i + 1) % len(urls)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT,
         )  # fmt: skip
         out, err = await proc.communicate()
@@ -549,14 +594,32 @@ async def _check_with_cli(
 def _check(
     report: CrashReport, tally: Tally, pool: WorkerPool, broker: BrokerProcess, status: int
 ) -> None:
+    check_outcomes(report, tally, pool)
+    report.figures["stop_status"] = status
+    assert broker.journal is not None
+    unended = _unended(broker.journal)
+    report.check(
+        "clean stop, journal holds no unended job",
+        status == 0 and unended == 0 and not broker.errors,
+        f"exit {status}, {unended} unended jobs in the journal, "
+        f"{len(broker.errors)} error log lines"
+        + (f": {broker.errors[:3]}" if broker.errors else ""),
+    )
+
+
+def check_outcomes(report: Any, tally: Tally, pool: WorkerPool) -> None:
+    """The checks of every accepted job's end (lost, its own result, once, ran)."""
     f = report.figures
     lost = wrong = went_away = 0
     examples: list[str] = []
-    for o in tally.outcomes:
+    runs = pool.executions()
+    # The attached jobs first: a detached one is also "lost" when its collection never ran.
+    for o in sorted(tally.outcomes, key=lambda o: o.plan.detach):
         if o.rc is None:
             lost += 1
             if len(examples) < 5:
-                examples.append(f"job {o.plan.n} lost ({o.plan})")
+                cookie = p.cookie_str(o.cookie)
+                examples.append(f"job {o.plan.n} {cookie} lost, ran {runs[o.plan.n]}x ({o.plan})")
             continue
         report.codes[o.rc.value] += 1
         if o.rc is RC.BROKER_WENT_AWAY:
@@ -598,7 +661,6 @@ def _check(
         f"{per_connection} (connection, job) pairs and {twice} jobs across a client's "
         "connections got more than one terminal RESULT",
     )
-    runs = pool.executions()
     executed = set(runs)
     f["executions"] = sum(runs.values())
     f["reruns"] = sum(runs.values()) - len(executed)
@@ -607,15 +669,6 @@ def _check(
         "every OK job ran on a worker",
         not never_ran,
         f"{len(never_ran)} OK results for jobs no worker started",
-    )
-    f["stop_status"] = status
-    unended = _unended(broker.journal)
-    report.check(
-        "clean stop, journal holds no unended job",
-        status == 0 and unended == 0 and not broker.errors,
-        f"exit {status}, {unended} unended jobs in the journal, "
-        f"{len(broker.errors)} error log lines"
-        + (f": {broker.errors[:3]}" if broker.errors else ""),
     )
 
 
