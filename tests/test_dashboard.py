@@ -588,25 +588,36 @@ def _refreshed(browser: Any, at_least: int = 1) -> None:
 async def test_a_real_browser_sees_the_dashboard_update(
     broker: Broker, worker: tuple[Worker, Gate], chrome: Any, tmp_path: Path
 ) -> None:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     _, gate = worker
     browser = chrome
+    # The page re-renders its tables every second: an element read between its lookup and
+    # its text may be replaced (stale). Each read is retried until it holds or WAIT_S.
+    redrawn = (NoSuchElementException, StaleElementReferenceException)
 
     def cell(table: str, column: str) -> str:
         return str(browser.find_element(By.CSS_SELECTOR, f"#{table} tbody td.c-{column}").text)
 
     def wait_for(what: Callable[[], bool]) -> None:
-        WebDriverWait(browser, WAIT_S, poll_frequency=0.1).until(lambda _: what())
+        WebDriverWait(browser, WAIT_S, poll_frequency=0.1, ignored_exceptions=redrawn).until(
+            lambda _: what()
+        )
+
+    def text_of(by: str, value: str) -> str:
+        """An element's text once it has some (read again if the page redrew it)."""
+        wait = WebDriverWait(browser, WAIT_S, poll_frequency=0.1, ignored_exceptions=redrawn)
+        return str(wait.until(lambda _: browser.find_element(by, value).text or None))
 
     async with Client(broker.address("client"), name="dash-browser-client") as client:
         for i in range(3):
             await client.run("echo", i)
         await asyncio.to_thread(browser.get, f"http://{broker.metrics_address}/")
         await asyncio.to_thread(_refreshed, browser)
-        assert await asyncio.to_thread(cell, "workers", "name") == "dash-w1"
-        assert await asyncio.to_thread(cell, "workers", "done") == "3"
+        await asyncio.to_thread(wait_for, lambda: cell("workers", "name") == "dash-w1")
+        await asyncio.to_thread(wait_for, lambda: cell("workers", "done") == "3")
 
         # More jobs, two held running: the page follows without a reload.
         for i in range(5):
@@ -616,14 +627,12 @@ async def test_a_real_browser_sees_the_dashboard_update(
         await asyncio.to_thread(wait_for, lambda: cell("workers", "done") == "8")
         await asyncio.to_thread(wait_for, lambda: cell("workers", "busy") == "2")
         await asyncio.to_thread(wait_for, lambda: cell("clients", "in_flight") == "2")
-        pipelines = await asyncio.to_thread(lambda: browser.find_element(By.ID, "pipelines").text)
+        pipelines = await asyncio.to_thread(text_of, By.ID, "pipelines")
         assert "echo" in pipelines and "slow" in pipelines
         gate.release.set()
         assert [await h for h in held] == [0, 1]
         await asyncio.to_thread(wait_for, lambda: cell("workers", "busy") == "0")
-        await asyncio.to_thread(
-            wait_for, lambda: browser.find_element(By.ID, "total-ended").text == "10"
-        )
+        await asyncio.to_thread(wait_for, lambda: text_of(By.ID, "total-ended") == "10")
 
         # A job looked up by its cookie (a detached one: its result is kept).
         detached = await client.submit("echo", {"shown": True}, detach=True)
@@ -638,7 +647,7 @@ async def test_a_real_browser_sees_the_dashboard_update(
             wait_for(lambda: bool(browser.find_elements(By.CSS_SELECTOR, "#job-found")))
 
         await asyncio.to_thread(look_up)
-        job = await asyncio.to_thread(lambda: browser.find_element(By.ID, "job-found").text)
+        job = await asyncio.to_thread(text_of, By.ID, "job-found")
         assert str(detached.cookie) in job
         assert "ended" in job and "OK" in job and '{"shown": true}' in job
 

@@ -654,7 +654,8 @@ class Bridge:
             }
             done, pending = await asyncio.wait(polls, return_when=asyncio.FIRST_COMPLETED)
             for poll in pending:
-                poll.cancel()
+                poll.cancel()  # nats-py may end it with a TimeoutError instead: retrieve it
+                poll.add_done_callback(_retrieved)
             for poll in done:
                 with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
                     held[polls[poll]].extend(poll.result())
@@ -990,6 +991,12 @@ class Bridge:
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return None
         return Outcome.decode(entry.value)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Read a finished task's outcome, so that asyncio does not log it as unretrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _quiet(coro: Any) -> None:
