@@ -331,6 +331,21 @@ async def test_client_and_worker_over_a_unix_socket() -> None:
             await broker.close()
 
 
+async def test_a_worker_given_several_urls_serves_through_the_first_that_answers(
+    fake: FakeBroker,
+) -> None:
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="rb") as short:
+        nobody = f"unix://{os.path.join(short, 'nobody.sock')}"  # no broker listens here
+        worker = Worker([nobody, fake.url], handlers={"echo": echo})
+        assert worker.url == nobody  # the first, until connected
+        async with worker, Client(fake.url) as client:
+            await worker.wait_registered(timeout=10)
+            assert worker.url == fake.url
+            assert await client.run("echo", "via the second") == "via the second"
+    with pytest.raises(ValueError, match="at least one broker URL"):
+        Worker([], handlers={"echo": echo})
+
+
 async def test_handler_exception_raises_processor_exception(fake: FakeBroker) -> None:
     async def boom_handler(variables: Any) -> Any:
         raise ValueError("boom")

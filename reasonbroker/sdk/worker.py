@@ -14,7 +14,7 @@ import contextlib
 import ssl as _ssl
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
@@ -148,11 +148,13 @@ class Worker:
 
     ``await worker.run()`` serves until `stop()`; or ``async with Worker(...)``
     runs it in a background task and stops it on exit. A Worker runs once.
+    `url` may be a list of broker URLs (a cluster's nodes, say): each connection
+    attempt tries them in turn, starting with the one last connected to.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         handlers: Mapping[str, Handler],
         capacity: int = 1,
@@ -171,7 +173,10 @@ class Worker:
             raise ValueError("pipeline names must be non-empty strings")
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.url = url
+        self.urls: tuple[str, ...] = (url,) if isinstance(url, str) else tuple(url)
+        if not self.urls:
+            raise ValueError("Worker needs at least one broker URL")
+        self.url = self.urls[0]  # the one in use (the first until connected)
         self.name = name
         self.capacity = capacity
         self.reconnect = reconnect
@@ -198,7 +203,7 @@ class Worker:
         # Why the last connection attempt or session failed, None before any did.
         self.last_error: str | None = None
         self._finished = asyncio.Event()  # run() has returned or raised
-        self._log = log.bind(url=url, worker=name)
+        self._log = log.bind(url=self.url, worker=name)
 
     @property
     def running_jobs(self) -> int:
@@ -316,15 +321,28 @@ class Worker:
         )
 
     async def _connect(self) -> Peer:
+        """Connect to the first of `urls` that answers, from the one last used."""
         hello = p.Hello(role=p.Role.WORKER, token=self._token, name=self.name)
-        return await Peer.connect(
-            self.url,
-            hello,
-            log=self._log,
-            connect_timeout=self._connect_timeout,
-            max_frame_bytes=self._max_frame_bytes,
-            ssl=self._ssl,
-        )
+        start = self.urls.index(self.url)
+        failure: BrokerConnectionError | None = None
+        for i in range(len(self.urls)):
+            url = self.urls[(start + i) % len(self.urls)]
+            try:
+                peer = await Peer.connect(
+                    url,
+                    hello,
+                    log=self._log,
+                    connect_timeout=self._connect_timeout,
+                    max_frame_bytes=self._max_frame_bytes,
+                    ssl=self._ssl,
+                )
+            except BrokerConnectionError as exc:
+                failure = exc
+                continue
+            self.url = url
+            return peer
+        assert failure is not None
+        raise failure
 
     async def _serve(self, peer: Peer) -> str | None:
         """One session. None after a graceful stop, else why the connection ended."""
