@@ -335,6 +335,43 @@ async def test_jobs_survive_losing_a_nats_server_of_three(
         assert first + second == [{"echo": i} for i in range(40)]
 
 
+async def test_a_node_started_before_jetstream_has_a_quorum_waits_and_joins(
+    nats_cluster: NatsCluster, tmp_path: Path
+) -> None:
+    # Two of three servers down: the one left accepts connections but its JetStream
+    # API has no meta leader to answer. The node retries until a second server is back.
+    url = nats_cluster.urls[0]
+    nats_cluster.kill(1)
+    nats_cluster.kill(2)
+    node = ClusterNode(_config([url], "a", tmp_path, replicas=3))
+    joining = asyncio.create_task(node.__aenter__())
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while node.join_retries == 0:
+            assert not joining.done(), joining.exception()
+            assert time.monotonic() < deadline, "the node never had to retry"
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(nats_cluster.restart, 1)
+        async with asyncio.timeout(WAIT_S * 2):
+            await joining
+        serving = asyncio.create_task(node.serve())
+        try:
+            async with (
+                Worker(node.address("worker"), handlers={"echo": echo}, capacity=2),
+                Client(node.address("client")) as client,
+            ):
+                assert await client.run("echo", 7, timeout=WAIT_S) == {"echo": 7}
+        finally:
+            node.shutdown(force=True)
+            await serving
+    finally:
+        if not joining.done():
+            joining.cancel()
+        with contextlib.suppress(BaseException):
+            await joining
+        await node.__aexit__(None, None, None)
+
+
 async def test_a_stream_with_other_settings_is_reported_not_changed(
     nats_server: NatsCluster, tmp_path: Path
 ) -> None:

@@ -18,9 +18,10 @@ import dataclasses
 import shutil
 import ssl
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -32,9 +33,15 @@ from .store import JetStreamStore
 from .wire import Names
 
 _log = structlog.get_logger("reasonbroker.cluster")
+_T = TypeVar("_T")
 
 STREAM_DUPLICATE_WINDOW_S = 120.0  # a resent RUN within this is deduplicated by the server
 CONNECT_TIMEOUT_S = 10.0  # joining: NATS must answer within this
+# Joining: JetStream may be reachable but not serving yet (a cluster still electing its
+# meta leader after a restart, a server busy catching up): its API requests then time
+# out or answer 503. The node retries them, backing off, for this long before giving up.
+JOIN_TIMEOUT_S = 60.0
+JOIN_REQUEST_TIMEOUT_S = 5.0  # one JetStream API request while joining
 
 
 class ClusterError(Exception):
@@ -61,6 +68,7 @@ class ClusterNode:
         self.worker_side: Broker | None = None
         self._dir: Path | None = None
         self._entered: list[Broker] = []
+        self.join_retries = 0  # JetStream API requests retried while joining
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -78,16 +86,33 @@ class ClusterNode:
         cluster = self.cluster
         self.nc = await self._connect()
         js = self.nc.jetstream(timeout=10.0)
-        await self._ensure_stream(js)
+        joining = self.nc.jetstream(timeout=JOIN_REQUEST_TIMEOUT_S)
+        deadline = asyncio.get_running_loop().time() + JOIN_TIMEOUT_S
+        await self._until_served(deadline, "the stream", lambda: self._ensure_stream(joining))
         try:
-            results = await js.create_key_value(
-                bucket=self.names.results,
-                history=1,
-                ttl=self.config.limits.result_ttl_s,
-                replicas=cluster.replicas,
+            await self._until_served(
+                deadline,
+                f"the bucket {self.names.results}",
+                lambda: joining.create_key_value(
+                    bucket=self.names.results,
+                    history=1,
+                    ttl=self.config.limits.result_ttl_s,
+                    replicas=cluster.replicas,
+                ),
             )
-            pipelines = await js.create_key_value(
-                bucket=self.names.pipelines, history=1, replicas=cluster.replicas
+            await self._until_served(
+                deadline,
+                f"the bucket {self.names.pipelines}",
+                lambda: joining.create_key_value(
+                    bucket=self.names.pipelines, history=1, replicas=cluster.replicas
+                ),
+            )
+            # Bound to the run-time context (its longer timeout), not the joining one.
+            results = await self._until_served(
+                deadline, "the results bucket", lambda: js.key_value(self.names.results)
+            )
+            pipelines = await self._until_served(
+                deadline, "the pipelines bucket", lambda: js.key_value(self.names.pipelines)
             )
         except nats.js.errors.Error as exc:
             raise ClusterError(
@@ -178,6 +203,37 @@ class ClusterNode:
         except Exception as exc:
             why = str(exc) or type(exc).__name__
         raise ClusterError(f"cannot reach NATS at {', '.join(cluster.servers)}: {why}")
+
+    async def _until_served(
+        self, deadline: float, what: str, request: Callable[[], Awaitable[_T]]
+    ) -> _T:
+        """`request()`, retried with backoff while JetStream does not serve it yet (a
+        timeout, no responders, 503), until `deadline`; then a ClusterError naming it."""
+        import nats.errors
+        import nats.js.errors
+
+        loop = asyncio.get_running_loop()
+        delay = 0.2
+        while True:
+            try:
+                return await request()
+            except (
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+                nats.js.errors.ServiceUnavailableError,
+            ) as exc:
+                why = f"{type(exc).__name__}: {exc}"
+            left = deadline - loop.time()
+            if left <= 0:
+                raise ClusterError(
+                    f"JetStream at {', '.join(self.cluster.servers)} did not serve {what} "
+                    f"within {JOIN_TIMEOUT_S:g} s (last: {why}); is JetStream enabled, "
+                    "and does the NATS cluster have a quorum?"
+                )
+            self.join_retries += 1
+            _log.warning("cluster_join_retry", what=what, reason=why, retry_in_s=delay)
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 2.0)
 
     async def _ensure_stream(self, js: Any) -> None:
         import nats.js.errors
