@@ -165,3 +165,34 @@ def test_bench_durable_smoke_run_loses_nothing_across_a_sigkill(tmp_path: Path) 
     assert phases["accepted"] == phases["jobs"] == 2000
     assert phases["lost"] == 0 and phases["drained"] == 2000
     assert phases["journal_bytes_accepted"] > 0
+
+
+def test_bench_scale_workers_phase_registers_every_worker(tmp_path: Path) -> None:
+    """The --scale `workers` phase: N workers held in two processes, all registered, jobs
+    through each N, and the largest N's broker CPU per job over the smallest's."""
+    out = tmp_path / "scale.json"
+    stdout = _run(
+        BENCH,
+        "--scale",
+        "--scale-phases",
+        "workers",
+        "--scale-workers",
+        "4,9",
+        "--scale-workers-inflight",
+        "8",
+        "--duration",
+        "0.3",
+        "--no-install",
+        "--json",
+        str(out),
+    )
+    assert "most workers / fewest" in stdout
+    scale = json.loads(out.read_text())["scale"]
+    assert set(scale) == {"workers", "workers_cpu_ratio"}  # only the phase asked for
+    rows = scale["workers"]
+    assert [r["workers"] for r in rows] == [4, 9]
+    assert [r["worker_capacity"] for r in rows] == [2, 1]  # ceil(K/N): K free slots at least
+    for row in rows:
+        assert row["error"] is None, row
+        assert row["jobs"] > 0 and row["errors"] == 0 and row["unanswered"] == 0, row
+    assert scale["workers_cpu_ratio"] > 0

@@ -122,6 +122,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=[1, 10, 100, 1000],
         help="scale: client counts for jobs/s (1,10,100,1000)",
     )
+    p.add_argument(
+        "--scale-workers",
+        dest="scale_worker_counts",
+        type=int_list,
+        default=[4, 100, 1000, 10_000],
+        help="scale: registered worker counts for broker CPU per job (4,100,1000,10000)",
+    )
+    p.add_argument(
+        "--scale-workers-inflight",
+        type=int,
+        default=128,
+        help="scale: jobs in flight (K) in the workers phase (128)",
+    )
+    p.add_argument(
+        "--scale-phases",
+        type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+        default=None,
+        help="scale: only these phases (connections,queued,clients,workers; default all)",
+    )
     # Hidden: the worker process.
     p.add_argument(
         "--role", choices=["bench", "worker", *sdk.ROLES], default="bench", help=argparse.SUPPRESS
@@ -130,6 +149,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--capacity", type=int, default=128, help=argparse.SUPPRESS)
     p.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--conns", type=int, default=1, help=argparse.SUPPRESS)
     # Hidden: the --sdk roles (modes/sdk.py).
     p.add_argument("--payload", type=int, default=100, help=argparse.SUPPRESS)
     p.add_argument("--broker-pid", type=int, help=argparse.SUPPRESS)

@@ -300,6 +300,7 @@ async def start_workers(
     capacity: int,
     args: argparse.Namespace,
     hold: bool = False,
+    conns: int = 1,
 ) -> WorkerPool:
     cmd = [
         sys.executable,
@@ -317,6 +318,8 @@ async def start_workers(
     ]
     if hold:
         cmd.append("--hold")
+    if conns > 1:
+        cmd += ["--conns", str(conns)]
     procs = [
         await asyncio.create_subprocess_exec(
             *cmd,
@@ -331,7 +334,7 @@ async def start_workers(
     try:
         for p in procs:
             assert p.stdout is not None
-            line = await asyncio.wait_for(p.stdout.readline(), 30)
+            line = await asyncio.wait_for(p.stdout.readline(), 30 + conns / 100)
             if line.strip() != b"ready":
                 raise RuntimeError(f"{system} worker did not register (exit {p.returncode})")
     except BaseException:

@@ -16,12 +16,21 @@ from .common import HOST, log
 
 async def worker_main(args: argparse.Namespace) -> int:
     """`--role worker`: connect, register, print `ready`; `release` on stdin ends a hold;
+    `--conns N` holds N such worker connections in this one process (the --scale workers phase);
     EOF on stdin (the generator went away) ends the process."""
     loop = asyncio.get_running_loop()
-    proto = make_worker(args.system, args.capacity, args.hold, args.gearman_depth)
+    protos = [
+        make_worker(args.system, args.capacity, args.hold, args.gearman_depth)
+        for _ in range(max(1, args.conns))
+    ]
+    proto = protos[0]
     try:
-        await loop.create_connection(lambda: proto, HOST, args.port)
-        await asyncio.wait_for(proto.ready, 20)
+        for start in range(0, len(protos), 200):  # --scale workers: many per process
+            batch = protos[start : start + 200]
+            await asyncio.gather(
+                *(loop.create_connection(lambda p=p: p, HOST, args.port) for p in batch)
+            )
+        await asyncio.wait_for(asyncio.gather(*(p.ready for p in protos)), 60)
     except (OSError, TimeoutError) as exc:
         log(f"worker ({args.system}): could not register: {exc!r}")
         return 1
@@ -39,13 +48,15 @@ async def worker_main(args: argparse.Namespace) -> int:
             break
         words = line.split()
         if words == [b"release"]:
-            proto.release()
+            for p in protos:
+                p.release()
         elif words == [b"count"]:  # jobs answered so far (the durable mode's drain)
-            print(proto.jobs, flush=True)
+            print(sum(p.jobs for p in protos), flush=True)
         elif len(words) == 2 and words[0] == b"depth":
             if isinstance(proto, GearmanWorker):
                 proto.set_depth(int(words[1]))
             print("ok", flush=True)
-    if proto.transport is not None:
-        proto.transport.close()
+    for p in protos:
+        if p.transport is not None:
+            p.transport.close()
     return 0

@@ -1,6 +1,7 @@
 """Scale mode (`--scale`, reasonbroker only): broker RSS per held client connection, RSS
-per queued job and the drain time once held workers release, jobs/s with 1..N clients;
-each phase against a fresh broker. Its own figures on stdout.
+per queued job and the drain time once held workers release, jobs/s with 1..N clients,
+broker CPU per job with 4..N registered workers; each phase against a fresh broker. Its
+own figures on stdout.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..report import meta
 
 
 async def scale_main(args: argparse.Namespace) -> dict[str, Any]:
-    """Three phases, each against a fresh broker (so one phase's freed memory cannot hide
+    """Four phases, each against a fresh broker (so one phase's freed memory cannot hide
     the next one's growth)."""
     tmp = Path(tempfile.mkdtemp(prefix="rb-scale-"))
     report: dict[str, Any] = {"meta": meta(args, [RB_NATIVE], {}), "scale": {}}
@@ -35,6 +36,9 @@ async def scale_main(args: argparse.Namespace) -> dict[str, Any]:
         ("queued", lambda b: scale_queued(b, args)),
         ("clients", lambda b: scale_clients(b, args)),
     ]
+    only = getattr(args, "scale_phases", None)
+    if only:
+        phases = [ph for ph in phases if ph[0] in only]
     try:
         for name, phase in phases:
             broker = await start_broker(RB_NATIVE, args, tmp)
@@ -42,6 +46,10 @@ async def scale_main(args: argparse.Namespace) -> dict[str, Any]:
                 report["scale"][name] = await phase(broker)
             finally:
                 await stop_process(broker.proc)
+        if not only or "workers" in only:
+            rows = await scale_workers(args, tmp, nofile)
+            report["scale"]["workers"] = rows
+            report["scale"]["workers_cpu_ratio"] = workers_ratio(rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
@@ -181,10 +189,102 @@ async def scale_clients(broker: Broker, args: argparse.Namespace) -> list[dict[s
     return out
 
 
+WORKER_PROCS = 2  # the registered workers are held in two processes (asyncio protocols)
+
+
+async def scale_workers(args: argparse.Namespace, tmp: Path, nofile: int) -> list[dict[str, Any]]:
+    """Broker CPU per job with N registered workers, a fresh broker for each N.
+
+    Every worker is an echo worker REGISTERed for the bench pipeline with capacity
+    ceil(K/N) (so at least K free slots in all: with N >= K each worker holds at most one
+    job, and every one of the N is eligible for the next dispatch); K jobs kept in flight
+    (closed loop) by 4 clients. The workers live in two processes; the broker's CPU is read
+    from /proc, apart from the generator's and the workers'."""
+    loop = asyncio.get_running_loop()
+    k = args.scale_workers_inflight
+    out: list[dict[str, Any]] = []
+    for n in args.scale_worker_counts:
+        n_eff = min(n, max(4, nofile - 300))
+        cap = max(1, -(-k // n_eff))
+        broker = await start_broker(RB_NATIVE, args, tmp)
+        try:
+            procs = min(WORKER_PROCS, n_eff)
+            per, extra = divmod(n_eff, procs)
+            t0 = perf()
+            pools = [
+                await start_workers(RB_NATIVE, broker, 1, cap, args, conns=per + (i < extra))
+                for i in range(procs)
+            ]
+            registered = perf() - t0
+            try:
+                gen = Gen(loop)
+                conns = await open_clients(RB_NATIVE, broker, 4, gen, make_payload(SMALL_PAYLOAD))
+                try:
+                    now = perf()
+                    per_c, extra_c = divmod(k, len(conns))
+                    for i, c in enumerate(conns):
+                        c.send([now] * (per_c + (i < extra_c)))
+                    gen.outstanding += k
+                    run = await measure(gen, broker, pools[0], args.warmup, args.duration)
+                    run.unanswered = await gen.drain(10.0)
+                finally:
+                    close_clients(conns)
+            finally:
+                for pool in pools:
+                    await pool.stop()
+        finally:
+            await stop_process(broker.proc)
+        row = {
+            "workers": n_eff,
+            "requested": n,
+            "worker_capacity": cap,
+            "inflight": k,
+            "register_s": round(registered, 3),
+            **run.as_dict(),
+        }
+        out.append(row)
+        log(
+            f"workers: {n_eff:>6} (capacity {cap}) registered in {registered:.1f} s -> "
+            f"{run.jobs_per_s:,.0f} jobs/s  p50 {run.p50_us:,.0f} us  p99 {run.p99_us:,.0f} us  "
+            f"cpu {run.broker_cpu_us_per_job:.1f} us/job"
+        )
+    return out
+
+
+def workers_ratio(rows: list[dict[str, Any]]) -> float | None:
+    """The largest N's broker us/job over the smallest N's (issue #15: within 1.2)."""
+    if len(rows) < 2:
+        return None
+    lo = min(rows, key=lambda r: r["workers"])
+    hi = max(rows, key=lambda r: r["workers"])
+    a, b = lo.get("broker_cpu_us_per_job"), hi.get("broker_cpu_us_per_job")
+    return round(b / a, 3) if a and b else None
+
+
 def print_scale(report: dict[str, Any]) -> None:
     s = report["scale"]
-    c, q = s["connections"], s["queued"]
     print("reasonbroker scale figures")
+    if "connections" in s and "queued" in s and "clients" in s:
+        print_classic(s)
+    if "workers" in s:
+        rows = s["workers"]
+        k = rows[0]["inflight"] if rows else 0
+        print(
+            f"  {'workers':>8} {'jobs/s':>9} {'p50 us':>8} {'p99 us':>8} {'cpu us/job':>10}"
+            f"  (K={k})"
+        )
+        for row in rows:
+            print(
+                f"  {row['workers']:>8} {row['jobs_per_s']:>9,.0f} {row['p50_us']:>8,.0f} "
+                f"{row['p99_us']:>8,.0f} {row['broker_cpu_us_per_job']:>10.1f}"
+            )
+        ratio = s.get("workers_cpu_ratio")
+        if ratio is not None:
+            print(f"  broker us/job, most workers / fewest: {ratio:.2f}x")
+
+
+def print_classic(s: dict[str, Any]) -> None:
+    c, q = s["connections"], s["queued"]
     print(
         f"  {c['connections']:,} client connections: RSS {c['rss_before_kib'] / 1024:.1f} -> "
         f"{c['rss_after_kib'] / 1024:.1f} MiB = {c['rss_per_connection_kib']} KiB per connection "
@@ -205,7 +305,7 @@ def print_scale(report: dict[str, Any]) -> None:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    """--scale: the three phases, the figures on stdout, the report."""
+    """--scale: the four phases, the figures on stdout, the report."""
     report: dict[str, Any] = run_async(lambda: scale_main(args))
     print_scale(report)
     return report
