@@ -87,6 +87,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--big-payload", type=int, help="bytes of the big-payload cell (65536; 0 = none)"
     )
+    p.add_argument(
+        "--big-only", action="store_true", help="only the big-payload cell (closed K=16, W=max)"
+    )
     p.add_argument("--no-open-loop", action="store_true", help="skip the open-loop cells")
     p.add_argument("--rate", type=float, default=0.0, help="open-loop jobs/s (default: derived)")
     p.add_argument("--open-max-inflight", type=int, default=20000, help=argparse.SUPPRESS)

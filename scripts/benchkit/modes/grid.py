@@ -23,9 +23,11 @@ def grid(args: argparse.Namespace) -> list[Cell]:
     cells = [
         Cell("closed", k, w, SMALL_PAYLOAD) for w in args.workers_list for k in args.inflight_list
     ]
+    if getattr(args, "big_only", False):
+        cells = []
     if args.big_payload > 0:
         cells.append(Cell("closed", 16, max(args.workers_list), args.big_payload))
-    if not args.no_open_loop:
+    if not args.no_open_loop and not getattr(args, "big_only", False):
         cells += [Cell("open", 0, w, SMALL_PAYLOAD) for w in args.workers_list]
     return cells
 
