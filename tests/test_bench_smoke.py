@@ -188,11 +188,17 @@ def test_bench_scale_workers_phase_registers_every_worker(tmp_path: Path) -> Non
     )
     assert "most workers / fewest" in stdout
     scale = json.loads(out.read_text())["scale"]
-    assert set(scale) == {"workers", "workers_cpu_ratio"}  # only the phase asked for
+    # Only the phase asked for: its two shapes.
+    assert set(scale) == {
+        "workers", "workers_cpu_ratio", "workers_idle", "workers_idle_cpu_ratio"
+    }  # fmt: skip
     rows = scale["workers"]
     assert [r["workers"] for r in rows] == [4, 9]
     assert [r["worker_capacity"] for r in rows] == [2, 1]  # ceil(K/N): K free slots at least
-    for row in rows:
+    idle = scale["workers_idle"]
+    assert [r["workers"] for r in idle] == [4, 9]
+    assert [r["worker_capacity"] for r in idle] == [2, 2]  # the same 4 do the work: ceil(K/4)
+    for row in rows + idle:
         assert row["error"] is None, row
         assert row["jobs"] > 0 and row["errors"] == 0 and row["unanswered"] == 0, row
-    assert scale["workers_cpu_ratio"] > 0
+    assert scale["workers_cpu_ratio"] > 0 and scale["workers_idle_cpu_ratio"] > 0

@@ -145,3 +145,78 @@ def test_a_worker_leaving_checks_only_its_own_pipelines() -> None:
     assert sorted(r.rc.value for r in answered) == ["NO_CAPACITY", "WORKER_WENT_AWAY"]
     assert board.dispatcher.served("elsewhere") and not board.dispatcher.served("only-here")
     assert board.queue_depth == 1
+
+
+# The idle-worker index (issue 15, dispatch flat in the number of workers): pick()
+# answers from the index whenever some worker serving the pipeline is idle, and from
+# the scan otherwise; either way exactly what the scan answers, whatever happened.
+worker_ops = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("register"),
+            st.integers(0, 7),
+            st.one_of(st.none(), st.sets(st.sampled_from(PIPELINES[:3]), max_size=2)),
+            st.integers(1, 3),
+        ),
+        st.tuples(st.just("leave"), st.integers(0, 7), st.none(), st.just(0)),
+        st.tuples(st.just("run"), st.integers(0, 2), st.none(), st.just(0)),
+        st.tuples(st.just("done"), st.integers(0, 10_000), st.none(), st.just(0)),
+        st.tuples(st.just("rest"), st.integers(0, 7), st.none(), st.just(0)),
+        st.tuples(st.just("rested"), st.integers(0, 7), st.none(), st.just(0)),
+        st.tuples(st.just("end_batch"), st.just(0), st.none(), st.just(0)),
+    ),
+    max_size=150,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(worker_ops, st.sampled_from([0.0, 0.5]), st.sampled_from([0, 4]))
+def test_a_pick_from_the_idle_index_is_exactly_the_scans(
+    script: list[tuple[str, int, set[str] | None, int]], slack: float, index_from: int
+) -> None:
+    # index_from 0: the index is kept from the first worker; 4: it is built when the
+    # fourth registers, dropped below two, built again (the hysteresis).
+    d = Dispatcher(bytes(8), slack, Stats(), Deadlines(), index_from=index_from)
+    client = _Conn(100, ListenerRole.BOTH)
+    conns: dict[int, _Conn] = {}
+    running: list[_Job] = []
+    seq = 0
+    for op, n, names, capacity in script:
+        if op == "register":
+            w = conns.get(n)
+            if w is None:
+                w = conns[n] = _Conn(n, ListenerRole.BOTH)
+            w.capacity += capacity
+            if names is not None:
+                w.pipelines = (w.pipelines or set()) | names
+            d.add_worker(w)
+        elif op == "leave" and n in conns:
+            w = conns.pop(n)
+            d.remove_worker(w)
+            for job in [j for j in running if j.worker is w]:
+                running.remove(job)
+                d.release(w, job)
+        elif op == "run":
+            pipeline = PIPELINES[n]
+            expected = d.pick_scan(pipeline)
+            got = d.pick(pipeline)
+            assert got == expected
+            if got[0] is not None:
+                seq += 1
+                job = _Job(seq, client, Run(new_cookie(), pipeline, None), 1)
+                d.assign(job, got[0])
+                running.append(job)
+        elif op == "done" and running:
+            job = running.pop(n % len(running))
+            assert job.worker is not None
+            d.release(job.worker, job)
+        elif op == "rest" and n in conns:
+            conns[n].resting += 1
+            d.track(conns[n])
+        elif op == "rested" and n in conns and conns[n].resting:
+            conns[n].resting -= 1
+            d.track(conns[n])
+        elif op == "end_batch":
+            d.end_batch()
+    for pipeline in PIPELINES:
+        assert d.pick(pipeline) == d.pick_scan(pipeline)

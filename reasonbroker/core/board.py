@@ -704,6 +704,7 @@ class Switchboard:
             # Legacy workers). A msgpack worker without HELLO is not
             # ReasonChip's: its slot is refilled at once, as ours are.
             w.resting += 1
+            self.dispatcher.track(w)
             self.deadlines.add(now + self._slot_rest_s, _Deadline.SLOT_REUSE, w, out)
         self._fill(w, out)
 
@@ -986,6 +987,7 @@ class Switchboard:
             if isinstance(target, _Conn):
                 if self.dispatcher.workers.get(target.id) is target:  # still connected
                     target.resting -= 1
+                    self.dispatcher.track(target)
                     self._fill(target, out)
                 continue
             job = target

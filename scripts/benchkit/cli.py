@@ -153,6 +153,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--capacity", type=int, default=128, help=argparse.SUPPRESS)
     p.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--conns", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--serve", default=None, help=argparse.SUPPRESS)  # a worker's one pipeline
     # Hidden: the --sdk roles (modes/sdk.py).
     p.add_argument("--payload", type=int, default=100, help=argparse.SUPPRESS)
     p.add_argument("--broker-pid", type=int, help=argparse.SUPPRESS)

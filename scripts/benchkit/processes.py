@@ -301,6 +301,7 @@ async def start_workers(
     args: argparse.Namespace,
     hold: bool = False,
     conns: int = 1,
+    serve: str | None = None,
 ) -> WorkerPool:
     cmd = [
         sys.executable,
@@ -320,6 +321,8 @@ async def start_workers(
         cmd.append("--hold")
     if conns > 1:
         cmd += ["--conns", str(conns)]
+    if serve is not None:
+        cmd += ["--serve", serve]
     procs = [
         await asyncio.create_subprocess_exec(
             *cmd,

@@ -20,7 +20,7 @@ async def worker_main(args: argparse.Namespace) -> int:
     EOF on stdin (the generator went away) ends the process."""
     loop = asyncio.get_running_loop()
     protos = [
-        make_worker(args.system, args.capacity, args.hold, args.gearman_depth)
+        make_worker(args.system, args.capacity, args.hold, args.gearman_depth, args.serve)
         for _ in range(max(1, args.conns))
     ]
     proto = protos[0]

@@ -40,9 +40,11 @@ def make_client(system: str, gen: Gen, payload: bytes, hello: bool = False) -> C
     return NatsClient(gen, payload)
 
 
-def make_worker(system: str, capacity: int, hold: bool, gearman_depth: int) -> Worker:
+def make_worker(
+    system: str, capacity: int, hold: bool, gearman_depth: int, pipeline: str | None = None
+) -> Worker:
     if system == RB_NATIVE:
-        return RBWorker(capacity, hold, json_codec=False)
+        return RBWorker(capacity, hold, json_codec=False, pipeline=pipeline)
     if system == RB_JSON:
         return RBWorker(capacity, hold, json_codec=True)
     if system == GEARMAND:

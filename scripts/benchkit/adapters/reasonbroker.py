@@ -192,16 +192,23 @@ class RBClient(Client):
 class RBWorker(Worker):
     """HELLO role worker, REGISTER capacity, then PING: its PONG proves the REGISTER landed."""
 
-    def __init__(self, capacity: int, hold: bool, json_codec: bool) -> None:
+    def __init__(
+        self, capacity: int, hold: bool, json_codec: bool, pipeline: str | None = None
+    ) -> None:
         super().__init__(capacity, hold)
         self.json = json_codec
+        self.pipeline = pipeline  # None: serve every pipeline
         self.pong = rb_frame({"packet_type": "PONG"}, json_codec)
 
     def handshake(self) -> None:
         j = self.json
         self.write(
             rb_frame({"packet_type": "HELLO", "role": "worker", "name": "bench-worker"}, j)
-            + rb_frame({"packet_type": "REGISTER", "capacity": self.capacity}, j)
+            + rb_frame(
+                {"packet_type": "REGISTER", "capacity": self.capacity}
+                | ({} if self.pipeline is None else {"pipelines": [self.pipeline]}),
+                j,
+            )
             + rb_frame({"packet_type": "PING"}, j)
         )
 

@@ -50,6 +50,10 @@ async def scale_main(args: argparse.Namespace) -> dict[str, Any]:
             rows = await scale_workers(args, tmp, nofile)
             report["scale"]["workers"] = rows
             report["scale"]["workers_cpu_ratio"] = workers_ratio(rows)
+        if not only or "workers" in only or "workers-idle" in only:
+            rows = await scale_workers_idle(args, tmp, nofile)
+            report["scale"]["workers_idle"] = rows
+            report["scale"]["workers_idle_cpu_ratio"] = workers_ratio(rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
@@ -200,21 +204,49 @@ async def scale_workers(args: argparse.Namespace, tmp: Path, nofile: int) -> lis
     job, and every one of the N is eligible for the next dispatch); K jobs kept in flight
     (closed loop) by 4 clients. The workers live in two processes; the broker's CPU is read
     from /proc, apart from the generator's and the workers'."""
+    return await _scale_workers(args, tmp, nofile, idle_others=False)
+
+
+async def scale_workers_idle(
+    args: argparse.Namespace, tmp: Path, nofile: int
+) -> list[dict[str, Any]]:
+    """The same load on the same 4 workers (capacity ceil(K/4)) every time, with N-4 more
+    workers connected and REGISTERed for another pipeline (idle, never eligible): what
+    dispatch pays per connected worker when the work itself does not change shape."""
+    return await _scale_workers(args, tmp, nofile, idle_others=True)
+
+
+async def _scale_workers(
+    args: argparse.Namespace, tmp: Path, nofile: int, idle_others: bool
+) -> list[dict[str, Any]]:
     loop = asyncio.get_running_loop()
     k = args.scale_workers_inflight
     out: list[dict[str, Any]] = []
     for n in args.scale_worker_counts:
         n_eff = min(n, max(4, nofile - 300))
-        cap = max(1, -(-k // n_eff))
+        cap = max(1, -(-k // (4 if idle_others else n_eff)))
         broker = await start_broker(RB_NATIVE, args, tmp)
         try:
-            procs = min(WORKER_PROCS, n_eff)
-            per, extra = divmod(n_eff, procs)
             t0 = perf()
-            pools = [
-                await start_workers(RB_NATIVE, broker, 1, cap, args, conns=per + (i < extra))
-                for i in range(procs)
-            ]
+            if idle_others:
+                pools = [await start_workers(RB_NATIVE, broker, 1, cap, args, conns=4)]
+                others = n_eff - 4
+                procs = min(WORKER_PROCS, others)
+                per, extra = divmod(others, max(1, procs))
+                for i in range(procs):
+                    pools.append(
+                        await start_workers(
+                            RB_NATIVE, broker, 1, 1, args, conns=per + (i < extra),
+                            serve="idle-elsewhere",
+                        )
+                    )  # fmt: skip
+            else:
+                procs = min(WORKER_PROCS, n_eff)
+                per, extra = divmod(n_eff, procs)
+                pools = [
+                    await start_workers(RB_NATIVE, broker, 1, cap, args, conns=per + (i < extra))
+                    for i in range(procs)
+                ]
             registered = perf() - t0
             try:
                 gen = Gen(loop)
@@ -266,19 +298,22 @@ def print_scale(report: dict[str, Any]) -> None:
     print("reasonbroker scale figures")
     if "connections" in s and "queued" in s and "clients" in s:
         print_classic(s)
-    if "workers" in s:
-        rows = s["workers"]
+    for key, title in (
+        ("workers", "all N serve the pipeline, capacity ceil(K/N)"),
+        ("workers_idle", "4 serve it (capacity ceil(K/4)); N-4 registered for another, idle"),
+    ):
+        if key not in s:
+            continue
+        rows = s[key]
         k = rows[0]["inflight"] if rows else 0
-        print(
-            f"  {'workers':>8} {'jobs/s':>9} {'p50 us':>8} {'p99 us':>8} {'cpu us/job':>10}"
-            f"  (K={k})"
-        )
+        print(f"  workers: {title}, K={k}")
+        print(f"  {'workers':>8} {'jobs/s':>9} {'p50 us':>8} {'p99 us':>8} {'cpu us/job':>10}")
         for row in rows:
             print(
                 f"  {row['workers']:>8} {row['jobs_per_s']:>9,.0f} {row['p50_us']:>8,.0f} "
                 f"{row['p99_us']:>8,.0f} {row['broker_cpu_us_per_job']:>10.1f}"
             )
-        ratio = s.get("workers_cpu_ratio")
+        ratio = s.get(f"{key}_cpu_ratio")
         if ratio is not None:
             print(f"  broker us/job, most workers / fewest: {ratio:.2f}x")
 
