@@ -220,3 +220,38 @@ def test_a_pick_from_the_idle_index_is_exactly_the_scans(
             d.end_batch()
     for pipeline in PIPELINES:
         assert d.pick(pipeline) == d.pick_scan(pipeline)
+
+
+def test_a_switchboard_with_many_workers_runs_every_job_on_a_worker_that_serves_it() -> None:
+    # 40 workers serve "p" (capacity 1) and 40 serve "q": past INDEX_FROM, so the board
+    # dispatches through the index. 200 RUNs for "p", each answered when it arrives: all
+    # end OK at the client, none reaches a "q" worker, and round robin spreads them evenly.
+    board = Switchboard(Limits())
+    serving = set(range(10, 50))
+    for wid in [*serving, *range(50, 90)]:
+        board.connect(wid, ListenerRole.BOTH)
+        board.receive(wid, Hello(role=Role.WORKER), 0.0)
+        board.receive(wid, Register(1, ("p",) if wid in serving else ("q",)), 0.0)
+    assert board.dispatcher._indexed
+    board.connect(1, ListenerRole.BOTH)
+    board.receive(1, Hello(role=Role.CLIENT), 0.0)
+    cookies = {new_cookie() for _ in range(200)}
+    pending = list(board.receive_all(1, [Run(c, "p", None) for c in cookies], 0.0))
+    ran: dict[int, int] = {}
+    ended: set[bytes] = set()
+    while pending:
+        action = pending.pop(0)
+        if not isinstance(action, Send):
+            continue
+        packet = action.packet
+        if isinstance(packet, Run) and action.conn != 1:
+            assert action.conn in serving, action.conn
+            ran[action.conn] = ran.get(action.conn, 0) + 1
+            pending += board.receive(action.conn, Result(packet.cookie, ResultCode.OK), 0.0)
+        elif isinstance(packet, Result) and action.conn == 1:
+            assert packet.rc is ResultCode.OK
+            assert packet.cookie is not None
+            ended.add(packet.cookie)
+    assert ended == cookies
+    assert set(ran) == serving and set(ran.values()) == {5}  # 200 over 40, in turn
+    assert board.live_jobs == 0
