@@ -1,7 +1,8 @@
 """Dispatch: the registered workers, picking one, the queues, worker cookies.
 
 Owns the worker list dispatch scans, the least-loaded pick with its batch
-affinity (Limits.dispatch_batch_slack), a job's move onto a worker's slot and
+affinity (Limits.dispatch_batch_slack), the index of free and idle workers
+that replaces the scan from INDEX_FROM workers on, a job's move onto a worker's slot and
 off it, the per-pipeline priority queues (lazily deleted entries, compacted
 when dead ones outnumber live ones), the index of their heads (so a worker
 serving every pipeline finds the best queued job in O(log n), however many
@@ -79,20 +80,21 @@ class Dispatcher:
         # The same workers as a list, for dispatch to scan (rebuilt when a
         # worker registers or goes; iterating a list is cheaper than a dict).
         self.worker_list: list[_Conn] = []
+        # The index, kept from INDEX_FROM workers on (_indexed). Workers with a free
+        # slot (busy + resting < capacity), those serving every pipeline and per named
+        # pipeline: when no worker is idle, pick() compares only these, not every
+        # connected worker. Kept exact at every change of a worker's load, capacity or
+        # registration (track()).
+        self._free: dict[int, set[str] | None] = {}  # worker id -> what it was indexed under
+        self._free_all: dict[int, _Conn] = {}
+        self._free_named: dict[str, dict[int, _Conn]] = {}
         # Idle workers (nothing busy or resting), so a pick finds the best one without
-        # scanning every worker: heaps of (last_used, order, push, worker), one for the
+        # comparing loads: heaps of (last_used, order, push, worker), one for the
         # workers serving every pipeline and one per named pipeline. An idle worker is
         # the least loaded there is, and among idle ones the scan's tie-break (least
         # recently used, then the worker list's order) is the heap's order. Entries are
         # pushed when a worker becomes idle and deleted lazily: one is stale when its
         # worker left, is no longer idle, was used since, or re-joined (its order).
-        # Workers with a free slot (busy + resting < capacity), those serving every
-        # pipeline and per named pipeline: when no worker is idle, pick() compares only
-        # these, not every connected worker. Kept exact at every change of a worker's
-        # load, capacity or registration (track()).
-        self._free: dict[int, set[str] | None] = {}  # worker id -> what it was indexed under
-        self._free_all: dict[int, _Conn] = {}
-        self._free_named: dict[str, dict[int, _Conn]] = {}
         self._idle_all: list[tuple[int, int, int, _Conn]] = []
         self._idle_named: dict[str, list[tuple[int, int, int, _Conn]]] = {}
         self._idle_pushes = 0
@@ -225,8 +227,8 @@ class Dispatcher:
         return self._stay_or(best, pipeline), True
 
     def pick_scan(self, pipeline: str) -> tuple[_Conn | None, bool]:
-        """pick() by scanning every worker: what it does when no worker is idle (and
-        the oracle the tests hold the idle index to)."""
+        """pick() by scanning every worker: what it does below INDEX_FROM workers (and
+        the oracle the tests hold the index to)."""
         best: _Conn | None = None
         best_used = 0
         served = False
