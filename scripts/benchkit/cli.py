@@ -142,7 +142,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--scale-phases",
         type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
         default=None,
-        help="scale: only these phases (connections,queued,clients,workers (both shapes),workers-idle; default all)",
+        help=(
+            "scale: only these phases (connections,queued,clients,"
+            "workers (both shapes),workers-idle; default all)"
+        ),
     )
     # Hidden: the worker process.
     p.add_argument(
