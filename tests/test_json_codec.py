@@ -27,6 +27,7 @@ from reasonbroker.core.protocol import (
     Codec,
     Packet,
     PacketDecoder,
+    RawJson,
     Result,
     ResultCode,
     Run,
@@ -110,8 +111,32 @@ def _general(body: bytes) -> Packet | type[Exception]:
         return RemoteProtocolError
 
 
-def _fed(frame: bytes) -> Packet | type[Exception]:
-    """A broker decoder's reading of one frame on a JSON connection, or its error."""
+def _text(payload: Any) -> Any:
+    """A payload as the general path reads it: a RawJson's text. A RawJson must
+    be the very literal the writer writes for that text, with its length."""
+    if type(payload) is not RawJson:
+        return payload
+    text = payload.value()
+    assert payload.data == codecs._json_text(text)
+    assert payload.chars == len(text)
+    return text
+
+
+def _as_read(packet: Packet) -> Packet:
+    """`packet` with its payload as the general path gives it (see _text)."""
+    if isinstance(packet, Run):
+        v = packet.variables
+        return Run(packet.cookie, packet.pipeline, _text(v), packet.detach, packet.priority,
+                   packet.timeout_ms, packet.max_attempts)  # fmt: skip
+    if isinstance(packet, Result):
+        return Result(packet.cookie, packet.rc, packet.error, packet.stacktrace,
+                      _text(packet.result))  # fmt: skip
+    return packet
+
+
+def _fed_raw(frame: bytes) -> Packet | type[Exception]:
+    """A broker decoder's reading of one frame on a JSON connection (payloads
+    as RawJson where it keeps them), or its error."""
     decoder = PacketDecoder(1 << 24, raw_payloads=True)
     decoder.codec = Codec.JSON
     try:
@@ -119,6 +144,12 @@ def _fed(frame: bytes) -> Packet | type[Exception]:
     except RemoteProtocolError:
         return RemoteProtocolError
     return packet
+
+
+def _fed(frame: bytes) -> Packet | type[Exception]:
+    """`_fed_raw`, with each RawJson checked and read to its text (`_as_read`)."""
+    packet = _fed_raw(frame)
+    return packet if packet is RemoteProtocolError else _as_read(packet)  # type: ignore[arg-type]
 
 
 def _frame(body: bytes) -> bytes:
@@ -148,7 +179,7 @@ def test_reasonchips_detach_false_is_read_in_place() -> None:
     assert codecs.decode_body(body, Codec.JSON) == Run(C, "p", "v")
     decoder = PacketDecoder(1 << 20, raw_payloads=True)
     decoder.codec = Codec.JSON
-    assert decoder._plain_json(body, 0, len(body)) == Run(C, "p", "v")
+    assert decoder._plain_json(body, 0, len(body)) == Run(C, "p", RawJson(b'"v"', 1))
 
 
 def test_orjson_writes_every_code_point_as_the_stdlib_does() -> None:
