@@ -16,21 +16,24 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from reasonbroker.core import codecs
+from reasonbroker.core import codecs, framing
 from reasonbroker.core.errors import RemoteProtocolError
 from reasonbroker.core.protocol import (
     Cancel,
     Codec,
     Packet,
     PacketDecoder,
+    Raw,
     RawJson,
     Result,
     ResultCode,
     Run,
+    decode_body,
     encode,
 )
 
@@ -306,3 +309,140 @@ def test_orjson_reads_bodies_as_the_stdlib_does(
         _stdlib(mp)
         reference = _general(body)
     assert _general(body) == reference
+
+
+# -- payloads passed on as they came (RawJson) ---------------------------------------
+
+W = uuid.UUID("fedcba98-7654-3210-fedc-ba9876543210").bytes  # the worker's cookie for the job
+
+# Payload texts whose literals the writer gives back byte for byte: JSON text with
+# its quotes escaped, non-ASCII raw, big numbers and nesting (opaque text to the
+# broker), control characters, and sizes either side of the scanned length.
+PASSED_ON = [
+    '{"name": "x", "n": 1}',
+    '{"big": 123456789012345678901234567890, "f": 1e400, "nested": {"a": [1, {"b": null}]}}',
+    "caf\u00e9 \u2028 \U0001f600 \x7f",
+    'tab\tnew\nline\r back\\slash "q" \x00\x01\x1f \x08\x0c',
+    "",
+    "x" * (framing._SCAN_MAX - 2),  # the literal: exactly _SCAN_MAX bytes
+    "x" * (framing._SCAN_MAX - 1),
+    '{"k": "\u00e9\\n"}' * 200,
+]
+
+
+def _run_frame(cookie: bytes, literal: bytes, detach: bytes = b"false") -> bytes:
+    """A RUN, its variables given as a literal: ReasonChip's client sends detach
+    false, the broker writes null."""
+    body = (
+        b'{"packet_type":"RUN","cookie":"' + codecs.json_cookie(cookie) + b'","capacity":null,'
+        b'"pipeline":"echo","variables":' + literal + b',"detach":' + detach + b"," + _NOTHING
+    )
+    return _frame(body)
+
+
+def _result_frame(cookie: bytes, literal: bytes) -> bytes:
+    """A ReasonChip worker's RESULT, its result given as a literal."""
+    body = (
+        b'{"packet_type":"RESULT","cookie":"' + codecs.json_cookie(cookie) + b'","capacity":null,'
+        b'"pipeline":null,"variables":null,"detach":null,"rc":"OK","error":null,'
+        b'"stacktrace":null,"result":' + literal + b"}"
+    )
+    return _frame(body)
+
+
+def _read(frame: bytes) -> Packet:
+    """The one packet a broker's decoder reads from a JSON frame."""
+    decoder = PacketDecoder(1 << 24, raw_payloads=True)
+    decoder.codec = Codec.JSON
+    (packet,) = decoder.feed(frame)
+    return packet
+
+
+def _relayed(frame: bytes, codec: Codec) -> bytes:
+    """What the broker writes to the next peer (in `codec`) for a RUN or RESULT
+    it read from `frame`: the same payload under the other side's cookie."""
+    packet = _read(frame)
+    if isinstance(packet, Run):
+        return encode(Run(W, packet.pipeline, packet.variables), codec)
+    assert isinstance(packet, Result)
+    return encode(Result(C, packet.rc, packet.error, None, packet.result), codec)
+
+
+@pytest.mark.parametrize("text", PASSED_ON, ids=range(len(PASSED_ON)))
+def test_a_json_payload_reaches_a_json_peer_byte_for_byte(backend: str, text: str) -> None:
+    literal = json.dumps(text, ensure_ascii=False).encode()  # what ReasonChip writes
+    run = _read(_run_frame(C, literal))
+    assert isinstance(run, Run)
+    assert run.variables == RawJson(literal, len(text))  # kept as it came, not decoded
+    assert codecs.payload_size(run.variables) == len(text)  # the budgets count characters
+    assert _relayed(_run_frame(C, literal), Codec.JSON) == _run_frame(W, literal, b"null")
+    # The worker's RESULT reaches the client the same way.
+    assert _relayed(_result_frame(W, literal), Codec.JSON) == _result_frame(C, literal)
+
+
+@pytest.mark.parametrize("text", PASSED_ON, ids=range(len(PASSED_ON)))
+def test_a_json_payload_reaches_a_msgpack_peer_as_its_text(text: str) -> None:
+    literal = json.dumps(text, ensure_ascii=False).encode()
+    run = decode_body(_relayed(_run_frame(C, literal), Codec.MSGPACK)[4:], Codec.MSGPACK)
+    assert run == Run(W, "echo", text)
+    res = decode_body(_relayed(_result_frame(W, literal), Codec.MSGPACK)[4:], Codec.MSGPACK)
+    assert res == Result(C, ResultCode.OK, result=text)
+
+
+@pytest.mark.parametrize("text", PASSED_ON, ids=range(len(PASSED_ON)))
+def test_a_msgpack_payload_reaches_a_json_peer_as_the_writers_literal(text: str) -> None:
+    raw = Raw(msgpack.packb(text))
+    literal = codecs._json_text(text)
+    assert encode(Run(W, "echo", raw), Codec.JSON) == encode(Run(W, "echo", text), Codec.JSON)
+    frame = encode(Result(C, ResultCode.OK, result=raw), Codec.JSON)
+    assert frame == _result_frame(C, literal)
+    assert json.loads(frame[4:])["result"] == text
+
+
+def _literals(text: str) -> list[bytes]:
+    """Literals json reads as `text`: the writer's own, the stdlib's with
+    ensure_ascii (\\u00e9, surrogate pairs), and with / escaped (\\/)."""
+    out = [json.dumps(text).encode(), json.dumps(text).replace("/", "\\/").encode()]
+    try:
+        out.append(codecs._json_text(text))
+    except UnicodeEncodeError:
+        pass  # a lone surrogate: no writer's literal
+    return out
+
+
+_ANY_TEXT = st.text(max_size=40) | st.builds(
+    lambda head, pad, tail: head + pad + tail,
+    st.text(max_size=10),
+    st.sampled_from(["x" * 600, "\u00e9" * 300, '\\"' * 200]),
+    st.text(max_size=10),
+)
+
+
+@settings(max_examples=300)
+@given(_ANY_TEXT, st.integers(0, 2), st.booleans())
+@example("\ud800", 0, False)  # a lone surrogate, escaped: refused as before
+@example("\ud83d\ude00", 0, False)  # escaped, a pair: read as U+1F600, written raw
+@example("a/b", 1, True)
+@example("\u00e9" * 300, 0, True)
+def test_relayed_json_payloads_are_what_decoding_and_writing_gives(
+    text: str, form: int, result: bool
+) -> None:
+    literals = _literals(text)
+    literal = literals[form % len(literals)]
+    frame = (_result_frame if result else _run_frame)(W if result else C, literal)
+    reference = _general(frame[4:])
+    if reference is RemoteProtocolError:  # a lone surrogate: the connection's error
+        with pytest.raises(RemoteProtocolError):
+            _read(frame)
+        return
+    packet = _read(frame)
+    payload = packet.result if isinstance(packet, Result) else packet.variables  # type: ignore[union-attr]
+    text = json.loads(literal)  # an escaped surrogate pair is read as one character
+    writers = codecs._json_text(text)
+    # Kept as it came exactly when it is the writer's literal; read to its text otherwise.
+    assert (type(payload) is RawJson) == (literal == writers)
+    assert _as_read(packet) == reference
+    out = _relayed(frame, Codec.JSON)
+    assert out == (_result_frame(C, writers) if result else _run_frame(W, writers, b"null"))
+    back = decode_body(_relayed(frame, Codec.MSGPACK)[4:], Codec.MSGPACK)
+    assert (back.result if isinstance(back, Result) else back.variables) == text  # type: ignore[union-attr]

@@ -271,11 +271,13 @@ def json_literal_text(literal: bytes) -> str | None:
             return None
         return text if type(text) is str else None
     try:
+        decoded = literal.decode()
         found: str
-        found, end = _scanstring(literal.decode(), 1, True)
+        found, end = _scanstring(decoded, 1, True)
     except ValueError:  # UnicodeDecodeError, JSONDecodeError
         return None
-    if end != len(literal) or (not found.isascii() and _lone_surrogate(found)):
+    # (`end` counts characters: a non-ASCII literal has more bytes.)
+    if end != len(decoded) or (not found.isascii() and _lone_surrogate(found)):
         return None
     return found
 
