@@ -446,3 +446,55 @@ def test_relayed_json_payloads_are_what_decoding_and_writing_gives(
     assert out == (_result_frame(C, writers) if result else _run_frame(W, writers, b"null"))
     back = decode_body(_relayed(frame, Codec.MSGPACK)[4:], Codec.MSGPACK)
     assert (back.result if isinstance(back, Result) else back.variables) == text  # type: ignore[union-attr]
+
+
+# -- cookie text, remembered (framing._cookie_text, PacketDecoder._cookie_at) ------
+
+
+def _cookies() -> st.SearchStrategy[list[bytes]]:
+    """Cookies as a broker meets them: runs that share their first 15 bytes
+    (its own, for workers), others that share fewer or none (clients')."""
+    stems = st.sampled_from([bytes(15), b"\xff" * 15, C[:15], W[:15], C[:14] + b"\x00"])
+    shared = st.builds(lambda stem, last: stem + bytes([last]), stems, st.integers(0, 255))
+    return st.lists(shared | _COOKIES, min_size=1, max_size=30)
+
+
+@settings(max_examples=200)
+@given(_cookies(), st.lists(st.booleans(), min_size=30, max_size=30))
+def test_cookie_text_is_the_same_whatever_came_before(
+    cookies: list[bytes], upper: list[bool]
+) -> None:
+    # One decoder reads them all in turn (RUNs as a client sends them, in
+    # either case, and RESULTs as a worker does): each cookie is its text's
+    # bytes; and each frame written for them is the general writer's.
+    decoder = PacketDecoder(1 << 20, raw_payloads=True)
+    decoder.codec = Codec.JSON
+    for cookie, up in zip(cookies, upper, strict=False):
+        text = str(uuid.UUID(bytes=cookie))
+        text = text.upper() if up else text
+        run = _run_frame(C, b'"v"').replace(codecs.json_cookie(C), text.encode())
+        result = _result_frame(C, b"null").replace(codecs.json_cookie(C), text.encode())
+        (got_run,) = decoder.feed(run)
+        (got_result,) = decoder.feed(result)
+        assert isinstance(got_run, Run) and isinstance(got_result, Result)
+        assert got_run.cookie == got_result.cookie == cookie
+        for packet in (Run(cookie, "echo", "v"), Result(cookie, ResultCode.OK, result="v")):
+            frame = encode(packet, Codec.JSON)
+            assert frame == _frame(codecs._json_body(codecs.packet_to_map(packet)))
+            assert json.loads(frame[4:])["cookie"] == str(uuid.UUID(bytes=cookie))
+
+
+@pytest.mark.parametrize("last", ["g", "-", " ", "\u00e9", "F", "0"])
+def test_a_cookie_like_the_last_one_but_its_end_reads_as_the_general_path(last: str) -> None:
+    text = codecs.json_cookie(C)
+    decoder = PacketDecoder(1 << 20, raw_payloads=True)
+    decoder.codec = Codec.JSON
+    (first,) = decoder.feed(_run_frame(C, b'"v"'))
+    assert isinstance(first, Run) and first.cookie == C
+    body = _run_frame(C, b'"v"').replace(text, text[:35] + last.encode())[4:]
+    try:
+        (packet,) = decoder.feed(_frame(body))
+    except RemoteProtocolError:
+        assert _general(body) is RemoteProtocolError
+    else:
+        assert _as_read(packet) == _general(body)
