@@ -808,21 +808,6 @@ def _json_text(value: str) -> bytes:
     return _json_str(value).encode()
 
 
-def json_writes(value: str) -> bytes:
-    """`_json_text(value)`, to compare and drop at once, not to keep: orjson's
-    bytes as they come, with the whole buffer it wrote into. A lone surrogate
-    gives b"" (no literal is that)."""
-    if _orjson is not None:
-        try:
-            return _orjson.dumps(value)  # type: ignore[no-any-return]
-        except TypeError:
-            return b""
-    try:
-        return _json_str(value).encode()
-    except UnicodeEncodeError:
-        return b""
-
-
 # The integers orjson writes (a 64-bit signed or unsigned range); the stdlib
 # writes any, so a map holding a larger one is written by the stdlib.
 _ORJSON_INT_MIN: Final = -(2**63)
