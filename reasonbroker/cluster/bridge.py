@@ -1009,6 +1009,8 @@ def _packed(value: Any) -> bytes | None:
         return None
     if isinstance(value, p.Raw):
         return value.data
+    if isinstance(value, p.RawJson):
+        return pack_value(value.value())  # a JSON peer's text, carried as msgpack
     return pack_value(value)
 
 

@@ -31,7 +31,7 @@ import msgpack
 
 from ..core.actions import J_ACCEPT, J_DISPATCH, J_END, J_FORGET, J_REQUEUE, Action, Journal
 from ..core.board import Restored, Switchboard, restored_run
-from ..core.packets import Ping, Pong, Raw, Result, ResultCode
+from ..core.packets import Ping, Pong, Raw, RawJson, Result, ResultCode
 from ..core.retention import Ended as RetainedEnded
 from .store.base import Accepted, Ended, Recovered, Store
 
@@ -45,6 +45,8 @@ def _payload_bytes(value: Any) -> bytes | None:
     if type(value) is Raw:
         data: bytes = value.data
         return data
+    if type(value) is RawJson:
+        value = value.value()  # a JSON peer's text, kept as msgpack as any other
     packed: bytes = msgpack.packb(value, use_bin_type=True)
     return packed
 
