@@ -289,7 +289,7 @@ async def test_run_returns_the_echo_and_both_sides_say_hello(fake: FakeBroker) -
         assert client.broker_hello.version == "fake-1"
         assert client.in_flight == 0
     [client_hello] = fake.seen(Hello, Role.CLIENT)
-    assert client_hello.features == ("started", "progress", "accepted", "attach")
+    assert client_hello.features == ("started", "progress", "accepted", "ack", "attach")
     assert client_hello.name == "c1"
     [worker_hello] = fake.seen(Hello, Role.WORKER)
     assert worker_hello.name == "w1"
@@ -617,8 +617,9 @@ async def test_submit_fields_and_detach(raw_fake: FakeBroker) -> None:
         assert await detached is None
         await raw_fake.wait_for(lambda: len(raw_fake.seen(Run)) == 2)
         runs = raw_fake.seen(Run)
-        assert runs[0] == Run(handle.cookie.bytes, "p", 1, False, 3, 1500, 2)
-        assert runs[1] == Run(detached.cookie.bytes, "p", 2, True)
+        # submit() asks for each job's ACCEPTED (RUN `ack`, docs/protocol.md).
+        assert runs[0] == Run(handle.cookie.bytes, "p", 1, False, 3, 1500, 2, True)
+        assert runs[1] == Run(detached.cookie.bytes, "p", 2, True, ack=True)
         assert client.in_flight == 1  # a detached job expects no RESULT
         with pytest.raises(ValueError, match="timeout"):
             await client.submit("p", 1, timeout=0)

@@ -493,7 +493,7 @@ def _msgpack_parts(packet: Packet, out: list[bytes]) -> int:
     if type(packet) is Run:
         run = packet
         if (
-            not (run.detach or run.priority)
+            not (run.detach or run.priority or run.ack)
             and run.timeout_ms is None
             and run.max_attempts is None
             and len(run.cookie) == 16
@@ -548,7 +548,7 @@ _JSON_NULL: Final = b"null"
 
 def _json_plain_parts(packet: Packet, out: list[bytes]) -> int:
     """A RUN or RESULT in its per-job shape (a 16-byte cookie, string or no
-    payload; RUN without priority, deadline or attempts; RESULT without a
+    payload; RUN without priority, deadline, attempts or ack; RESULT without a
     stacktrace) written to `out` as pieces: `_json_body`'s bytes for it.
     0 (and `out` untouched) for any other packet: the general path writes it.
     """
@@ -558,6 +558,7 @@ def _json_plain_parts(packet: Packet, out: list[bytes]) -> int:
         variables = run.variables
         if (
             run.priority
+            or run.ack
             or run.timeout_ms is not None
             or run.max_attempts is not None
             or len(run.cookie) != 16

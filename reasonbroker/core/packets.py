@@ -127,6 +127,7 @@ class Record:
 
 class Run(Record):
     __slots__ = (
+        "ack",
         "cookie",
         "detach",
         "max_attempts",
@@ -143,6 +144,7 @@ class Run(Record):
         "priority",
         "timeout_ms",
         "max_attempts",
+        "ack",
     )
 
     def __init__(
@@ -154,6 +156,7 @@ class Run(Record):
         priority: int = 0,
         timeout_ms: int | None = None,
         max_attempts: int | None = None,
+        ack: bool = False,
     ) -> None:
         self.cookie: Final = cookie
         self.pipeline: Final = pipeline
@@ -162,6 +165,8 @@ class Run(Record):
         self.priority: Final = priority
         self.timeout_ms: Final = timeout_ms
         self.max_attempts: Final = max_attempts
+        # Feature `ack` (docs/protocol.md): this RUN asks for its ACCEPTED.
+        self.ack: Final = ack
 
 
 @_packet
