@@ -703,11 +703,15 @@ class Client:
 
     async def _read(self, peer: Peer) -> None:
         dispatch = self._dispatch
+
+        def consume(batch: list[p.Packet]) -> None:
+            # In the transport's read callback: no task wakes up to read. The
+            # run() calls this read answers send again before its write.
+            for packet in batch:
+                dispatch(packet)
+
         try:
-            async for batch in peer.batches():
-                for packet in batch:
-                    dispatch(packet)
-                peer.flush_soon()  # after the run() calls this read answered send again
+            await peer.serve(consume)
         except Exception:
             peer.log.exception("client_reader_failed")
             peer.abort("client reader failed")
