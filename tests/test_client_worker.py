@@ -771,6 +771,33 @@ async def test_a_workers_results_of_one_read_leave_together(
     assert len(writes[1:]) < 20  # not one write per RESULT
 
 
+async def test_a_worker_frees_the_slot_before_its_result_is_written(
+    raw_fake: FakeBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A read is dispatched in the transport's callback: the broker's next RUN
+    # can be read before the finished job task's done callback has run, so
+    # the slot must be free by the time its RESULT leaves, or that RUN would
+    # be answered NO_CAPACITY.
+    running_at_write: list[int] = []
+    flush = Peer._flush
+    worker = Worker(raw_fake.url, handlers={"echo": echo}, capacity=1)
+
+    def noting(self: Peer) -> None:
+        if self._out:
+            running_at_write.append(worker.running_jobs)
+        flush(self)
+
+    monkeypatch.setattr(Peer, "_flush", noting)
+    async with worker:
+        await raw_fake.wait_for(lambda: raw_fake.seen(Register))
+        [conn] = raw_fake.conns_of(Role.WORKER)
+        for i in range(3):
+            conn.send(Run(new_cookie(), "echo", i))
+            await raw_fake.wait_for(lambda: len(raw_fake.seen(Result)) > i)  # noqa: B023
+    assert [r.rc for r in raw_fake.seen(Result)] == [ResultCode.OK] * 3
+    assert running_at_write[1:4] == [0, 0, 0]  # after the REGISTER's write
+
+
 async def test_frames_held_for_the_turn_are_written_once_past_64_kib(
     raw_fake: FakeBroker, writes: list[int]
 ) -> None:

@@ -54,6 +54,10 @@ _MAX_ENCODABLE: Final = 0xFFFFFFFF
 # Frame headers for the small sizes every RUN and RESULT of an everyday job
 # has, made once: indexing a tuple is cheaper than a struct call per frame.
 _SMALL_FRAME: Final = 4096
+# A decoded (not Raw) payload at least this big is unpacked from a memoryview
+# of the read, not from a copy of its bytes; below it the copy is cheaper
+# than making the view.
+_VIEW_FROM: Final = 4096
 _SMALL_HEADERS: Final = tuple(_pack_length(n) for n in range(_SMALL_FRAME))
 
 
@@ -292,8 +296,13 @@ class PacketDecoder:
                     value_end = _skip(data, pos, stop)
                     if value_end < 0:
                         return None
-                    span = data[pos:value_end]
-                    payload = Raw(span) if self._raw else _unpack_value(span)
+                    if self._raw:
+                        payload = Raw(data[pos:value_end])
+                    elif value_end - pos >= _VIEW_FROM:
+                        # A big payload is unpacked from a view: one copy, not two.
+                        payload = _unpack_value(memoryview(data)[pos:value_end])
+                    else:
+                        payload = _unpack_value(data[pos:value_end])
                     pos = value_end
             else:
                 return None

@@ -373,6 +373,6 @@ def cookie_str(cookie: bytes | None) -> str | None:
 # ---------------------------------------------------------------------------
 
 
-def _unpack_value(span: bytes) -> Any:
+def _unpack_value(span: bytes | memoryview) -> Any:
     """A payload (`_skip` has passed it, or it is a Raw's), decoded."""
     return msgpack.unpackb(span, raw=False, strict_map_key=False)

@@ -58,6 +58,9 @@ _CLOSE_FLUSH_S: Final = 1.0
 # bytes, so a sender that never yields still meets the transport's
 # backpressure (send() waits while it is paused).
 _FLUSH_BYTES: Final = 64 * 1024
+# A frame this big is held as its encoder's pieces, not joined: joining would
+# copy its payload once more (README, Benchmarks, SDK: the 64 KiB cell).
+_PIECES_FROM: Final = 16 * 1024
 
 # The libraries' loggers are children of "reasonbroker" in the stdlib logging
 # tree. A NullHandler there keeps them silent (no "last resort" printing of
@@ -239,7 +242,7 @@ class Peer:
         self._writer = writer
         self._stream = stream
         self._transport = writer.transport
-        # Frames written this turn, joined and written by _flush at its end.
+        # Frames written this turn (a big one as its pieces), written by _flush at its end.
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._flush_pending = False  # a _flush is scheduled
@@ -311,13 +314,13 @@ class Peer:
         written, so the connection stays usable. BrokerConnectionError when the
         connection is gone.
         """
-        self._write(p.encode(packet))
+        self._put(packet)
         if self._transport.get_write_buffer_size():
             await self.drain()
 
     def send_nowait(self, packet: p.Packet) -> None:
         """Write one packet without waiting for the buffer to drain (best effort)."""
-        self._write(p.encode(packet))
+        self._put(packet)
 
     @property
     def must_drain(self) -> bool:
@@ -339,14 +342,21 @@ class Peer:
             self.abort(f"write failed: {exc}")
             raise BrokerConnectionError(f"connection to {self.url} lost: {exc}") from exc
 
-    def _write(self, frame: bytes) -> None:
-        """Hold `frame` for this turn's one write (sooner past _FLUSH_BYTES)."""
+    def _put(self, packet: p.Packet) -> None:
+        """Encode `packet` and hold its frame for this turn's one write (sooner
+        past _FLUSH_BYTES). A big frame is held as its encoder's pieces, which
+        the write hands to the kernel as they are (one writev, not a join)."""
         if self.close_reason is not None or self._transport.is_closing():
             raise BrokerConnectionError(
                 f"connection to {self.url} is closed: {self.close_reason or 'closing'}"
             )
-        self._out.append(frame)
-        self._out_bytes += len(frame)
+        parts: list[bytes] = []
+        size = p.encode_into(packet, p.Codec.MSGPACK, parts)  # EncodeError: nothing held
+        if size >= _PIECES_FROM:
+            self._out.extend(parts)
+        else:
+            self._out.append(parts[0] if len(parts) == 1 else b"".join(parts))
+        self._out_bytes += size
         if self._out_bytes >= _FLUSH_BYTES:
             self._flush()
         elif not self._flush_pending:
@@ -372,11 +382,22 @@ class Peer:
         out = self._out
         if not out:
             return
-        data = out[0] if len(out) == 1 else b"".join(out)
+        transport = self._transport
+        if len(out) == 1:
+            data = out[0]
+        elif self._out_bytes >= _PIECES_FROM:
+            # Big frames' pieces: one writev on uvloop (asyncio's own joins them).
+            if not transport.is_closing():
+                transport.writelines(out)
+            out.clear()
+            self._out_bytes = 0
+            return
+        else:
+            data = b"".join(out)
         out.clear()
         self._out_bytes = 0
-        if not self._transport.is_closing():
-            self._transport.write(data)
+        if not transport.is_closing():
+            transport.write(data)
 
     async def serve(self, consume: Consumer) -> None:
         """Hand the broker's packets to `consume`, a read's at a time (never an
