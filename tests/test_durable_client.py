@@ -375,7 +375,8 @@ async def test_a_resuming_clients_run_asks_for_accepted_and_is_reattached() -> N
         running = asyncio.create_task(client.run("job", "r"))
         plain_running = asyncio.create_task(plain.run("job", "p"))
         async with asyncio.timeout(WAIT_S):
-            runs = await fake.wait_for(lambda: len(fake.seen(Run)) == 2 and fake.seen(Run))
+            await fake.wait_for(lambda: len(fake.seen(Run)) == 2)
+            runs = fake.seen(Run)
             by_value = {run.variables: run for run in runs}
             run, plain_run = by_value["r"], by_value["p"]
             assert run.ack and not plain_run.ack
@@ -385,7 +386,8 @@ async def test_a_resuming_clients_run_asks_for_accepted_and_is_reattached() -> N
             await fake.wait_for(lambda: fake.seen_on(Pong, first))
             assert client._jobs[run.cookie].accepted
             first.drop()  # lost after ACCEPTED
-            now = await fake.wait_for(lambda: len(fake.conns) == 3 and fake.conns[-1])
+            await fake.wait_for(lambda: len(fake.conns) == 3)
+            now = fake.conns[-1]
             [attach] = await fake.wait_for(lambda: fake.seen_on(Attach, now))
             assert attach == Attach(run.cookie, True)
             assert fake.seen_on(Run, now) == []  # never re-sent
