@@ -814,6 +814,26 @@ async def test_frames_held_for_the_turn_are_written_once_past_64_kib(
     assert sum(writes) == 40
 
 
+async def test_a_client_whose_dispatch_breaks_drops_the_connection_and_fails_its_jobs(
+    raw_fake: FakeBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reads are dispatched in the transport's callback (sdk/peer.py): a bug
+    # there must still end the connection and every pending job, not vanish
+    # into the event loop's exception handler.
+    def broken(self: Client, packet: Any) -> None:
+        raise RuntimeError("dispatch bug")
+
+    monkeypatch.setattr(Client, "_dispatch", broken)
+    async with Client(raw_fake.url) as client:
+        running = asyncio.create_task(client.run("p", 1))
+        [run] = await raw_fake.wait_for(lambda: raw_fake.seen(Run))
+        [conn] = raw_fake.conns_of(Role.CLIENT)
+        conn.send(Result(run.cookie, ResultCode.OK, result=1))
+        with pytest.raises(BrokerWentAway, match="dispatch bug"):
+            await asyncio.wait_for(running, 5)
+        assert client._peer is not None and client._peer.closed
+
+
 async def test_run_takes_its_result_without_waiting_for_accepted() -> None:
     # run() needs the RESULT only; submit() still returns once ACCEPTED came.
     hello = Hello(version="fake", features=("accepted",), heartbeat_ms=None)

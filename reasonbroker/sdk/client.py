@@ -458,7 +458,9 @@ class Client:
         """Submit a job and wait for its result; a non-OK RESULT raises its `JobError`.
 
         If the awaiting task is cancelled, a CANCEL is sent for the job (best
-        effort) and the CancelledError propagates.
+        effort) and the CancelledError propagates. The RUN asks for no ACCEPTED
+        (feature `ack`), unless this client resumes: then the job is
+        re-ATTACHed after a loss once accepted, as a submitted one is.
         """
         # submit() without waiting for ACCEPTED: the RESULT comes after it, and
         # a refusal is the RESULT. The handle is this call's alone (nobody else

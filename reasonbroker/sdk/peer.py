@@ -450,8 +450,9 @@ class Peer:
             consume(batch)
         except BaseException as exc:
             self._consume_error = exc
-            self.abort(f"reader failed: {exc!r}")
-            done.set_result(None)
+            self.abort(f"reader failed: {exc!r}")  # which ends reading: done is set
+            if not done.done():
+                done.set_result(None)
             return
         self.flush_soon()
 
