@@ -289,7 +289,7 @@ async def test_run_returns_the_echo_and_both_sides_say_hello(fake: FakeBroker) -
         assert client.broker_hello.version == "fake-1"
         assert client.in_flight == 0
     [client_hello] = fake.seen(Hello, Role.CLIENT)
-    assert client_hello.features == ("started", "progress", "accepted", "attach")
+    assert client_hello.features == ("started", "progress", "accepted", "ack", "attach")
     assert client_hello.name == "c1"
     [worker_hello] = fake.seen(Hello, Role.WORKER)
     assert worker_hello.name == "w1"
@@ -617,8 +617,9 @@ async def test_submit_fields_and_detach(raw_fake: FakeBroker) -> None:
         assert await detached is None
         await raw_fake.wait_for(lambda: len(raw_fake.seen(Run)) == 2)
         runs = raw_fake.seen(Run)
-        assert runs[0] == Run(handle.cookie.bytes, "p", 1, False, 3, 1500, 2)
-        assert runs[1] == Run(detached.cookie.bytes, "p", 2, True)
+        # submit() asks for each job's ACCEPTED (RUN `ack`, docs/protocol.md).
+        assert runs[0] == Run(handle.cookie.bytes, "p", 1, False, 3, 1500, 2, True)
+        assert runs[1] == Run(detached.cookie.bytes, "p", 2, True, ack=True)
         assert client.in_flight == 1  # a detached job expects no RESULT
         with pytest.raises(ValueError, match="timeout"):
             await client.submit("p", 1, timeout=0)
@@ -770,6 +771,33 @@ async def test_a_workers_results_of_one_read_leave_together(
     assert len(writes[1:]) < 20  # not one write per RESULT
 
 
+async def test_a_worker_frees_the_slot_before_its_result_is_written(
+    raw_fake: FakeBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A read is dispatched in the transport's callback: the broker's next RUN
+    # can be read before the finished job task's done callback has run, so
+    # the slot must be free by the time its RESULT leaves, or that RUN would
+    # be answered NO_CAPACITY.
+    running_at_write: list[int] = []
+    flush = Peer._flush
+    worker = Worker(raw_fake.url, handlers={"echo": echo}, capacity=1)
+
+    def noting(self: Peer) -> None:
+        if self._out:
+            running_at_write.append(worker.running_jobs)
+        flush(self)
+
+    monkeypatch.setattr(Peer, "_flush", noting)
+    async with worker:
+        await raw_fake.wait_for(lambda: raw_fake.seen(Register))
+        [conn] = raw_fake.conns_of(Role.WORKER)
+        for i in range(3):
+            conn.send(Run(new_cookie(), "echo", i))
+            await raw_fake.wait_for(lambda: len(raw_fake.seen(Result)) > i)  # noqa: B023
+    assert [r.rc for r in raw_fake.seen(Result)] == [ResultCode.OK] * 3
+    assert running_at_write[1:4] == [0, 0, 0]  # after the REGISTER's write
+
+
 async def test_frames_held_for_the_turn_are_written_once_past_64_kib(
     raw_fake: FakeBroker, writes: list[int]
 ) -> None:
@@ -784,6 +812,26 @@ async def test_frames_held_for_the_turn_are_written_once_past_64_kib(
         assert len(writes) >= 5
         await raw_fake.wait_for(lambda: len(raw_fake.seen(Run)) == 40)
     assert sum(writes) == 40
+
+
+async def test_a_client_whose_dispatch_breaks_drops_the_connection_and_fails_its_jobs(
+    raw_fake: FakeBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reads are dispatched in the transport's callback (sdk/peer.py): a bug
+    # there must still end the connection and every pending job, not vanish
+    # into the event loop's exception handler.
+    def broken(self: Client, packet: Any) -> None:
+        raise RuntimeError("dispatch bug")
+
+    monkeypatch.setattr(Client, "_dispatch", broken)
+    async with Client(raw_fake.url) as client:
+        running = asyncio.create_task(client.run("p", 1))
+        [run] = await raw_fake.wait_for(lambda: raw_fake.seen(Run))
+        [conn] = raw_fake.conns_of(Role.CLIENT)
+        conn.send(Result(run.cookie, ResultCode.OK, result=1))
+        with pytest.raises(BrokerWentAway, match="dispatch bug"):
+            await asyncio.wait_for(running, 5)
+        assert client._peer is not None and client._peer.closed
 
 
 async def test_run_takes_its_result_without_waiting_for_accepted() -> None:

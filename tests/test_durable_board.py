@@ -73,6 +73,25 @@ def test_without_the_feature_no_accepted_and_without_journal_no_journal_actions(
     assert journal(h.last) == []
 
 
+def test_with_feature_ack_only_the_runs_that_ask_get_accepted() -> None:
+    # docs/protocol.md, feature `ack`: the SDK's run() (no `ack`) waits for its
+    # RESULT alone; submit() (`ack`) for its ACCEPTED. With or without a journal.
+    for durable in (False, True):
+        h = H(durable=durable)
+        w = h.worker(capacity=4)
+        c = h.client(hello=True, features=(*ACCEPTS, "ack"))
+        assert h.run(c, 1) == [("RUN", w, "job1")]
+        assert h.run(c, 2, ack=True) == [("ACCEPTED", c), ("RUN", w, "job2")]
+        assert h.answer("job1", result="r") == [("RESULT", c, 1, OK)]
+        # Without `ack` among its features a connection gets every ACCEPTED, as before.
+        old = h.client(hello=True, features=ACCEPTS)
+        assert h.run(old, 3) == [("ACCEPTED", old), ("RUN", w, "job3")]
+        assert h.run(old, 4, ack=True) == [("ACCEPTED", old), ("RUN", w, "job4")]
+        # `ack` alone asks for nothing: ACCEPTED needs feature `accepted`.
+        bare = h.client(hello=True, features=("ack",))
+        assert h.run(bare, 5, ack=True) == [("RUN", w, "job5")]
+
+
 def test_a_durable_board_lets_jobs_wait_for_a_worker_of_their_pipeline() -> None:
     h = H(durable=True)
     c = h.client(hello=True, features=ACCEPTS)

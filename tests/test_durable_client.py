@@ -28,6 +28,8 @@ from reasonbroker.core.protocol import (
     Hello,
     Job,
     JobState,
+    Ping,
+    Pong,
     Result,
     ResultCode,
     Run,
@@ -323,6 +325,81 @@ async def test_resume_after_the_broker_restarts_on_the_same_port(
     ]
     assert [e["event"] for e in logged] == ["client_connected", "client_resuming", "client_resumed"]
     assert (logged[2]["reattached"], logged[2]["resent"]) == (1, 0)
+
+
+async def test_a_run_client_is_sent_no_accepted_and_submit_still_waits_for_it(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Feature `ack` (docs/protocol.md): run() asks for no ACCEPTED, so the broker
+    sends none (a decode and a wake-up per job saved); submit() still gets its own."""
+    seen: list[type] = []
+    dispatch = Client._dispatch
+
+    def recording(self: Client, packet: Any) -> None:
+        seen.append(type(packet))
+        dispatch(self, packet)
+
+    monkeypatch.setattr(Client, "_dispatch", recording)
+    w = Worker(broker.address("worker"), handlers={"job": echo}, capacity=4)
+    serving = await registered(w)
+    try:
+        async with Client(broker.address("client")) as client:
+            assert "ack" in client.broker_hello.features
+            async with asyncio.timeout(WAIT_S):
+                assert await asyncio.gather(*(client.run("job", i) for i in range(20))) == list(
+                    range(20)
+                )
+                assert seen == [Result] * 20
+                handle = await client.submit("job", "s")
+                assert handle.accepted
+                assert await handle == "s"
+            assert seen[20:] == [Accepted, Result]
+    finally:
+        await stop(w, serving)
+
+
+async def test_a_resuming_clients_run_asks_for_accepted_and_is_reattached() -> None:
+    """A run() on a resuming client still asks for ACCEPTED (RUN `ack`): once it
+    came, a lost connection re-ATTACHes the job instead of re-sending it, as
+    before feature `ack`. A run() on a client that does not resume asks for none."""
+    fake = FakeBroker(
+        route=False,
+        hello_answer=Hello(version="fake-2", features=("accepted", "ack", "attach")),
+    )
+    await fake.start()
+    client = Client(fake.url, resume=True, resume_timeout=WAIT_S)
+    plain = Client(fake.url)
+    try:
+        await client.connect()
+        await plain.connect()
+        running = asyncio.create_task(client.run("job", "r"))
+        plain_running = asyncio.create_task(plain.run("job", "p"))
+        async with asyncio.timeout(WAIT_S):
+            await fake.wait_for(lambda: len(fake.seen(Run)) == 2)
+            runs = fake.seen(Run)
+            by_value = {run.variables: run for run in runs}
+            run, plain_run = by_value["r"], by_value["p"]
+            assert run.ack and not plain_run.ack
+            first = next(c for c in fake.conns if fake.seen_on(Run, c) == [run])
+            first.send(Accepted(run.cookie))
+            first.send(Ping())  # its PONG says the ACCEPTED before it was read
+            await fake.wait_for(lambda: fake.seen_on(Pong, first))
+            assert client._jobs[run.cookie].accepted
+            first.drop()  # lost after ACCEPTED
+            await fake.wait_for(lambda: len(fake.conns) == 3)
+            now = fake.conns[-1]
+            [attach] = await fake.wait_for(lambda: fake.seen_on(Attach, now))
+            assert attach == Attach(run.cookie, True)
+            assert fake.seen_on(Run, now) == []  # never re-sent
+            now.send(Result(run.cookie, ResultCode.OK, result="r"))
+            assert await running == "r"
+            other = next(c for c in fake.conns if fake.seen_on(Run, c) == [plain_run])
+            other.send(Result(plain_run.cookie, ResultCode.OK, result="p"))
+            assert await plain_running == "p"
+    finally:
+        await client.close()
+        await plain.close()
+        await fake.close()
 
 
 async def test_resume_gives_up_after_resume_timeout_with_resume_timeout() -> None:

@@ -527,9 +527,11 @@ class Switchboard:
             self.deadlines.add(job.deadline, _Deadline.TIMEOUT, job, out)
         if self.durable:
             out.append(Journal(J_ACCEPT, run.cookie, run, job.seq, 0, attempts, job.deadline, now))
-        if c.hello and "accepted" in c.features:
+        if c.hello and "accepted" in c.features and (run.ack or "ack" not in c.features):
             # Before anything else about the job; with a journal the broker
-            # holds it until the row above is committed.
+            # holds it until the row above is committed. A connection that
+            # also asked for `ack` gets it only for the RUNs that carry `ack`
+            # (docs/protocol.md: an SDK's run() waits for the RESULT alone).
             out.append(Send(c.id, Accepted(run.cookie)))
         if worker is not None:
             self._dispatch(job, worker, out)

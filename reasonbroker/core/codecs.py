@@ -500,6 +500,7 @@ def packet_from_map(d: dict[Any, Any], codec: Codec) -> Packet:
                     priority,
                     timeout_ms,
                     max_attempts,
+                    bool(_opt_bool(d, "ack")),
                 )
             case "RESULT":
                 rc_text = _opt_str(d, "rc")
@@ -602,7 +603,7 @@ def _salvage_cookie(d: dict[Any, Any], codec: Codec) -> bytes | None:
 def packet_to_map(packet: Packet) -> dict[str, Any]:
     """The flat map for a packet; unset (None) fields are left out."""
     match packet:
-        case Run(cookie, pipeline, variables, detach, priority, timeout_ms, max_attempts):
+        case Run(cookie, pipeline, variables, detach, priority, timeout_ms, max_attempts, ack):
             d: dict[str, Any] = {"packet_type": "RUN", "cookie": cookie, "pipeline": pipeline}
             if variables is not None:
                 d["variables"] = variables
@@ -614,6 +615,8 @@ def packet_to_map(packet: Packet) -> dict[str, Any]:
                 d["timeout_ms"] = timeout_ms
             if max_attempts is not None:
                 d["max_attempts"] = max_attempts
+            if ack:
+                d["ack"] = True
             return d
         case Result(cookie, rc, error, stacktrace, result):
             d = {"packet_type": "RESULT", "cookie": cookie, "rc": rc.value}

@@ -64,6 +64,10 @@ _MAX_ENCODABLE: Final = 0xFFFFFFFF
 # Frame headers for the small sizes every RUN and RESULT of an everyday job
 # has, made once: indexing a tuple is cheaper than a struct call per frame.
 _SMALL_FRAME: Final = 4096
+# A decoded (not Raw) payload at least this big is unpacked from a memoryview
+# of the read, not from a copy of its bytes; below it the copy is cheaper
+# than making the view.
+_VIEW_FROM: Final = 4096
 _SMALL_HEADERS: Final = tuple(_pack_length(n) for n in range(_SMALL_FRAME))
 
 
@@ -308,8 +312,13 @@ class PacketDecoder:
                     value_end = _skip(data, pos, stop)
                     if value_end < 0:
                         return None
-                    span = data[pos:value_end]
-                    payload = Raw(span) if self._raw else _unpack_value(span)
+                    if self._raw:
+                        payload = Raw(data[pos:value_end])
+                    elif value_end - pos >= _VIEW_FROM:
+                        # A big payload is unpacked from a view: one copy, not two.
+                        payload = _unpack_value(memoryview(data)[pos:value_end])
+                    else:
+                        payload = _unpack_value(data[pos:value_end])
                     pos = value_end
             else:
                 return None
@@ -650,7 +659,7 @@ def _msgpack_parts(packet: Packet, out: list[bytes]) -> int:
     if type(packet) is Run:
         run = packet
         if (
-            not (run.detach or run.priority)
+            not (run.detach or run.priority or run.ack)
             and run.timeout_ms is None
             and run.max_attempts is None
             and len(run.cookie) == 16
@@ -768,7 +777,7 @@ def _cookie_text(cookie: bytes, answer: bool) -> bytes:
 def _json_plain_parts(packet: Packet, out: list[bytes]) -> int:
     """A RUN or RESULT in its per-job shape (a 16-byte cookie; a payload of
     text: a string, a JSON peer's RawJson, a msgpack peer's string as Raw, or
-    none; RUN without priority, deadline or attempts; RESULT without a
+    none; RUN without priority, deadline, attempts or ack; RESULT without a
     stacktrace) written to `out` as pieces: `_json_body`'s bytes for it.
     0 (and `out` untouched) for any other packet: the general path writes it.
     """
@@ -778,6 +787,7 @@ def _json_plain_parts(packet: Packet, out: list[bytes]) -> int:
         variables = run.variables
         if (
             run.priority
+            or run.ack
             or run.timeout_ms is not None
             or run.max_attempts is not None
             or len(run.cookie) != 16

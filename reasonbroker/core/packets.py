@@ -132,6 +132,7 @@ class Record:
 
 class Run(Record):
     __slots__ = (
+        "ack",
         "cookie",
         "detach",
         "max_attempts",
@@ -148,6 +149,7 @@ class Run(Record):
         "priority",
         "timeout_ms",
         "max_attempts",
+        "ack",
     )
 
     def __init__(
@@ -159,6 +161,7 @@ class Run(Record):
         priority: int = 0,
         timeout_ms: int | None = None,
         max_attempts: int | None = None,
+        ack: bool = False,
     ) -> None:
         self.cookie: Final = cookie
         self.pipeline: Final = pipeline
@@ -167,6 +170,8 @@ class Run(Record):
         self.priority: Final = priority
         self.timeout_ms: Final = timeout_ms
         self.max_attempts: Final = max_attempts
+        # Feature `ack` (docs/protocol.md): this RUN asks for its ACCEPTED.
+        self.ack: Final = ack
 
 
 @_packet
@@ -400,6 +405,6 @@ def cookie_str(cookie: bytes | None) -> str | None:
 # ---------------------------------------------------------------------------
 
 
-def _unpack_value(span: bytes) -> Any:
+def _unpack_value(span: bytes | memoryview) -> Any:
     """A payload (`_skip` has passed it, or it is a Raw's), decoded."""
     return msgpack.unpackb(span, raw=False, strict_map_key=False)

@@ -29,6 +29,7 @@ FEATURES = (
     "timeout",
     "attempts",
     "accepted",
+    "ack",
     "attach",
     "drain",
 )

@@ -51,7 +51,11 @@ log = library_logger("reasonbroker.client")
 ProgressCallback = Callable[[Any], None]
 
 # Extensions the client asks the broker for (PROTOCOL.md sections 6 and 7).
-CLIENT_FEATURES: Final = ("started", "progress", "accepted", "attach")
+# `ack` (docs/protocol.md): ACCEPTED only for the RUNs that ask for it, which
+# submit() does and run() does not (unless resuming): run()'s answer is the
+# RESULT, and an ACCEPTED it never reads cost it a wake-up and the broker a
+# write per job.
+CLIENT_FEATURES: Final = ("started", "progress", "accepted", "ack", "attach")
 # How long a resuming client keeps trying to reach a broker before its
 # pending jobs fail: long enough for a broker restart with a journal replay.
 DEFAULT_RESUME_TIMEOUT_S: Final = 60.0
@@ -454,7 +458,9 @@ class Client:
         """Submit a job and wait for its result; a non-OK RESULT raises its `JobError`.
 
         If the awaiting task is cancelled, a CANCEL is sent for the job (best
-        effort) and the CancelledError propagates.
+        effort) and the CancelledError propagates. The RUN asks for no ACCEPTED
+        (feature `ack`), unless this client resumes: then the job is
+        re-ATTACHed after a loss once accepted, as a submitted one is.
         """
         # submit() without waiting for ACCEPTED: the RESULT comes after it, and
         # a refusal is the RESULT. The handle is this call's alone (nobody else
@@ -546,7 +552,13 @@ class Client:
             raw = cookie_bytes(cookie)
             if raw in self._jobs:
                 raise ValueError(f"this client already awaits the job {uuid.UUID(bytes=raw)}")
-        run = p.Run(raw, pipeline, variables, detach, priority, _timeout_ms(timeout), max_attempts)
+        # ACCEPTED is asked for (RUN `ack`) by submit(), which waits for it, and
+        # by a resuming client, which re-ATTACHes an accepted job after a loss
+        # rather than re-sending it; a broker without feature `ack` sends it anyway.
+        ack = wait_accept or self.resume
+        run = p.Run(
+            raw, pipeline, variables, detach, priority, _timeout_ms(timeout), max_attempts, ack
+        )
         handle = JobHandle(self, raw, pipeline, detach, on_progress, run)
         down = peer.closed
         if down and not self._resuming:
@@ -693,11 +705,15 @@ class Client:
 
     async def _read(self, peer: Peer) -> None:
         dispatch = self._dispatch
+
+        def consume(batch: list[p.Packet]) -> None:
+            # In the transport's read callback: no task wakes up to read. The
+            # run() calls this read answers send again before its write.
+            for packet in batch:
+                dispatch(packet)
+
         try:
-            async for batch in peer.batches():
-                for packet in batch:
-                    dispatch(packet)
-                peer.flush_soon()  # after the run() calls this read answered send again
+            await peer.serve(consume)
         except Exception:
             peer.log.exception("client_reader_failed")
             peer.abort("client reader failed")

@@ -357,10 +357,14 @@ class Worker:
                 broker_version=peer.broker_hello.version,
             )
             dispatch = self._dispatch
-            async for batch in peer.batches():
+
+            def consume(batch: list[p.Packet]) -> None:
+                # In the transport's read callback; the first step of the jobs
+                # this read started runs before the write of their RESULTs.
                 for packet in batch:
                     dispatch(peer, packet)
-                peer.flush_soon()  # after the first step of the jobs this read started
+
+            await peer.serve(consume)
         except BrokerConnectionError:
             pass  # REGISTER failed: the connection is gone, close_reason says why
         finally:
@@ -534,6 +538,9 @@ class Worker:
         if job.abandoned:
             return False
         job.answered = True
+        # The slot is free from here: the RESULT may reach the broker, and its
+        # next RUN come back, before this task's done callback runs.
+        self._release(job)
         peer = job.peer
         try:
             try:
@@ -560,11 +567,14 @@ class Worker:
             return False  # the broker re-queues or fails the job itself
         return peer.must_drain
 
-    def _job_done(self, job: _Job, task: asyncio.Task[None]) -> None:
+    def _release(self, job: _Job) -> None:
         if self._jobs.get(job.cookie) is job:
             del self._jobs[job.cookie]
-        if not self._jobs:
-            self._idle.set()
+            if not self._jobs:
+                self._idle.set()
+
+    def _job_done(self, job: _Job, task: asyncio.Task[None]) -> None:
+        self._release(job)
         if job.answered or job.abandoned:
             return
         # Every RUN gets exactly one RESULT: the task ended without answering,
