@@ -107,8 +107,12 @@ def _stdlib(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _general(body: bytes) -> Packet | type[Exception]:
-    """The general path's reading of a body (no in-place reader), or its error."""
+    """The general path's reading of a body (no in-place reader), or its error.
+    A frame's first byte says its codec (`detect_codec`): a JSON body must open
+    with `{`, even where JSON would allow whitespace before it."""
     try:
+        if codecs.detect_codec(body) is not Codec.JSON:
+            return RemoteProtocolError
         return codecs.decode_body(body, Codec.JSON)
     except RemoteProtocolError:
         return RemoteProtocolError
@@ -258,6 +262,7 @@ def _mutations() -> st.SearchStrategy[bytes]:
          b'"detach":null,' + _NOTHING)  # fmt: skip
 @example(_OPEN.replace(b"-4567-", b"-45-67")[:-1] + b'"pipeline":"p","variables":null,'
          b'"detach":null,' + _NOTHING)  # fmt: skip
+@example(b" " + _OPEN + b'"pipeline":"p","variables":null,"detach":null,' + _NOTHING)
 def test_in_place_reading_is_the_general_paths(body: bytes) -> None:
     # Whatever the frame, the broker's decoder gives what the stdlib's general
     # path gives: the same packet, or an error for the connection.
