@@ -55,6 +55,10 @@ _MAX_ENCODABLE: Final = 0xFFFFFFFF
 # has, made once: indexing a tuple is cheaper than a struct call per frame.
 _SMALL_FRAME: Final = 4096
 _SMALL_HEADERS: Final = tuple(_pack_length(n) for n in range(_SMALL_FRAME))
+# The largest frame read into a buffer of its own (`direct_from`): its whole
+# length is reserved as soon as its header is in, so a bigger one is gathered
+# from its reads as they come, as without `direct_from`.
+DIRECT_MAX_BYTES: Final = 1024 * 1024
 
 
 class PacketDecoder:
@@ -66,9 +70,23 @@ class PacketDecoder:
 
     With `raw_payloads` (the broker's decoders) the payload of a plain RUN or
     RESULT comes out as `Raw`, its bytes unparsed; otherwise it is decoded.
+
+    With `direct_from` (the broker's decoders: bytes, 0 for off) a frame of
+    that length or more (up to DIRECT_MAX_BYTES) can be read in place instead:
+    `frame_buffer()` is where the next read should go (None: read anywhere
+    and `feed()` the bytes), `frame_filled(n)` says that it put n bytes there.
+    The frame's rest then lands in one buffer of the frame's exact size rather
+    than in reads that are copied out and joined. After such a frame the next
+    one is guessed to be as long (a peer sends the same payloads over and
+    over): its buffer is offered at once, and if the guess is wrong the bytes
+    read into it are fed as any others.
     """
 
     __slots__ = (
+        "_direct",
+        "_frame",
+        "_got",
+        "_guess",
         "_held",
         "_held_bytes",
         "_max",
@@ -77,11 +95,14 @@ class PacketDecoder:
         "_pipe_name",
         "_pipe_raw",
         "_raw",
+        "_view",
         "codec",
         "error",
     )
 
-    def __init__(self, max_frame_bytes: int, raw_payloads: bool = False) -> None:
+    def __init__(
+        self, max_frame_bytes: int, raw_payloads: bool = False, direct_from: int = 0
+    ) -> None:
         # The reads an unfinished frame has arrived in so far, kept as they
         # came (bytes are immutable) and joined once it is whole: a large
         # frame is copied once here, not once per read and again at the end.
@@ -99,6 +120,13 @@ class PacketDecoder:
         # The same for a JSON connection: the name's literal, quotes included.
         self._pipe_lit = b""
         self.codec: Codec | None = None
+        # The frame read in place (direct_from): its buffer, a view of it,
+        # the bytes in so far; _guess the length offered next (0: none).
+        self._direct = direct_from
+        self._frame: bytearray | None = None
+        self._view: memoryview | None = None
+        self._got = 0
+        self._guess = 0
         # Set when a bad frame followed good ones in the same feed: those good
         # packets are returned first (a worker's RESULT just before garbage
         # still counts) and the error is raised by the next feed.
@@ -106,11 +134,73 @@ class PacketDecoder:
 
     @property
     def buffered(self) -> int:
+        """Bytes held for an unfinished frame: for one read in place, its
+        whole length (reserved), once any of it is in."""
+        if self._got:
+            return len(self._view) if self._view is not None else 0
         return self._held_bytes
+
+    def frame_buffer(self) -> memoryview | None:
+        """Where the next bytes should be read to, or None: anywhere, then `feed()`.
+
+        A view of the rest of the frame in progress when it is read in place
+        (see `direct_from`). Only `frame_filled` or `feed` change the answer.
+        """
+        view = self._view
+        if view is None:
+            guess = self._guess
+            if not guess or self._held or self.error is not None:
+                return None
+            # After a frame read in place: offer one as long for the next.
+            frame = bytearray(guess)
+            self._frame = frame
+            view = self._view = memoryview(frame)
+            return view
+        got = self._got
+        return view[got:] if got else view
+
+    def frame_filled(self, nbytes: int) -> list[Packet]:
+        """`nbytes` were read into the last `frame_buffer()`: the packets now whole."""
+        view = self._view
+        frame = self._frame
+        if view is None or frame is None:
+            raise ValueError("frame_filled() without a frame_buffer()")
+        got = self._got
+        if not got:
+            # The guessed frame: its header must say the length guessed,
+            # else these are bytes like any others.
+            if nbytes < HEADER_BYTES or (
+                (frame[0] << 24) | (frame[1] << 16) | (frame[2] << 8) | frame[3]
+            ) + HEADER_BYTES != len(frame):
+                self._drop_frame()
+                self._guess = 0
+                return self.feed(view[:nbytes].tobytes())
+        got += nbytes
+        if got < len(frame):
+            self._got = got
+            return []
+        # Whole: decoded as if it had come in one read.
+        data = bytes(frame)
+        self._drop_frame()
+        self._guess = len(data)
+        return self.feed(data)
+
+    def _drop_frame(self) -> None:
+        self._frame = None
+        self._view = None
+        self._got = 0
 
     def feed(self, data: bytes) -> list[Packet]:
         if self.error is not None:
             raise self.error
+        if self._view is not None:
+            # Bytes fed while a frame is read in place: it is held as usual.
+            frame = self._frame
+            if self._got and frame is not None:
+                self._held.append(bytes(frame[: self._got]))
+                self._held_bytes = self._got
+                self._need = len(frame)
+            self._drop_frame()
         if self._held:
             self._held.append(data)
             self._held_bytes += len(data)
@@ -172,9 +262,21 @@ class PacketDecoder:
                 raise
             return packets
         if pos < end:
-            rest = data[pos:] if pos else data
-            self._held.append(rest)
-            self._held_bytes = len(rest)
+            need = self._need
+            if self._direct and need >= self._direct and need <= DIRECT_MAX_BYTES:
+                # Read the rest of this frame in place (frame_buffer).
+                frame = bytearray(need)
+                got = end - pos
+                frame[:got] = memoryview(data)[pos:end]
+                self._frame = frame
+                self._view = memoryview(frame)
+                self._got = got
+            else:
+                rest = data[pos:] if pos else data
+                self._held.append(rest)
+                self._held_bytes = len(rest)
+        elif self._guess and size + HEADER_BYTES < self._direct:
+            self._guess = 0  # a small frame last: read the next one anywhere
         return packets
 
     def _decode(self, body: bytes | memoryview) -> Packet:
