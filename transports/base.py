@@ -15,7 +15,7 @@ import errno
 import os
 import socket
 import ssl as _ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Protocol, cast
 
 __all__ = [
@@ -104,8 +104,9 @@ class Stream:
     )
 
     peer: str
-    write: Callable[[bytes], None]
-    writelines: Callable[[list[bytes]], None]
+    # bytes, or any bytes-like object (a memoryview of a payload).
+    write: Callable[[bytes | memoryview], None]
+    writelines: Callable[[Sequence[bytes | memoryview]], None]
     write_buffer_size: Callable[[], int]
     pause_reading: Callable[[], None]
     resume_reading: Callable[[], None]

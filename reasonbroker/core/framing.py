@@ -46,7 +46,17 @@ from .codecs import (
     unpack_map_raw,
 )
 from .errors import EncodeError, RemoteProtocolError
-from .packets import _RESULT_CODES_RAW, Codec, Packet, Raw, Result, ResultCode, Run, _unpack_value
+from .packets import (
+    _RESULT_CODES_RAW,
+    Chunk,
+    Codec,
+    Packet,
+    Raw,
+    Result,
+    ResultCode,
+    Run,
+    _unpack_value,
+)
 
 HEADER_BYTES: Final = 4
 _pack_length = struct.Struct(">I").pack
@@ -59,6 +69,9 @@ _SMALL_HEADERS: Final = tuple(_pack_length(n) for n in range(_SMALL_FRAME))
 # length is reserved as soon as its header is in, so a bigger one is gathered
 # from its reads as they come, as without `direct_from`.
 DIRECT_MAX_BYTES: Final = 1024 * 1024
+# A Raw payload this long, and at least half of the bytes it was read in, is
+# a view of them rather than a copy (see Raw): at most twice its size is kept.
+_VIEW_FROM: Final = 16 * 1024
 
 
 class PacketDecoder:
@@ -394,8 +407,13 @@ class PacketDecoder:
                     value_end = _skip(data, pos, stop)
                     if value_end < 0:
                         return None
-                    span = data[pos:value_end]
-                    payload = Raw(span) if self._raw else _unpack_value(span)
+                    n = value_end - pos
+                    if not self._raw:
+                        payload = _unpack_value(data[pos:value_end])
+                    elif n >= _VIEW_FROM and n + n >= len(data):
+                        payload = Raw(memoryview(data)[pos:value_end])
+                    else:
+                        payload = Raw(data[pos:value_end])
                     pos = value_end
             else:
                 return None
@@ -586,7 +604,7 @@ def _header(size: int) -> bytes:
     return _pack_length(size)
 
 
-def _msgpack_parts(packet: Packet, out: list[bytes]) -> int:
+def _msgpack_parts(packet: Packet, out: list[Chunk]) -> int:
     """Append the frame's pieces (header first) to `out`; return its length.
 
     The pieces are only appended once all of them are made, so a packet that
@@ -601,9 +619,9 @@ def _msgpack_parts(packet: Packet, out: list[bytes]) -> int:
             and len(run.cookie) == 16
         ):
             opening = _RUN_OPEN3
+            payload: Chunk = b""
             if run.variables is None:
                 middle = _pipeline_then(run.pipeline, False)
-                payload = b""
             else:
                 opening = _RUN_OPEN4
                 middle = _pipeline_then(run.pipeline, True)
@@ -622,8 +640,8 @@ def _msgpack_parts(packet: Packet, out: list[bytes]) -> int:
             if res.result is None:
                 return _append_plain(out, _RESULT_OPEN3, cookie, _RC_THEN3[res.rc], b"")
             result = res.result
-            payload = result.data if type(result) is Raw else _packb(result)
-            return _append_plain(out, _RESULT_OPEN4, cookie, _RC_THEN4[res.rc], payload)
+            data: Chunk = result.data if type(result) is Raw else _packb(result)
+            return _append_plain(out, _RESULT_OPEN4, cookie, _RC_THEN4[res.rc], data)
     body: bytes = _packb(packet_to_map(packet))
     head = _header(len(body))
     out.append(head)
@@ -632,7 +650,7 @@ def _msgpack_parts(packet: Packet, out: list[bytes]) -> int:
 
 
 def _append_plain(
-    out: list[bytes], opening: bytes, cookie: bytes, middle: bytes, payload: bytes
+    out: list[Chunk], opening: bytes, cookie: bytes, middle: bytes, payload: Chunk
 ) -> int:
     size = len(opening) + 16 + len(middle) + len(payload)
     head = _header(size)
@@ -648,7 +666,7 @@ def _append_plain(
 _JSON_NULL: Final = b"null"
 
 
-def _json_plain_parts(packet: Packet, out: list[bytes]) -> int:
+def _json_plain_parts(packet: Packet, out: list[Chunk]) -> int:
     """A RUN or RESULT in its per-job shape (a 16-byte cookie, string or no
     payload; RUN without priority, deadline or attempts; RESULT without a
     stacktrace) written to `out` as pieces: `_json_body`'s bytes for it.
@@ -710,7 +728,7 @@ def _json_plain_parts(packet: Packet, out: list[bytes]) -> int:
     return HEADER_BYTES + size
 
 
-def encode_into(packet: Packet, codec: Codec, out: list[bytes]) -> int:
+def encode_into(packet: Packet, codec: Codec, out: list[Chunk]) -> int:
     """Append `packet`'s frame to `out` as pieces whose join is `encode(packet,
     codec)`; return the frame's length. On EncodeError `out` is unchanged.
 
@@ -738,6 +756,6 @@ def encode(packet: Packet, codec: Codec = Codec.MSGPACK) -> bytes:
     Raises EncodeError when the codec cannot carry a value (bytes to JSON, a
     non-string payload to JSON, an object msgpack cannot pack).
     """
-    parts: list[bytes] = []
+    parts: list[Chunk] = []
     encode_into(packet, codec, parts)
     return b"".join(parts)

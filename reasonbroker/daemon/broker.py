@@ -42,7 +42,7 @@ from ..core.errors import EncodeError, RemoteProtocolError
 from ..core.framing import PacketDecoder, encode_into
 from ..core.guard import clip, clip_fields
 from ..core.limits import ListenerRole
-from ..core.packets import Codec, Packet, Ping, Result, ResultCode, Role, Status
+from ..core.packets import Chunk, Codec, Packet, Ping, Result, ResultCode, Role, Status
 from .authguard import AuthThrottle, Verdict, source_of
 from .config import Config, is_loopback
 from .dashboard import Dashboard, access_for
@@ -101,7 +101,7 @@ class _Connection:
         )
         self.codec: Codec | None = None
         # This turn's frames for the peer, as encode_into's pieces, and their size.
-        self.outbox: list[bytes] = []
+        self.outbox: list[Chunk] = []
         self.outbox_bytes = 0
         self.closed = False
         self.log = _log.bind(conn=conn_id, peer=stream.peer, role=role.value)
