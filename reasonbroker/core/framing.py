@@ -89,8 +89,8 @@ class PacketDecoder:
     `frame_buffer()` is where the next read should go (None: read anywhere
     and `feed()` the bytes), `frame_filled(n)` says that it put n bytes there.
     The frame's rest then lands in one buffer of the frame's exact size rather
-    than in reads that are copied out and joined. After such a frame the next
-    one is guessed to be as long (a peer sends the same payloads over and
+    than in reads that are copied out and joined. After a frame that long the
+    next one is guessed to be as long (a peer sends the same payloads over and
     over): its buffer is offered at once, and if the guess is wrong the bytes
     read into it are fed as any others.
     """
@@ -195,7 +195,6 @@ class PacketDecoder:
         # Whole: decoded as if it had come in one read.
         data = bytes(frame)
         self._drop_frame()
-        self._guess = len(data)
         return self.feed(data)
 
     def _drop_frame(self) -> None:
@@ -288,8 +287,10 @@ class PacketDecoder:
                 rest = data[pos:] if pos else data
                 self._held.append(rest)
                 self._held_bytes = len(rest)
-        elif self._guess and size + HEADER_BYTES < self._direct:
-            self._guess = 0  # a small frame last: read the next one anywhere
+        elif self._direct:
+            # The next frame is guessed to be as long as the last (frame_buffer).
+            size += HEADER_BYTES
+            self._guess = size if size >= self._direct and size <= DIRECT_MAX_BYTES else 0
         return packets
 
     def _decode(self, body: bytes | memoryview) -> Packet:
