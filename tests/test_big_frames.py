@@ -11,11 +11,13 @@ tests/test_framing_direct.py checks the decoder itself at every byte boundary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -42,9 +44,6 @@ from reasonbroker.daemon.config import Config, ListenerConfig
 from tests.rawpeer import WAIT_S, RawPeer
 from tests.test_tls import _certificate, _write
 
-# Each test runs on asyncio's loop and on uvloop's (conftest.py): their
-# BufferedProtocol support, plain and under TLS, is not the same code.
-BOTH_LOOPS = True
 BIG = 100_000  # well over the broker's 32 KiB threshold, in several 64 KiB reads
 LIMIT = 512 * 1024
 
@@ -93,21 +92,19 @@ class Net:
         return c
 
 
-@pytest.fixture(params=["tcp", "unix", "tls"])
-async def net(
-    request: pytest.FixtureRequest, pki_files: tuple[str, str, str]
-) -> AsyncIterator[Net]:
+@contextlib.asynccontextmanager
+async def serving(scheme: str, pki_files: tuple[str, str, str]) -> AsyncIterator[Net]:
     limits = Limits(max_frame_bytes=LIMIT, max_buffered_input_bytes=64 * LIMIT)
     with tempfile.TemporaryDirectory(prefix="rb") as tmp:
         client_ssl = None
-        if request.param == "tls":
+        if scheme == "tls":
             ca, cert, key = pki_files
             listeners = tuple(
                 ListenerConfig("tls://127.0.0.1:0", role, cert, key)
                 for role in (ListenerRole.CLIENTS, ListenerRole.WORKERS)
             )
             client_ssl = transports.client_context(cafile=ca)
-        elif request.param == "unix":
+        elif scheme == "unix":
             listeners = tuple(
                 ListenerConfig(f"unix://{Path(tmp) / name}.sock", role)
                 for name, role in (("c", ListenerRole.CLIENTS), ("w", ListenerRole.WORKERS))
@@ -119,6 +116,37 @@ async def net(
             )
         async with Broker(Config(listeners=listeners, limits=limits)) as b:
             yield Net(b, client_ssl)
+
+
+Test = Callable[[Net], Coroutine[Any, Any, None]]
+
+
+@pytest.fixture(params=["tcp", "unix", "tls"])
+def scheme(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def on_net(
+    request: pytest.FixtureRequest, scheme: str, pki_files: tuple[str, str, str]
+) -> Callable[[Test], None]:
+    """Run a test against a broker on `scheme`, on asyncio's loop and on uvloop's
+    (the daemon's): their BufferedProtocol support, plain and under TLS, is not
+    the same code."""
+    factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        factory = uvloop.new_event_loop
+
+    async def main(test: Test) -> None:
+        async with serving(scheme, pki_files) as net:
+            await test(net)
+
+    def run(test: Test) -> None:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(main(test))
+
+    return run
 
 
 async def until(cond: Callable[[], bool]) -> None:
@@ -166,9 +194,13 @@ async def _send(peer: RawPeer, data: bytes) -> None:
 
 @pytest.mark.parametrize("codec", list(Codec))
 @pytest.mark.parametrize("piece", [None, 997, 16 * 1024], ids=["whole", "997B", "16KiB"])
-async def test_big_frames_in_many_reads_arrive_whole(
-    net: Net, codec: Codec, piece: int | None
+def test_big_frames_in_many_reads_arrive_whole(
+    on_net: Callable[[Test], None], codec: Codec, piece: int | None
 ) -> None:
+    on_net(functools.partial(_many_reads, codec=codec, piece=piece))
+
+
+async def _many_reads(net: Net, codec: Codec, piece: int | None) -> None:
     c, w = await net.client(codec), await net.worker(codec=codec)
     # Big ones in a row (the later ones read into a buffer guessed from the first),
     # then a small one (a wrong guess), then big ones of other lengths.
@@ -178,7 +210,11 @@ async def test_big_frames_in_many_reads_arrive_whole(
     assert net.broker.buffered_input == 0
 
 
-async def test_a_big_frame_split_at_boundaries_across_reads(net: Net) -> None:
+def test_a_big_frame_split_at_boundaries_across_reads(on_net: Callable[[Test], None]) -> None:
+    on_net(_split_reads)
+
+
+async def _split_reads(net: Net) -> None:
     # Each split is a read boundary for sure: the rest is sent only once the
     # broker holds the first part. Every point in the header and the frame's
     # head, the last bytes, and some in between.
@@ -199,7 +235,11 @@ async def test_a_big_frame_split_at_boundaries_across_reads(net: Net) -> None:
     assert net.broker.buffered_input == 0
 
 
-async def test_big_and_small_frames_mixed_in_one_write(net: Net) -> None:
+def test_big_and_small_frames_mixed_in_one_write(on_net: Callable[[Test], None]) -> None:
+    on_net(_mixed_frames)
+
+
+async def _mixed_frames(net: Net) -> None:
     c, w = await net.client(), await net.worker(capacity=8)
     sizes = [BIG, 5, BIG, BIG, 70_000, 1, 40_000]
     runs = [Run(new_cookie(), "echo", payload(n, size)) for n, size in enumerate(sizes)]
@@ -220,9 +260,13 @@ async def test_big_and_small_frames_mixed_in_one_write(net: Net) -> None:
 
 
 @pytest.mark.parametrize("after_big", [False, True], ids=["first", "after-big-frames"])
-async def test_a_declared_length_over_max_closes_only_that_connection(
-    net: Net, after_big: bool
+def test_a_declared_length_over_max_closes_only_that_connection(
+    on_net: Callable[[Test], None], after_big: bool
 ) -> None:
+    on_net(functools.partial(_over_max, after_big=after_big))
+
+
+async def _over_max(net: Net, after_big: bool) -> None:
     c, w = await net.client(), await net.worker()
     bad = await net.client()
     if after_big:
