@@ -989,12 +989,15 @@ def _duration(seconds: Any) -> str:
 )
 @click.option(
     "--broker",
-    "url",
+    "urls",
     default=DEFAULT_WORKER_URL,
     show_default=True,
-    metavar="URL",
-    callback=_check_broker_url,
-    help="The broker's worker address.",
+    metavar="URL[,URL...]",
+    callback=_check_broker_urls,
+    help=(
+        "The broker's worker address; several, comma-separated (a cluster's nodes), "
+        "are tried in turn on each reconnect."
+    ),
 )
 @click.option(
     "--name",
@@ -1014,7 +1017,7 @@ def worker(
     ctx: click.Context,
     pipelines: tuple[str, ...],
     capacity: int,
-    url: str,
+    urls: tuple[str, ...],
     name: str | None,
     timeout: float | None,
     log_level: str,
@@ -1036,7 +1039,7 @@ def worker(
     if name is None:
         name = f"{socket.gethostname()}:{os.getpid()}"
     configure(log_level, LogFormat(log_format))
-    ctx.exit(asyncio.run(_serve_commands(url, pipelines, capacity, command, timeout, name)))
+    ctx.exit(asyncio.run(_serve_commands(urls, pipelines, capacity, command, timeout, name)))
 
 
 def _check_command(program: str) -> None:
@@ -1053,7 +1056,7 @@ def _check_command(program: str) -> None:
 
 
 async def _serve_commands(
-    url: str,
+    urls: tuple[str, ...],
     pipelines: tuple[str, ...],
     capacity: int,
     command: tuple[str, ...],
@@ -1066,7 +1069,7 @@ async def _serve_commands(
 
     log = get_logger()
     handlers = {name: CommandHandler(command, name, timeout=timeout) for name in pipelines}
-    serving = Worker(url, handlers=handlers, capacity=capacity, name=name)
+    serving = Worker(urls, handlers=handlers, capacity=capacity, name=name)
     task = asyncio.current_task()
     assert task is not None
     received = 0

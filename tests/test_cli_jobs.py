@@ -338,8 +338,11 @@ class CliWorker:
 async def cli_worker(broker: Broker) -> AsyncIterator[Any]:
     started: list[CliWorker] = []
 
-    async def start(*command: str, pipelines: tuple[str, ...] = ("upper",)) -> CliWorker:
-        args = ["worker", "--broker", broker.address("worker"), "--capacity", "2"]
+    async def start(
+        *command: str, pipelines: tuple[str, ...] = ("upper",), urls: str | None = None
+    ) -> CliWorker:
+        url = broker.address("worker") if urls is None else urls
+        args = ["worker", "--broker", url, "--capacity", "2"]
         args += ["--log-format", "json"]
         for name in pipelines:
             args += ["--pipeline", name]
@@ -364,6 +367,33 @@ async def test_worker_runs_the_command_per_job(broker: Broker, cli_worker: Any) 
         assert await client.run("upper", {"a": [1]}, timeout=WAIT_S) == '{"A": [1]}'
         jobs = [await client.submit("upper", f"job {i}") for i in range(6)]
         assert await asyncio.gather(*jobs) == [f"JOB {i}" for i in range(6)]
+
+
+async def test_worker_given_several_urls_serves_through_the_one_that_answers(
+    broker: Broker, cli_worker: Any, tmp_path: Path
+) -> None:
+    # A cluster's nodes, the first of them down: the worker tries them in turn.
+    nobody = f"unix://{tmp_path / 'nobody.sock'}"
+    w = await cli_worker(
+        PY,
+        "-c",
+        "import sys; print(sys.stdin.read()[::-1])",
+        urls=f"{nobody},{broker.address('worker')}",
+    )
+    assert any(e["event"] == "worker_registered" for e in w.events)
+    async with Client(broker.address("client")) as client:
+        assert await client.run("upper", "abc", timeout=WAIT_S) == "cba"
+
+
+def test_worker_bad_url_in_the_list_exits_2() -> None:
+    result = CliRunner().invoke(
+        main,
+        ["worker", "--pipeline", "x", "--broker", "tcp://127.0.0.1:51510,nope://x", "--", PY],
+        env=_env(),
+    )
+    assert result.exit_code == 2
+    assert "--broker" in result.stderr
+    assert "nope://x" in result.stderr
 
 
 async def test_worker_passes_pipeline_and_cookie(broker: Broker, cli_worker: Any) -> None:

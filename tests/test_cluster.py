@@ -27,7 +27,12 @@ pytest.importorskip("nats", reason="nats-py is not installed: pip install -e '.[
 import nats
 
 from reasonbroker.cluster.bridge import RECHECK_FIRST_S
-from reasonbroker.cluster.node import ClusterError, ClusterNode
+from reasonbroker.cluster.node import (
+    JOIN_REQUEST_TIMEOUT_S,
+    JOIN_TIMEOUT_S,
+    ClusterError,
+    ClusterNode,
+)
 from reasonbroker.cluster.wire import EVENT_RESULT, JobMessage, Names, Outcome, key, pack_value
 from reasonbroker.core.limits import Limits, ListenerRole
 from reasonbroker.daemon.config import ClusterConfig, Config, ListenerConfig
@@ -54,8 +59,8 @@ def _config(servers: list[str], node: str, tmp: Path, **cluster: Any) -> Config:
             ),
             ListenerConfig(f"unix://{tmp / f'{node}-workers.sock'}", ListenerRole.WORKERS),
         ),
-        # The default heartbeat (5 s): a client gives up after 3 silent ones, and a node
-        # holds what it sends a client while a new stream leader is elected (4-7 s here).
+        # The default heartbeat (5 s): a client gives up after 3 silent ones. A node holds
+        # a job's packets while a new stream leader is elected (4-7 s here), never PONG.
         limits=Limits(),
         cluster=ClusterConfig(servers=tuple(servers), node=node, **cluster),
     )
@@ -346,13 +351,16 @@ async def test_a_node_started_before_jetstream_has_a_quorum_waits_and_joins(
     node = ClusterNode(_config([url], "a", tmp_path, replicas=3))
     joining = asyncio.create_task(node.__aenter__())
     try:
-        deadline = time.monotonic() + WAIT_S
+        # Bounded by the node's own limits, not the test's usual wait: on a loaded
+        # machine the first request takes its whole timeout, and after the restart the
+        # servers elect a meta leader before the node's next try (up to 2 s later) works.
+        deadline = time.monotonic() + JOIN_REQUEST_TIMEOUT_S * 4
         while node.join_retries == 0:
             assert not joining.done(), joining.exception()
             assert time.monotonic() < deadline, "the node never had to retry"
             await asyncio.sleep(0.05)
         await asyncio.to_thread(nats_cluster.restart, 1)
-        async with asyncio.timeout(WAIT_S * 2):
+        async with asyncio.timeout(JOIN_TIMEOUT_S):
             await joining
         serving = asyncio.create_task(node.serve())
         try:

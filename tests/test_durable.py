@@ -27,6 +27,8 @@ from reasonbroker.core.packets import (
     Job,
     JobState,
     Packet,
+    Ping,
+    Pong,
     Register,
     Result,
     ResultCode,
@@ -36,6 +38,9 @@ from reasonbroker.core.packets import (
 )
 from reasonbroker.daemon.broker import Broker
 from reasonbroker.daemon.config import Config, ListenerConfig
+from reasonbroker.daemon.store.base import Accepted as StoreAccepted
+from reasonbroker.daemon.store.base import OnCommit, OnTrouble, Recovered
+from reasonbroker.daemon.store.memory import MemoryStore
 from reasonbroker.daemon.store.sqlite import SqliteStore
 from tests.rawpeer import WAIT_S, RawPeer
 
@@ -84,6 +89,54 @@ async def test_accepted_comes_only_after_the_job_is_committed(tmp_path: Path) ->
         c.send(Run(cookie, "nobody-serves-this-yet", {"n": 1}))
         assert await c.recv() == Accepted(cookie)  # waits for a worker, not NO_CAPACITY
         assert (cookie, 0) in _rows(tmp_path / "journal.sqlite3")
+        await c.close()
+
+
+class _GatedStore(MemoryStore):
+    """A durable store whose commits happen only when the test says so (a slow disk,
+    a JetStream stream electing its leader)."""
+
+    durable = True
+
+    def __init__(self) -> None:
+        self.recorded = 0
+        self.on_commit: OnCommit | None = None
+        self.flushed = asyncio.Event()
+
+    def open(self, now: float, on_commit: OnCommit, on_trouble: OnTrouble) -> Recovered:
+        self.on_commit = on_commit
+        return super().open(now, on_commit, on_trouble)
+
+    def accept(self, job: StoreAccepted) -> None:
+        self.recorded += 1
+
+    def mark(self) -> int:
+        return self.recorded
+
+    def flush(self) -> None:
+        if self.recorded:
+            self.flushed.set()
+
+    def commit(self) -> None:
+        assert self.on_commit is not None
+        self.on_commit(self.recorded)
+
+
+async def test_pong_is_not_held_behind_a_commit_that_has_not_happened(tmp_path: Path) -> None:
+    store = _GatedStore()
+    config = _config(tmp_path)
+    async with Broker(config, store=store) as broker:
+        c = await _client(broker.address("client"))
+        cookie = new_cookie()
+        c.send(Run(cookie, "nobody-serves-this", None))
+        async with asyncio.timeout(WAIT_S):
+            await store.flushed.wait()
+        # ACCEPTED is held for the commit, and so is every later job packet to this
+        # client; a PING is still answered at once, so the client knows we live.
+        c.send(Ping())
+        assert await c.recv() == Pong()
+        store.commit()
+        assert await c.recv() == Accepted(cookie)
         await c.close()
 
 

@@ -186,6 +186,49 @@ async def test_msgpack_client_and_json_worker_both_directions(broker: Broker) ->
     assert broker.board.slots(broker.board.workers()[0]) == (2, 0)
 
 
+# SocketPacket's fields in its own order, as its model_dump_json() writes them.
+CHIP_ORDER = ("packet_type", "cookie", "capacity", "pipeline", "variables", "detach", "rc",
+              "error", "stacktrace", "result")  # fmt: skip
+
+
+def chip_body(**fields: Any) -> bytes:
+    """A body as ReasonChip's pydantic writes it: its order, no spaces, UTF-8 raw."""
+    packet = dict.fromkeys(CHIP_ORDER) | fields
+    return json.dumps(packet, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+async def recv_body(peer: RawPeer) -> bytes:
+    async with asyncio.timeout(WAIT_S):
+        size = int.from_bytes(await peer.reader.readexactly(4), "big")
+        return await peer.reader.readexactly(size)
+
+
+async def test_json_client_to_json_worker_payloads_pass_through_byte_for_byte(
+    broker: Broker,
+) -> None:
+    # What ReasonChip's client sends reaches ReasonChip's worker as the very bytes
+    # the broker would write anyway (it passes the literal on), and back.
+    w = await legacy_json_worker(broker, capacity=1)
+    c = await legacy_json_client(broker)
+    texts = [
+        '{"name": "x", "big": 123456789012345678901234567890, "f": 1e400, "n": {"a": [1, null]}}',
+        'caf\u00e9 \u2028 \U0001f600 \\ " \t\n \x01 \x7f',
+        "x" * 65536,
+    ]
+    for text in texts:
+        cookie = str(uuid.uuid4())
+        body = chip_body(packet_type="RUN", cookie=cookie, pipeline="echo", variables=text,
+                         detach=False)  # fmt: skip
+        c.send_bytes(len(body).to_bytes(4, "big") + body)
+        got = await recv_body(w)
+        wcookie = json.loads(got)["cookie"]
+        assert got == chip_body(packet_type="RUN", cookie=wcookie, pipeline="echo", variables=text)
+        body = chip_body(packet_type="RESULT", cookie=wcookie, rc="OK", result=text[::-1])
+        w.send_bytes(len(body).to_bytes(4, "big") + body)
+        got = await recv_body(c)
+        assert got == chip_body(packet_type="RESULT", cookie=cookie, rc="OK", result=text[::-1])
+
+
 UNCARRIABLE = {
     "bytes": b"\x00\xffraw",
     "map": {"k": 1},

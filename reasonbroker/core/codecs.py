@@ -45,6 +45,7 @@ from .packets import (
     Pong,
     Progress,
     Raw,
+    RawJson,
     Register,
     Result,
     ResultCode,
@@ -65,6 +66,10 @@ def _same(data: bytes, pos: i64, word: bytes) -> bool:
     n: i64 = len(word)
     if pos + n > len(data):
         return False
+    if n > 24:
+        # A long piece (the JSON shapes' runs of keys and nulls): one slice
+        # and memcmp cost less than a compiled loop's two reads a byte.
+        return data[pos : pos + n] == word
     i: i64 = 0
     while i < n:
         if data[pos + i] != word[i]:
@@ -266,11 +271,13 @@ def json_literal_text(literal: bytes) -> str | None:
             return None
         return text if type(text) is str else None
     try:
+        decoded = literal.decode()
         found: str
-        found, end = _scanstring(literal.decode(), 1, True)
+        found, end = _scanstring(decoded, 1, True)
     except ValueError:  # UnicodeDecodeError, JSONDecodeError
         return None
-    if end != len(literal) or (not found.isascii() and _lone_surrogate(found)):
+    # (`end` counts characters: a non-ASCII literal has more bytes.)
+    if end != len(decoded) or (not found.isascii() and _lone_surrogate(found)):
         return None
     return found
 
@@ -674,8 +681,9 @@ def packet_to_map(packet: Packet) -> dict[str, Any]:
 
 
 def _unraw(obj: object) -> Any:
-    """msgpack's `default`: a Raw payload in a packet sent the general way is decoded."""
-    if isinstance(obj, Raw):
+    """msgpack's `default`: a Raw or RawJson payload in a packet sent the
+    general way is decoded."""
+    if isinstance(obj, Raw | RawJson):
         return obj.value()
     raise TypeError(f"can not serialize {type(obj).__name__!r} object")
 
@@ -789,9 +797,14 @@ def _json_text(value: str) -> bytes:
     tests/test_protocol.py. A lone surrogate raises UnicodeEncodeError."""
     if _orjson is not None:
         try:
-            return _orjson.dumps(value)  # type: ignore[no-any-return]
+            literal: bytes = _orjson.dumps(value)
         except TypeError:
             pass  # a lone surrogate: the stdlib's error names it
+        else:
+            # orjson's bytes keep the whole buffer it wrote into (4 KiB at
+            # least, 128 KiB for a 64 KiB text); the piece waits in an outbox,
+            # so it is copied to its own size and the buffer freed at once.
+            return memoryview(literal).tobytes()
     return _json_str(value).encode()
 
 
@@ -826,7 +839,7 @@ def _json_body(d: dict[str, Any]) -> bytes:
     # we do the same so its pydantic model sees exactly what it would send.
     out: dict[str, Any] = dict.fromkeys(_JSON_KEYS)
     for key, value in d.items():
-        if isinstance(value, Raw):
+        if isinstance(value, Raw | RawJson):
             value = value.value()
         if key == "cookie":
             out[key] = cookie_str(value)
@@ -891,8 +904,8 @@ def json_cookie(cookie: bytes) -> bytes:
 
 def can_carry(value: Any, codec: Codec) -> bool:
     """Whether an opaque payload (variables/result) can cross to a peer using `codec`."""
-    if codec is Codec.MSGPACK or value is None:
-        return True
+    if codec is Codec.MSGPACK or value is None or type(value) is RawJson:
+        return True  # (a RawJson is a JSON peer's text: a string to msgpack too)
     if isinstance(value, Raw):
         first = value.data[0]  # a str (fixstr, str 8/16/32) or nil
         return 0xA0 <= first <= 0xBF or 0xD9 <= first <= 0xDB or first == 0xC0
@@ -901,17 +914,20 @@ def can_carry(value: Any, codec: Codec) -> bool:
 
 def payload_kind(value: Any) -> str:
     """A payload's type, for a message saying why it could not be carried."""
-    return type(value.value() if isinstance(value, Raw) else value).__name__
+    return type(value.value() if isinstance(value, Raw | RawJson) else value).__name__
 
 
 def payload_size(value: Any) -> int:
     """The bytes a payload holds, for the payload budgets: a Raw's or a
-    string's length (characters, for a JSON peer's text), 0 for none; any
+    string's length (characters, for a JSON peer's text, whether read to a
+    string or kept as a RawJson), 0 for none; any
     other value (the rare payload the raw path leaves to msgpack) packed."""
     if value is None:
         return 0
     if type(value) is Raw:
         return len(value.data)
+    if type(value) is RawJson:
+        return value.chars  # its text's characters, as for a decoded string
     if isinstance(value, str | bytes):
         return len(value)
     return len(_packb(value))

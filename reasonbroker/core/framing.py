@@ -52,6 +52,7 @@ from .packets import (
     Codec,
     Packet,
     Raw,
+    RawJson,
     Result,
     ResultCode,
     Run,
@@ -96,6 +97,8 @@ class PacketDecoder:
     """
 
     __slots__ = (
+        "_ck_raw",
+        "_ck_text",
         "_direct",
         "_frame",
         "_got",
@@ -132,6 +135,10 @@ class PacketDecoder:
         self._pipe_name = ""
         # The same for a JSON connection: the name's literal, quotes included.
         self._pipe_lit = b""
+        # The last cookie text read on a JSON connection and its bytes: a
+        # worker's next cookie differs in its last byte only (see _cookie_at).
+        self._ck_text = b""
+        self._ck_raw = b""
         self.codec: Codec | None = None
         # The frame read in place (direct_from): its buffer, a view of it,
         # the bytes in so far; _guess the length offered next (0: none).
@@ -458,7 +465,7 @@ class PacketDecoder:
             return None
         if pos + 37 > stop or data[pos + 36] != 0x22:  # 36 characters, then '"'
             return None
-        cookie = _json_cookie_bytes(data, pos)
+        cookie = self._cookie_at(data, pos, kind == 1)
         if cookie is None:
             return None
         pos += 36  # the closing quote opens the next piece
@@ -482,34 +489,40 @@ class PacketDecoder:
             if not _same(data, pos, _JSON_VARIABLES):
                 return None
             pos += len(_JSON_VARIABLES)
-            end, variables = _json_string_or_null(data, pos, stop)
-            if end < 0:
-                return None
-            pos = end
+            # The variables run up to the tail, which ends the frame: one of
+            # three, by detach (null and true have the same length).
             detach = False
-            if _same(data, pos, _JSON_RUN_TAIL):
-                pos += len(_JSON_RUN_TAIL)
-            elif _same(data, pos, _JSON_RUN_TAIL_FALSE):
-                pos += len(_JSON_RUN_TAIL_FALSE)
-            elif _same(data, pos, _JSON_RUN_TAIL_DETACH):
-                pos += len(_JSON_RUN_TAIL_DETACH)
+            end = stop - len(_JSON_RUN_TAIL)
+            if end < pos:
+                return None
+            if _same(data, end, _JSON_RUN_TAIL):
+                pass
+            elif _same(data, end, _JSON_RUN_TAIL_DETACH):
                 detach = True
             else:
-                return None
-            if pos != stop:
+                end -= len(_JSON_RUN_TAIL_FALSE) - len(_JSON_RUN_TAIL)
+                if end < pos or not _same(data, end, _JSON_RUN_TAIL_FALSE):
+                    return None
+            known, variables = _json_payload(data, pos, end, self._raw)
+            if not known:
                 return None
             return Run(cookie, pipeline, variables, detach)
         if not _same(data, pos, _JSON_RESULT_RC):
             return None
         pos += len(_JSON_RESULT_RC)
-        # A code is plain capitals: the first quote after the opening one ends it.
-        end = data.find(b'"', pos + 1, stop)
-        if data[pos] != 0x22 or end < 0:
-            return None
-        rc = _RESULT_CODES_RAW.get(data[pos + 1 : end])
-        if rc is None:
-            return None
-        pos = end + 1
+        if _same(data, pos, b'"OK"'):
+            rc = ResultCode.OK
+            pos += 4
+        else:
+            # A code is plain capitals: the first quote after the opening one ends it.
+            end = data.find(b'"', pos + 1, stop)
+            if data[pos] != 0x22 or end < 0:
+                return None
+            found = _RESULT_CODES_RAW.get(data[pos + 1 : end])
+            if found is None:
+                return None
+            rc = found
+            pos = end + 1
         if not _same(data, pos, _JSON_ERROR):
             return None
         pos += len(_JSON_ERROR)
@@ -520,10 +533,56 @@ class PacketDecoder:
         if not _same(data, pos, _JSON_RESULT_THEN):
             return None
         pos += len(_JSON_RESULT_THEN)
-        end, result = _json_string_or_null(data, pos, stop)
-        if end < 0 or end + 1 != stop or data[end] != 0x7D:  # then "}", the end
+        if data[stop - 1] != 0x7D:  # the result runs up to the "}" that ends the frame
+            return None
+        known, result = _json_payload(data, pos, stop - 1, self._raw)
+        if not known:
             return None
         return Result(cookie, rc, error, None, result)
+
+    def _cookie_at(self, data: bytes, pos: i64, from_client: bool) -> bytes | None:
+        """The 16 bytes of the canonical UUID text at data[pos:pos+36] (hex
+        digits in either case), or None.
+
+        Reading cookie text costs about 230 ns (a slice, `replace`, `a2b_hex`),
+        twice a job; two shortcuts, each giving what that would:
+        - A text that shares its first 34 characters (15 bytes) with the last
+          one read here takes those bytes from it: the cookies the broker gives
+          a worker come in runs of 256 that differ in their last byte only
+          (dispatch._wcookie_blob), and a worker answers in about that order.
+        - A client's cookie text (RUN), when lowercase, is kept for the
+          RESULT that answers it (`_cookie_text`), so that is not made again.
+        """
+        memo = self._ck_text
+        if len(memo) == 36:
+            i: i64 = 0
+            while i < 34:
+                if data[pos + i] != memo[i]:
+                    break
+                i += 1
+            else:
+                high = _HEX_VALUE[data[pos + 34]]
+                low = _HEX_VALUE[data[pos + 35]]
+                if high < 16 and low < 16:
+                    return self._ck_raw[:15] + _ONE_BYTE[high * 16 + low]
+        if data[pos + 8] != 0x2D or data[pos + 13] != 0x2D or data[pos + 18] != 0x2D:
+            return None
+        if data[pos + 23] != 0x2D:
+            return None
+        text = data[pos : pos + 36]
+        try:
+            # A hyphen anywhere else leaves an odd count of digits: an error.
+            raw = _a2b_hex(text.replace(b"-", b""))
+        except ValueError:  # binascii.Error
+            return None
+        self._ck_text = text
+        self._ck_raw = raw
+        if from_client and text.islower():  # (all digits is not "lower": not kept, rare)
+            texts = _CLIENT_COOKIE_TEXT
+            if len(texts) >= _CLIENT_COOKIE_TEXTS_MAX:
+                texts.clear()  # jobs never answered (detached, refused): start over, bounded
+            texts[raw] = text
+        return raw
 
 
 # What follows the cookie in the plain JSON shapes, piece by piece.
@@ -582,19 +641,108 @@ def _json_string_or_null(data: bytes, pos: i64, stop: i64) -> tuple[i64, str | N
     return _json_string(data, pos, stop)
 
 
-def _json_cookie_bytes(data: bytes, pos: i64) -> bytes | None:
-    """The 16 bytes of the canonical UUID text at data[pos:pos+36] (hex digits
-    in either case), or None."""
-    if data[pos + 8] != 0x2D or data[pos + 13] != 0x2D or data[pos + 18] != 0x2D:
-        return None
-    if data[pos + 23] != 0x2D:
-        return None
-    try:
-        # A hyphen anywhere else leaves an odd count of digits: an error.
-        raw = _a2b_hex(data[pos : pos + 36].replace(b"-", b""))
-    except ValueError:  # binascii.Error
-        return None
-    return raw
+def _json_payload(data: bytes, pos: i64, end: i64, raw: bool) -> tuple[bool, Any]:
+    """The payload that is data[pos:end], null or one string literal: whether
+    this reader takes it, and its value (False when it leaves the frame to the
+    general path: anything else there, a literal json refuses, a lone surrogate).
+
+    With `raw` (the broker's decoders) a literal that is already the very
+    bytes the broker writes for its text is kept as it came (RawJson), so the
+    next JSON peer gets what decoding and writing it again would give. That is
+    the form of ReasonChip's pydantic, of the stdlib's json (ensure_ascii=False)
+    and of orjson: UTF-8 as it is, and only the escapes json must write. Any
+    other literal (with a \\u00e9 or \\/ escape, say) is read to its text, as
+    without `raw`, and written in that form when it is sent on.
+    """
+    n = end - pos
+    if n == 4 and _same(data, pos, _JSON_NULL):
+        return True, None
+    if n < 2 or data[pos] != 0x22 or data[end - 1] != 0x22:
+        return False, None  # (json takes spaces around it; the general path reads those)
+    if raw:
+        if n <= _SCAN_MAX or data.find(b"\\", pos, end) >= 0:
+            chars = _json_written_chars(data, pos, end)
+            if chars >= 0:
+                return True, RawJson(data[pos:end], chars)
+        else:
+            # A long literal with no escape is the writer's if it is valid at
+            # all; orjson (or json) checks that faster than the loop.
+            literal = data[pos:end]
+            text = json_literal_text(literal)
+            if text is None:
+                return False, None
+            return True, RawJson(literal, len(text))
+    literal = data[pos:end]
+    text = json_literal_text(literal)  # checked and read by orjson (or json) in one pass
+    if text is None:
+        return False, None
+    return True, text
+
+
+# Up to this many bytes, or when it has an escape, a literal is checked by
+# _json_written_chars, a compiled loop (about 1.3 ns a byte, no call, nothing
+# made); a longer one with no escape by orjson (about 0.5 ns a byte, but some
+# 250 ns of calls and a text made).
+_SCAN_MAX: Final = 512
+_HEX_LOWER: Final = b"0123456789abcdef"
+# Whether json writes a control character (below 0x20) as \u00XX: all but the
+# five with a short escape (\b \t \n \f \r: 8, 9, 10, 12, 13).
+_LONG_ESCAPED: Final = bytes(0 if c in (8, 9, 10, 12, 13) else 1 for c in range(32))
+
+
+def _json_written_chars(data: bytes, pos: i64, end: i64) -> i64:
+    r"""The length in characters of the text of the string literal data[pos:end]
+    (its quotes included), when the literal is the very bytes json writes for
+    that text: valid UTF-8, no control character raw, and as escapes only
+    \" \\ \b \f \n \r \t and \u00XX (lowercase) for the other control
+    characters. -1 for any other literal, valid or not (\/, \u00e9, an
+    escaped surrogate, a quote or a bad escape inside, invalid UTF-8).
+    """
+    i: i64 = pos + 1
+    last: i64 = end - 1  # the closing quote
+    # Bytes that are not a character of their own: UTF-8 continuation bytes,
+    # and the rest of each escape (1 in \n, 5 in \u0001).
+    extra: i64 = 0
+    high = False
+    while i < last:
+        b: i64 = data[i]
+        if b == 0x5C:  # a backslash
+            if i + 1 >= last:
+                return -1  # it escapes the closing quote: the literal goes on
+            e: i64 = data[i + 1]
+            if e == 0x22 or e == 0x5C or e == 0x6E or e == 0x74 or e == 0x72:  # " \ n t r
+                i += 2
+                extra += 1
+            elif e == 0x62 or e == 0x66:  # b f
+                i += 2
+                extra += 1
+            elif e == 0x75:  # u: only 00XX, lowercase, for a control without a short escape
+                if i + 6 > last or data[i + 2] != 0x30 or data[i + 3] != 0x30:
+                    return -1
+                high_digit: i64 = data[i + 4] - 0x30
+                if high_digit != 0 and high_digit != 1:
+                    return -1
+                low_digit: i64 = _HEX_LOWER.find(bytes([data[i + 5]]))
+                if low_digit < 0 or not _LONG_ESCAPED[high_digit * 16 + low_digit]:
+                    return -1
+                i += 6
+                extra += 5
+            else:
+                return -1  # \/, or an escape json has not
+        elif b < 0x20 or b == 0x22:
+            return -1  # raw, strict json refuses a control character; a quote ends a string
+        else:
+            if b >= 0x80:
+                high = True
+                if b < 0xC0:
+                    extra += 1  # a continuation byte
+            i += 1
+    if high:
+        try:
+            data[pos + 1 : last].decode()  # strict: no surrogates, no overlong forms
+        except UnicodeDecodeError:
+            return -1
+    return last - pos - 1 - extra
 
 
 def _header(size: int) -> bytes:
@@ -627,7 +775,12 @@ def _msgpack_parts(packet: Packet, out: list[Chunk]) -> int:
                 opening = _RUN_OPEN4
                 middle = _pipeline_then(run.pipeline, True)
                 variables = run.variables
-                payload = variables.data if type(variables) is Raw else _packb(variables)
+                if type(variables) is Raw:
+                    payload = variables.data
+                elif type(variables) is RawJson:
+                    payload = _packb(variables.value())  # a JSON client's text to msgpack
+                else:
+                    payload = _packb(variables)
             return _append_plain(out, opening, run.cookie, middle, payload)
     elif type(packet) is Result:
         res = packet
@@ -641,7 +794,13 @@ def _msgpack_parts(packet: Packet, out: list[Chunk]) -> int:
             if res.result is None:
                 return _append_plain(out, _RESULT_OPEN3, cookie, _RC_THEN3[res.rc], b"")
             result = res.result
-            data: Chunk = result.data if type(result) is Raw else _packb(result)
+            data: Chunk
+            if type(result) is Raw:
+                data = result.data
+            elif type(result) is RawJson:
+                data = _packb(result.value())
+            else:
+                data = _packb(result)
             return _append_plain(out, _RESULT_OPEN4, cookie, _RC_THEN4[res.rc], data)
     body: bytes = _packb(packet_to_map(packet))
     head = _header(len(body))
@@ -666,10 +825,63 @@ def _append_plain(
 
 _JSON_NULL: Final = b"null"
 
+# Hex digit values by byte (16 for a byte that is not one), and each byte as a
+# bytes object and as its two lowercase hex digits: for the cookie shortcuts.
+_HEX_VALUE: Final = bytes(
+    int(chr(b), 16) if chr(b) in "0123456789abcdefABCDEF" else 16 for b in range(256)
+)
+_ONE_BYTE: Final = tuple(bytes([b]) for b in range(256))
+_HEX_PAIR: Final = tuple(b"%02x" % b for b in range(256))
+# A JSON client's cookie text, by its bytes, from its RUN to the RESULT that
+# answers it (PacketDecoder._cookie_at). Bounded: a job that is never
+# answered leaves its entry until the next clear.
+_CLIENT_COOKIE_TEXT: Final[dict[bytes, bytes]] = {}
+_CLIENT_COOKIE_TEXTS_MAX: Final = 65536
+
+
+class _CookieText:
+    """The last cookie written to a JSON peer as text (see _cookie_text)."""
+
+    __slots__ = ("raw", "text")
+
+    def __init__(self) -> None:
+        self.raw = b""
+        self.text = b""
+
+
+_LAST_WRITTEN: Final = _CookieText()
+
+
+def _cookie_text(cookie: bytes, answer: bool) -> bytes:
+    """`json_cookie(cookie)` (about 300 ns to make), with two shortcuts: the
+    text a JSON client's RUN came with, for its RESULT (`answer`); and for a
+    cookie that shares its first 15 bytes with the last one written (the
+    broker's cookies for workers come in runs of 256, dispatch._wcookie_blob),
+    that one's first 34 characters and the last byte's two hex digits."""
+    if answer:
+        text = _CLIENT_COOKIE_TEXT.pop(cookie, None)
+        if text is not None:
+            return text
+    last = _LAST_WRITTEN
+    memo = last.raw
+    if len(memo) == 16:
+        i: i64 = 0
+        while i < 15:
+            if cookie[i] != memo[i]:
+                break
+            i += 1
+        else:
+            return last.text[:34] + _HEX_PAIR[cookie[15]]
+    made = json_cookie(cookie)
+    last.raw = cookie
+    last.text = made
+    return made
+
 
 def _json_plain_parts(packet: Packet, out: list[Chunk]) -> int:
-    """A RUN or RESULT in its per-job shape (a 16-byte cookie, string or no
-    payload; RUN without priority, deadline or attempts; RESULT without a
+    """A RUN or RESULT in its per-job shape (a 16-byte cookie; a payload of
+    text: a string, a JSON peer's RawJson, a msgpack peer's string as Raw, or
+    none; RUN without priority, deadline or attempts; RESULT without a
     stacktrace) written to `out` as pieces: `_json_body`'s bytes for it.
     0 (and `out` untouched) for any other packet: the general path writes it.
     """
@@ -686,13 +898,17 @@ def _json_plain_parts(packet: Packet, out: list[Chunk]) -> int:
             return 0
         if variables is None:
             payload = _JSON_NULL
+        elif type(variables) is RawJson:
+            payload = variables.data  # a JSON client's literal, passed on as it came
         elif type(variables) is str:
             payload = _json_text(variables)
+        elif type(variables) is Raw and type(text := variables.value()) is str:
+            payload = _json_text(text)  # a msgpack client's string, as JSON text
         else:
-            return 0  # a msgpack payload: the general path says whether it can cross
+            return 0  # any other msgpack payload: the general path says it cannot cross
         pieces = [
             _JSON_RUN_OPEN,
-            json_cookie(run.cookie),
+            _cookie_text(run.cookie, False),
             _json_pipeline_then(run.pipeline),
             payload,
             _JSON_RUN_TAIL_DETACH if run.detach else _JSON_RUN_TAIL,
@@ -706,13 +922,17 @@ def _json_plain_parts(packet: Packet, out: list[Chunk]) -> int:
             return 0
         if result is None:
             payload = _JSON_NULL
+        elif type(result) is RawJson:
+            payload = result.data
         elif type(result) is str:
             payload = _json_text(result)
+        elif type(result) is Raw and type(text := result.value()) is str:
+            payload = _json_text(text)
         else:
             return 0
         pieces = [
             _JSON_RESULT_OPEN,
-            json_cookie(cookie),
+            _cookie_text(cookie, True),
             _JSON_RC_THEN[res.rc],
             _JSON_NULL if error is None else _json_text(error),
             _JSON_RESULT_THEN,

@@ -20,7 +20,7 @@ import json
 from typing import Any, Final
 
 from .board import Switchboard
-from .packets import Raw, Role
+from .packets import Raw, RawJson, Role
 from .retention import Ended
 from .state import _Job, _State
 
@@ -227,6 +227,8 @@ def show_payload(value: Any) -> dict[str, Any]:
         if size > PAYLOAD_DECODE_MAX_BYTES:
             head = value.data[: PAYLOAD_SHOW_CHARS // 2].hex()
             return {"text": f"(msgpack, not decoded) {head}", "bytes": size, "truncated": True}
+        value = value.value()
+    elif isinstance(value, RawJson):
         value = value.value()
     elif isinstance(value, (bytes, bytearray, memoryview)):
         size = len(value)

@@ -1,7 +1,7 @@
 """Packet types, sans-IO: what a frame means once decoded.
 
 Owns the closed union of packets (one immutable class per type; RUN, RESULT
-and Raw written by hand as native `Record`s for mypyc), the packet and result
+Raw and RawJson written by hand as native `Record`s for mypyc), the packet and result
 code enums, the codec and role names, cookies (the 16 raw bytes of a UUID,
 which is what msgpack carries, so the hot path never builds `uuid.UUID`) and
 the mapping of reasonbroker's own result codes for ReasonChip's peers.
@@ -16,6 +16,11 @@ from dataclasses import field
 from typing import Any, ClassVar, Final, TypeAlias
 
 import msgpack
+
+try:
+    from orjson import loads as _json_loads
+except ImportError:  # the stdlib reads a RawJson's literal to the same text
+    from json import loads as _json_loads  # type: ignore[assignment]
 
 from ._frozen import packet as _packet
 
@@ -214,6 +219,33 @@ class Raw(Record):
 
     def value(self) -> Any:
         return _unpack_value(self.data)
+
+
+class RawJson(Record):
+    """A JSON payload (`variables`, `result`) kept as the string literal it
+    came in: the bytes from its opening quote to its closing one.
+
+    The broker's decoder hands the payloads of plain JSON RUN and RESULT
+    frames on as RawJson when the literal is already in the form the broker
+    writes a string in (ReasonChip's pydantic and the stdlib's, see
+    framing._json_literal_end): valid UTF-8, every escape the short one
+    json writes. So it is written to the next JSON peer byte for byte, the
+    same bytes decoding and writing it again would give; only a msgpack
+    peer, or a packet sent the general way, has it decoded (`value`).
+    `chars` is the text's length in characters (the payload budgets count
+    characters for a JSON peer's text). A null payload is None, never a RawJson.
+    """
+
+    __slots__ = ("chars", "data")
+    __match_args__ = ("data",)
+
+    def __init__(self, data: bytes, chars: int) -> None:
+        self.data: Final = data
+        self.chars: Final = chars
+
+    def value(self) -> str:
+        text: str = _json_loads(self.data)
+        return text
 
 
 @_packet

@@ -10,8 +10,12 @@ journal has it (docs/durability.md):
   held, tagged with the store's `mark()`, until `on_commit(n)` with n >= tag;
 - after one Send to a connection is held, every later Send and Close to that
   connection is held behind it, so a connection sees its packets in order;
-- everything else (refusals, PONG, RUNs to workers) goes out at once, so a
-  failing journal still lets the broker answer `NO_CAPACITY`.
+- everything else (refusals, RUNs to workers) goes out at once, so a
+  failing journal still lets the broker answer `NO_CAPACITY`;
+- PING and PONG are never held, not even behind a held Send: they say the
+  connection is alive, nothing about the packets before them (docs/protocol.md).
+  Otherwise a commit that takes seconds (a JetStream stream electing a leader)
+  would leave a client hearing nothing, and judging the broker gone.
 
 At start it reads back what the journal kept and hands it to the board
 (`restore_into`).
@@ -27,9 +31,12 @@ import msgpack
 
 from ..core.actions import J_ACCEPT, J_DISPATCH, J_END, J_FORGET, J_REQUEUE, Action, Journal
 from ..core.board import Restored, Switchboard, restored_run
-from ..core.packets import Raw, Result, ResultCode
+from ..core.packets import Ping, Pong, Raw, RawJson, Result, ResultCode
 from ..core.retention import Ended as RetainedEnded
 from .store.base import Accepted, Ended, Recovered, Store
+
+# Sent at once whatever is held (see the module's docstring).
+_LIVENESS = (Ping, Pong)
 
 
 def _payload_bytes(value: Any) -> bytes | None:
@@ -38,6 +45,8 @@ def _payload_bytes(value: Any) -> bytes | None:
     if type(value) is Raw:
         data = value.data
         return data if type(data) is bytes else bytes(data)
+    if type(value) is RawJson:
+        value = value.value()  # a JSON peer's text, kept as msgpack as any other
     packed: bytes = msgpack.packb(value, use_bin_type=True)
     return packed
 
@@ -120,7 +129,7 @@ class JournalGlue:
             cookie = getattr(packet, "cookie", None)
             if cookie is None or cookie not in self._uncommitted:
                 return False
-        return True
+        return type(packet) not in _LIVENESS
 
     def hold(self, conn: int, action: Action) -> None:
         self._held.append((self.store.mark(), action))
