@@ -31,6 +31,7 @@ from .core.errors import ConfigError
 from .core.packets import ResultCode
 from .daemon.config import LOG_LEVELS, Config, LogFormat, check_exposure, load_config
 from .daemon.log import configure, get_logger
+from .daemon.malloc import keep_freed_memory
 
 EXIT_OK: Final = 0
 EXIT_LISTEN_FAILED: Final = 1
@@ -251,7 +252,16 @@ def _run(config: Config) -> int:
         else:
             loop_factory = uvloop.new_event_loop
             loop_name = "uvloop"
-    log.info("starting", version=__version__, loop=loop_name, pid=os.getpid(), compiled=COMPILED)
+    # Big payloads churn glibc's heap; keep what is freed for reuse (daemon/malloc.py).
+    malloc_tuned = keep_freed_memory()
+    log.info(
+        "starting",
+        version=__version__,
+        loop=loop_name,
+        pid=os.getpid(),
+        compiled=COMPILED,
+        malloc_tuned=malloc_tuned,
+    )
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             return runner.run(_serve(config))

@@ -245,7 +245,7 @@ def _restored(n: int, **kw: object) -> Restored:
     }
     fields.update(kw)
     return Restored(
-        restored_run(ck(n), "p", Raw(b"\xa1x").data, False, 0, None),
+        restored_run(ck(n), "p", b"\xa1x", False, 0, None),
         n,
         int(fields["max_attempts"]),  # type: ignore[call-overload]
         int(fields["attempts"]),  # type: ignore[call-overload]

@@ -27,6 +27,7 @@ from reasonbroker.core.protocol import (
     LEGACY_RESULT_CODES,
     BadPacket,
     Cancel,
+    Chunk,
     Codec,
     Hello,
     Packet,
@@ -1511,7 +1512,7 @@ def test_per_job_packets_are_written_as_their_map_packs(packet: Run | Result) ->
     expected = frame(msgpack.packb(packet_to_map(packet), use_bin_type=True))
     assert encode(packet) == expected
     # The broker's form: pieces appended after what the outbox holds already.
-    out = [b"earlier frame"]
+    out: list[Chunk] = [b"earlier frame"]
     assert encode_into(packet, Codec.MSGPACK, out) == len(expected)
     assert out[0] == b"earlier frame"
     assert b"".join(out[1:]) == expected
@@ -1532,7 +1533,7 @@ def test_per_job_packets_are_written_as_their_map_packs(packet: Run | Result) ->
 def test_encode_into_leaves_the_outbox_alone_when_a_packet_cannot_be_encoded(
     packet: Packet, codec: Codec
 ) -> None:
-    out = [b"earlier frame"]
+    out: list[Chunk] = [b"earlier frame"]
     with pytest.raises(EncodeError):
         encode_into(packet, codec, out)
     assert out == [b"earlier frame"]

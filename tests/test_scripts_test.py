@@ -22,6 +22,7 @@ SANS_IO = [
     "tests/test_native.py",
     "tests/test_hardening.py",
     "tests/test_dispatch_index.py",
+    "tests/test_framing_direct.py",
 ]
 _RECORDER = """#!/usr/bin/env bash
 echo "$(basename "$0") PURE=${REASONBROKER_PURE:-} $*" >> "$CALLS"

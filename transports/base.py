@@ -3,8 +3,8 @@
 This module owns the interfaces the broker is written against -- `StreamHandler`
 (what the broker implements), `Stream` (one accepted connection), `Listener`
 (binds and accepts) and `Endpoint` (a parsed URL) -- plus the single
-`asyncio.Protocol` subclass that tcp and unix listeners both use. Nothing here
-knows about packets: bytes in, bytes out.
+`asyncio.BufferedProtocol` subclass that tcp and unix listeners both use.
+Nothing here knows about packets: bytes in, bytes out.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import errno
 import os
 import socket
 import ssl as _ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Protocol, cast
 
 __all__ = [
     "BACKLOG",
+    "READ_BUFFER_BYTES",
     "Endpoint",
     "Listener",
     "OnStream",
@@ -33,6 +34,11 @@ __all__ = [
 # timeout. The kernel clamps this to net.core.somaxconn anyway.
 BACKLOG = 4096
 
+# One read's most, into a buffer a listener's streams share (each read is
+# copied out at once). 64 KiB is what libuv asks for; a read more than twice
+# that would be copied into a bytes object malloc maps afresh for each read.
+READ_BUFFER_BYTES = 64 * 1024
+
 
 class StreamHandler(Protocol):
     """What the broker attaches to a `Stream` to receive its events.
@@ -40,6 +46,14 @@ class StreamHandler(Protocol):
     Both methods run inside the event loop's I/O callbacks: they must not block
     and cannot await. An exception raised here is a bug; asyncio reports it and
     drops the connection.
+
+    A handler may also choose where the next read goes, with two more methods
+    (found by name, as asyncio's BufferedProtocol has them):
+    ``get_buffer() -> memoryview | None`` -- a writable view the next bytes go
+    into, or None for the stream's own buffer and ``data_received`` -- and
+    ``buffer_updated(nbytes)``, called when ``nbytes`` of them were put in that
+    view (never after None). So a handler that knows a long message is coming
+    can have it read into one buffer of its size, with no copy in between.
     """
 
     def data_received(self, data: bytes) -> None: ...
@@ -90,8 +104,9 @@ class Stream:
     )
 
     peer: str
-    write: Callable[[bytes], None]
-    writelines: Callable[[list[bytes]], None]
+    # bytes, or any bytes-like object (a memoryview of a payload).
+    write: Callable[[bytes | memoryview], None]
+    writelines: Callable[[Sequence[bytes | memoryview]], None]
     write_buffer_size: Callable[[], int]
     pause_reading: Callable[[], None]
     resume_reading: Callable[[], None]
@@ -161,33 +176,67 @@ OnStream = Callable[[Stream], None]
 """Called once per accepted connection, inside the loop's accept callback."""
 
 
-class StreamProtocol(asyncio.Protocol):
+def read_buffer() -> memoryview:
+    """A buffer for reads (READ_BUFFER_BYTES), to share among one listener's
+    streams: each read is copied out of it before the next one can start."""
+    return memoryview(bytearray(READ_BUFFER_BYTES))
+
+
+def _no_buffer() -> memoryview | None:
+    return None
+
+
+class StreamProtocol(asyncio.BufferedProtocol):
     """The one asyncio protocol behind every listener: forwards events to a handler.
 
     ``peer_of`` formats the transport's peer address for `Stream.peer`;
     ``tune``, if given, sets per-connection socket options before the stream is
-    handed out.
+    handed out. Reads go into ``buffer`` (a listener shares one among its
+    streams; `read_buffer`), or into the handler's own (see `StreamHandler`).
     """
 
-    __slots__ = ("_handler", "_on_data", "_on_stream", "_peer_of", "_stream", "_tune")
+    __slots__ = (
+        "_buffer",
+        "_handler",
+        "_handler_buffer",
+        "_handler_updated",
+        "_into_handler",
+        "_on_data",
+        "_on_stream",
+        "_peer_of",
+        "_stream",
+        "_tune",
+    )
 
     def __init__(
         self,
         on_stream: OnStream,
         peer_of: Callable[[asyncio.Transport], str],
         tune: Callable[[asyncio.Transport], None] | None = None,
+        buffer: memoryview | None = None,
     ) -> None:
         self._on_stream = on_stream
         self._peer_of = peer_of
         self._tune = tune
+        self._buffer = buffer if buffer is not None else read_buffer()
         self._handler: StreamHandler | None = None
         self._stream: Stream | None = None
-        # The handler's bound method, looked up once here instead of once per read.
+        # The handler's bound methods, looked up once here instead of once per read.
         self._on_data: Callable[[bytes], None] = self._data_without_handler
+        self._handler_buffer: Callable[[], memoryview | None] = _no_buffer
+        self._handler_updated: Callable[[int], None] = self._data_without_handler
+        # Whether the last get_buffer() gave the handler's buffer.
+        self._into_handler = False
 
     def set_handler(self, handler: StreamHandler) -> None:
         self._handler = handler
         self._on_data = handler.data_received
+        get_buffer = getattr(handler, "get_buffer", None)
+        if get_buffer is None:
+            self._handler_buffer = _no_buffer
+        else:
+            self._handler_buffer = get_buffer
+            self._handler_updated = handler.buffer_updated  # type: ignore[attr-defined]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Listeners only ever create stream transports; the cast avoids an
@@ -210,21 +259,36 @@ class StreamProtocol(asyncio.Protocol):
                 f"on_stream returned without calling set_handler() for peer {stream.peer}"
             )
 
-    def data_received(self, data: bytes) -> None:
-        self._on_data(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = self._handler_buffer()
+        if view is None:
+            self._into_handler = False
+            return self._buffer
+        self._into_handler = True
+        return view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._into_handler:
+            self._handler_updated(nbytes)
+        else:
+            # Copied out at once: the buffer is shared, and the handler may keep the bytes.
+            self._on_data(self._buffer[:nbytes].tobytes())
 
     def connection_lost(self, exc: BaseException | None) -> None:
         handler, stream = self._handler, self._stream
         # Break the protocol -> handler -> stream -> protocol cycle promptly.
         self._handler = self._stream = None
         self._on_data = self._data_without_handler
+        self._handler_buffer = _no_buffer
+        self._handler_updated = self._data_without_handler
         if stream is not None:
             stream._detach()
         if handler is not None:
             handler.connection_lost(exc)
 
-    def _data_without_handler(self, data: bytes) -> None:
-        raise RuntimeError(f"{len(data)} bytes arrived on a stream with no handler set")
+    def _data_without_handler(self, data: bytes | int) -> None:
+        size = data if isinstance(data, int) else len(data)
+        raise RuntimeError(f"{size} bytes arrived on a stream with no handler set")
 
 
 class Listener(abc.ABC):

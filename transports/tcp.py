@@ -23,6 +23,7 @@ from .base import (
     OnStream,
     StreamProtocol,
     plaintext_only,
+    read_buffer,
     with_context,
 )
 
@@ -167,8 +168,10 @@ class TcpListener(Listener):
         if self._address is not None:
             raise RuntimeError(f"listener {self.url} already started")
 
+        buffer = read_buffer()
+
         def protocol_factory() -> StreamProtocol:
-            return StreamProtocol(on_stream, _peer_of, _tune_transport)
+            return StreamProtocol(on_stream, _peer_of, _tune_transport, buffer)
 
         loop = asyncio.get_running_loop()
         try:

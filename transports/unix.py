@@ -24,6 +24,7 @@ from .base import (
     OnStream,
     StreamProtocol,
     plaintext_only,
+    read_buffer,
     with_context,
 )
 
@@ -152,8 +153,10 @@ class UnixListener(Listener):
             raise RuntimeError(f"listener {self.url} already started")
         peer = self._peer
 
+        buffer = read_buffer()
+
         def protocol_factory() -> StreamProtocol:
-            return StreamProtocol(on_stream, lambda _transport: peer)
+            return StreamProtocol(on_stream, lambda _transport: peer, buffer=buffer)
 
         sock = _bind(self.url, self._path)
         try:

@@ -1008,7 +1008,8 @@ def _packed(value: Any) -> bytes | None:
     if value is None:
         return None
     if isinstance(value, p.Raw):
-        return value.data
+        data = value.data
+        return data if isinstance(data, bytes) else bytes(data)
     if isinstance(value, p.RawJson):
         return pack_value(value.value())  # a JSON peer's text, carried as msgpack
     return pack_value(value)

@@ -48,6 +48,7 @@ from .codecs import (
 from .errors import EncodeError, RemoteProtocolError
 from .packets import (
     _RESULT_CODES_RAW,
+    Chunk,
     Codec,
     Packet,
     Raw,
@@ -67,8 +68,15 @@ _SMALL_FRAME: Final = 4096
 # A decoded (not Raw) payload at least this big is unpacked from a memoryview
 # of the read, not from a copy of its bytes; below it the copy is cheaper
 # than making the view.
-_VIEW_FROM: Final = 4096
+_UNPACK_VIEW_FROM: Final = 4096
 _SMALL_HEADERS: Final = tuple(_pack_length(n) for n in range(_SMALL_FRAME))
+# The largest frame read into a buffer of its own (`direct_from`): its whole
+# length is reserved as soon as its header is in, so a bigger one is gathered
+# from its reads as they come, as without `direct_from`.
+DIRECT_MAX_BYTES: Final = 1024 * 1024
+# A Raw payload this long, and at least half of the bytes it was read in, is
+# a view of them rather than a copy (see Raw): at most twice its size is kept.
+_VIEW_FROM: Final = 16 * 1024
 
 
 class PacketDecoder:
@@ -80,11 +88,25 @@ class PacketDecoder:
 
     With `raw_payloads` (the broker's decoders) the payload of a plain RUN or
     RESULT comes out as `Raw`, its bytes unparsed; otherwise it is decoded.
+
+    With `direct_from` (the broker's decoders: bytes, 0 for off) a frame of
+    that length or more (up to DIRECT_MAX_BYTES) can be read in place instead:
+    `frame_buffer()` is where the next read should go (None: read anywhere
+    and `feed()` the bytes), `frame_filled(n)` says that it put n bytes there.
+    The frame's rest then lands in one buffer of the frame's exact size rather
+    than in reads that are copied out and joined. After a frame that long the
+    next one is guessed to be as long (a peer sends the same payloads over and
+    over): its buffer is offered at once, and if the guess is wrong the bytes
+    read into it are fed as any others.
     """
 
     __slots__ = (
         "_ck_raw",
         "_ck_text",
+        "_direct",
+        "_frame",
+        "_got",
+        "_guess",
         "_held",
         "_held_bytes",
         "_max",
@@ -93,11 +115,14 @@ class PacketDecoder:
         "_pipe_name",
         "_pipe_raw",
         "_raw",
+        "_view",
         "codec",
         "error",
     )
 
-    def __init__(self, max_frame_bytes: int, raw_payloads: bool = False) -> None:
+    def __init__(
+        self, max_frame_bytes: int, raw_payloads: bool = False, direct_from: int = 0
+    ) -> None:
         # The reads an unfinished frame has arrived in so far, kept as they
         # came (bytes are immutable) and joined once it is whole: a large
         # frame is copied once here, not once per read and again at the end.
@@ -119,6 +144,13 @@ class PacketDecoder:
         self._ck_text = b""
         self._ck_raw = b""
         self.codec: Codec | None = None
+        # The frame read in place (direct_from): its buffer, a view of it,
+        # the bytes in so far; _guess the length offered next (0: none).
+        self._direct = direct_from
+        self._frame: bytearray | None = None
+        self._view: memoryview | None = None
+        self._got = 0
+        self._guess = 0
         # Set when a bad frame followed good ones in the same feed: those good
         # packets are returned first (a worker's RESULT just before garbage
         # still counts) and the error is raised by the next feed.
@@ -126,11 +158,72 @@ class PacketDecoder:
 
     @property
     def buffered(self) -> int:
+        """Bytes held for an unfinished frame: for one read in place, its
+        whole length (reserved), once any of it is in."""
+        if self._got:
+            return len(self._view) if self._view is not None else 0
         return self._held_bytes
+
+    def frame_buffer(self) -> memoryview | None:
+        """Where the next bytes should be read to, or None: anywhere, then `feed()`.
+
+        A view of the rest of the frame in progress when it is read in place
+        (see `direct_from`). Only `frame_filled` or `feed` change the answer.
+        """
+        view = self._view
+        if view is None:
+            guess = self._guess
+            if not guess or self._held or self.error is not None:
+                return None
+            # After a frame read in place: offer one as long for the next.
+            frame = bytearray(guess)
+            self._frame = frame
+            view = self._view = memoryview(frame)
+            return view
+        got = self._got
+        return view[got:] if got else view
+
+    def frame_filled(self, nbytes: int) -> list[Packet]:
+        """`nbytes` were read into the last `frame_buffer()`: the packets now whole."""
+        view = self._view
+        frame = self._frame
+        if view is None or frame is None:
+            raise ValueError("frame_filled() without a frame_buffer()")
+        got = self._got
+        if not got:
+            # The guessed frame: its header must say the length guessed,
+            # else these are bytes like any others.
+            if nbytes < HEADER_BYTES or (
+                (frame[0] << 24) | (frame[1] << 16) | (frame[2] << 8) | frame[3]
+            ) + HEADER_BYTES != len(frame):
+                self._drop_frame()
+                self._guess = 0
+                return self.feed(view[:nbytes].tobytes())
+        got += nbytes
+        if got < len(frame):
+            self._got = got
+            return []
+        # Whole: decoded as if it had come in one read.
+        data = bytes(frame)
+        self._drop_frame()
+        return self.feed(data)
+
+    def _drop_frame(self) -> None:
+        self._frame = None
+        self._view = None
+        self._got = 0
 
     def feed(self, data: bytes) -> list[Packet]:
         if self.error is not None:
             raise self.error
+        if self._view is not None:
+            # Bytes fed while a frame is read in place: it is held as usual.
+            frame = self._frame
+            if self._got and frame is not None:
+                self._held.append(bytes(frame[: self._got]))
+                self._held_bytes = self._got
+                self._need = len(frame)
+            self._drop_frame()
         if self._held:
             self._held.append(data)
             self._held_bytes += len(data)
@@ -192,9 +285,23 @@ class PacketDecoder:
                 raise
             return packets
         if pos < end:
-            rest = data[pos:] if pos else data
-            self._held.append(rest)
-            self._held_bytes = len(rest)
+            need = self._need
+            if self._direct and need >= self._direct and need <= DIRECT_MAX_BYTES:
+                # Read the rest of this frame in place (frame_buffer).
+                frame = bytearray(need)
+                got = end - pos
+                frame[:got] = memoryview(data)[pos:end]
+                self._frame = frame
+                self._view = memoryview(frame)
+                self._got = got
+            else:
+                rest = data[pos:] if pos else data
+                self._held.append(rest)
+                self._held_bytes = len(rest)
+        elif self._direct:
+            # The next frame is guessed to be as long as the last (frame_buffer).
+            size += HEADER_BYTES
+            self._guess = size if size >= self._direct and size <= DIRECT_MAX_BYTES else 0
         return packets
 
     def _decode(self, body: bytes | memoryview) -> Packet:
@@ -312,13 +419,17 @@ class PacketDecoder:
                     value_end = _skip(data, pos, stop)
                     if value_end < 0:
                         return None
-                    if self._raw:
-                        payload = Raw(data[pos:value_end])
-                    elif value_end - pos >= _VIEW_FROM:
-                        # A big payload is unpacked from a view: one copy, not two.
-                        payload = _unpack_value(memoryview(data)[pos:value_end])
+                    n = value_end - pos
+                    if not self._raw:
+                        if n >= _UNPACK_VIEW_FROM:
+                            # A big payload is unpacked from a view: one copy, not two.
+                            payload = _unpack_value(memoryview(data)[pos:value_end])
+                        else:
+                            payload = _unpack_value(data[pos:value_end])
+                    elif n >= _VIEW_FROM and n + n >= len(data):
+                        payload = Raw(memoryview(data)[pos:value_end])
                     else:
-                        payload = _unpack_value(data[pos:value_end])
+                        payload = Raw(data[pos:value_end])
                     pos = value_end
             else:
                 return None
@@ -650,7 +761,7 @@ def _header(size: int) -> bytes:
     return _pack_length(size)
 
 
-def _msgpack_parts(packet: Packet, out: list[bytes]) -> int:
+def _msgpack_parts(packet: Packet, out: list[Chunk]) -> int:
     """Append the frame's pieces (header first) to `out`; return its length.
 
     The pieces are only appended once all of them are made, so a packet that
@@ -665,9 +776,9 @@ def _msgpack_parts(packet: Packet, out: list[bytes]) -> int:
             and len(run.cookie) == 16
         ):
             opening = _RUN_OPEN3
+            payload: Chunk = b""
             if run.variables is None:
                 middle = _pipeline_then(run.pipeline, False)
-                payload = b""
             else:
                 opening = _RUN_OPEN4
                 middle = _pipeline_then(run.pipeline, True)
@@ -691,13 +802,14 @@ def _msgpack_parts(packet: Packet, out: list[bytes]) -> int:
             if res.result is None:
                 return _append_plain(out, _RESULT_OPEN3, cookie, _RC_THEN3[res.rc], b"")
             result = res.result
+            data: Chunk
             if type(result) is Raw:
-                payload = result.data
+                data = result.data
             elif type(result) is RawJson:
-                payload = _packb(result.value())
+                data = _packb(result.value())
             else:
-                payload = _packb(result)
-            return _append_plain(out, _RESULT_OPEN4, cookie, _RC_THEN4[res.rc], payload)
+                data = _packb(result)
+            return _append_plain(out, _RESULT_OPEN4, cookie, _RC_THEN4[res.rc], data)
     body: bytes = _packb(packet_to_map(packet))
     head = _header(len(body))
     out.append(head)
@@ -706,7 +818,7 @@ def _msgpack_parts(packet: Packet, out: list[bytes]) -> int:
 
 
 def _append_plain(
-    out: list[bytes], opening: bytes, cookie: bytes, middle: bytes, payload: bytes
+    out: list[Chunk], opening: bytes, cookie: bytes, middle: bytes, payload: Chunk
 ) -> int:
     size = len(opening) + 16 + len(middle) + len(payload)
     head = _header(size)
@@ -774,7 +886,7 @@ def _cookie_text(cookie: bytes, answer: bool) -> bytes:
     return made
 
 
-def _json_plain_parts(packet: Packet, out: list[bytes]) -> int:
+def _json_plain_parts(packet: Packet, out: list[Chunk]) -> int:
     """A RUN or RESULT in its per-job shape (a 16-byte cookie; a payload of
     text: a string, a JSON peer's RawJson, a msgpack peer's string as Raw, or
     none; RUN without priority, deadline, attempts or ack; RESULT without a
@@ -846,7 +958,7 @@ def _json_plain_parts(packet: Packet, out: list[bytes]) -> int:
     return HEADER_BYTES + size
 
 
-def encode_into(packet: Packet, codec: Codec, out: list[bytes]) -> int:
+def encode_into(packet: Packet, codec: Codec, out: list[Chunk]) -> int:
     """Append `packet`'s frame to `out` as pieces whose join is `encode(packet,
     codec)`; return the frame's length. On EncodeError `out` is unchanged.
 
@@ -874,6 +986,6 @@ def encode(packet: Packet, codec: Codec = Codec.MSGPACK) -> bytes:
     Raises EncodeError when the codec cannot carry a value (bytes to JSON, a
     non-string payload to JSON, an object msgpack cannot pack).
     """
-    parts: list[bytes] = []
+    parts: list[Chunk] = []
     encode_into(packet, codec, parts)
     return b"".join(parts)

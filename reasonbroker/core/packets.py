@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import uuid
 from dataclasses import field
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, TypeAlias
 
 import msgpack
 
@@ -27,6 +27,10 @@ from ._frozen import packet as _packet
 # The largest RUN timeout_ms (about 24.8 days, a signed 32-bit count of ms):
 # JSON integers are unbounded, and a deadline must stay a finite float.
 MAX_TIMEOUT_MS: Final = 2**31 - 1
+
+Chunk: TypeAlias = bytes | memoryview
+"""Bytes as they are read or written: a bytes object, or a read-only view
+into one (a large payload stays in the frame it came in, see `Raw`)."""
 
 
 class PacketType(enum.StrEnum):
@@ -206,12 +210,16 @@ class Raw(Record):
     msgpack decodes (see `_skip`), never decoded, and written to the next
     msgpack peer byte for byte. Only a JSON peer, or a packet sent the general
     way, has it decoded (`value`). A nil payload is None, never a Raw.
+
+    `data` is bytes, or for a large payload a read-only view of the bytes of
+    the frame it came in (the rest of that frame is a few dozen bytes), so it
+    is neither copied out of the frame nor into the frame it goes out in.
     """
 
     __slots__ = ("data",)
     __match_args__ = ("data",)
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: Chunk) -> None:
         self.data: Final = data
 
     def value(self) -> Any:
@@ -405,6 +413,6 @@ def cookie_str(cookie: bytes | None) -> str | None:
 # ---------------------------------------------------------------------------
 
 
-def _unpack_value(span: bytes | memoryview) -> Any:
+def _unpack_value(span: Chunk) -> Any:
     """A payload (`_skip` has passed it, or it is a Raw's), decoded."""
     return msgpack.unpackb(span, raw=False, strict_map_key=False)

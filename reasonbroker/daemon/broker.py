@@ -42,7 +42,7 @@ from ..core.errors import EncodeError, RemoteProtocolError
 from ..core.framing import PacketDecoder, encode_into
 from ..core.guard import clip, clip_fields
 from ..core.limits import ListenerRole
-from ..core.packets import Codec, Packet, Ping, Result, ResultCode, Role, Status
+from ..core.packets import Chunk, Codec, Packet, Ping, Result, ResultCode, Role, Status
 from .authguard import AuthThrottle, Verdict, source_of
 from .config import Config, is_loopback
 from .dashboard import Dashboard, access_for
@@ -57,6 +57,10 @@ _log = structlog.get_logger("reasonbroker.broker")
 
 # A turn's frames for one peer up to this size are joined into one write.
 _JOIN_MAX_BYTES: Final = 64 * 1024
+# A frame this long or longer is read into a buffer of its own size
+# (PacketDecoder's direct_from): copying each read out and joining them cost
+# more than the read itself for 64 KiB payloads (README, Figures).
+_DIRECT_FRAME_BYTES: Final = 32 * 1024
 # After the drain, how long closed connections get to flush before they are aborted.
 _CLOSE_FLUSH_S = 2.0
 
@@ -90,10 +94,14 @@ class _Connection:
         self.stream = stream
         self.listener_role = role
         # Payloads pass through as Raw bytes: the broker never looks inside them.
-        self.decoder = PacketDecoder(broker.config.limits.max_frame_bytes, raw_payloads=True)
+        self.decoder = PacketDecoder(
+            broker.config.limits.max_frame_bytes,
+            raw_payloads=True,
+            direct_from=_DIRECT_FRAME_BYTES,
+        )
         self.codec: Codec | None = None
         # This turn's frames for the peer, as encode_into's pieces, and their size.
-        self.outbox: list[bytes] = []
+        self.outbox: list[Chunk] = []
         self.outbox_bytes = 0
         self.closed = False
         self.log = _log.bind(conn=conn_id, peer=stream.peer, role=role.value)
@@ -113,40 +121,68 @@ class _Connection:
     # StreamHandler
 
     def data_received(self, data: bytes) -> None:
-        broker = self.broker
         if self.closed:
             return
-        self.last_rx = broker.loop.time()
+        self.last_rx = self.broker.loop.time()
         try:
             try:
                 packets = self.decoder.feed(data)
             except RemoteProtocolError as exc:
-                broker.protocol_error(self, exc)
+                self.broker.protocol_error(self, exc)
                 return
-            held = self.decoder.buffered
-            if held or self.held:
-                broker.input_held(self, held, bool(packets))
-                if self.closed:
-                    return
-            if self.codec is None and self.decoder.codec is not None:
-                self.codec = self.decoder.codec
-                broker.board.set_codec(self.id, self.codec)
-            if packets:
-                self.spoke = True
-                intercept = broker.intercept
-                if intercept is not None:
-                    packets = intercept(self.id, packets)
-                if packets:
-                    broker.apply(broker.board.receive_all(self.id, packets, self.last_rx))
-                if self.closed:
-                    return
-            if self.decoder.error is not None:
-                broker.protocol_error(self, self.decoder.error)
+            self._received(packets)
         except Exception:
-            # A bug in our handling of this peer's input: contain it to this
-            # connection, keep serving everyone else.
-            self.log.exception("internal_error")
-            broker.close_connection(self, "internal error")
+            self._internal_error()
+
+    # The optional half of StreamHandler: a frame read in place (the
+    # decoder's frame_buffer), else the transport's buffer and data_received.
+
+    def get_buffer(self) -> memoryview | None:
+        if self.closed:
+            return None
+        return self.decoder.frame_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.closed:
+            return
+        self.last_rx = self.broker.loop.time()
+        try:
+            try:
+                packets = self.decoder.frame_filled(nbytes)
+            except RemoteProtocolError as exc:
+                self.broker.protocol_error(self, exc)
+                return
+            self._received(packets)
+        except Exception:
+            self._internal_error()
+
+    def _received(self, packets: list[Packet]) -> None:
+        broker = self.broker
+        held = self.decoder.buffered
+        if held or self.held:
+            broker.input_held(self, held, bool(packets))
+            if self.closed:
+                return
+        if self.codec is None and self.decoder.codec is not None:
+            self.codec = self.decoder.codec
+            broker.board.set_codec(self.id, self.codec)
+        if packets:
+            self.spoke = True
+            intercept = broker.intercept
+            if intercept is not None:
+                packets = intercept(self.id, packets)
+            if packets:
+                broker.apply(broker.board.receive_all(self.id, packets, self.last_rx))
+            if self.closed:
+                return
+        if self.decoder.error is not None:
+            broker.protocol_error(self, self.decoder.error)
+
+    def _internal_error(self) -> None:
+        # A bug in our handling of this peer's input: contain it to this
+        # connection, keep serving everyone else.
+        self.log.exception("internal_error")
+        self.broker.close_connection(self, "internal error")
 
     def connection_lost(self, exc: BaseException | None) -> None:
         why = "peer closed" if exc is None else f"connection lost: {exc}"

@@ -43,8 +43,8 @@ def _payload_bytes(value: Any) -> bytes | None:
     if value is None:
         return None
     if type(value) is Raw:
-        data: bytes = value.data
-        return data
+        data = value.data
+        return data if type(data) is bytes else bytes(data)
     if type(value) is RawJson:
         value = value.value()  # a JSON peer's text, kept as msgpack as any other
     packed: bytes = msgpack.packb(value, use_bin_type=True)
