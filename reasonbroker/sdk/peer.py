@@ -243,7 +243,7 @@ class Peer:
         self._stream = stream
         self._transport = writer.transport
         # Frames written this turn (a big one as its pieces), written by _flush at its end.
-        self._out: list[bytes] = []
+        self._out: list[p.Chunk] = []
         self._out_bytes = 0
         self._flush_pending = False  # a _flush is scheduled
         self._last_tx = loop.time()
@@ -350,7 +350,7 @@ class Peer:
             raise BrokerConnectionError(
                 f"connection to {self.url} is closed: {self.close_reason or 'closing'}"
             )
-        parts: list[bytes] = []
+        parts: list[p.Chunk] = []
         size = p.encode_into(packet, p.Codec.MSGPACK, parts)  # EncodeError: nothing held
         if size >= _PIECES_FROM:
             self._out.extend(parts)
