@@ -125,8 +125,11 @@ class _Puller:
     Lingering pull requests (`expires` FETCH_WAIT_S) are kept outstanding for the
     pipeline's free slots (`credit`: jobs asked for, neither delivered nor expired), so a
     job comes as soon as it is published and no request is spent on an empty band. A
-    no-wait probe (the other inbox) asks a band with nothing outstanding what it has now,
-    before a lower band's job runs. What either brings is `held` until a slot takes it."""
+    no-wait probe (the other inbox) asks a band what it has now, before a lower band's
+    job runs, unless the band is `sure`: a probe answered while its lingering requests
+    were outstanding at the server (they are ahead of the probe there, so every job of
+    the band published since comes to them at once). What either brings is `held`
+    until a slot takes it."""
 
     band: str
     subject: str  # the consumer's next-message request subject
@@ -134,11 +137,18 @@ class _Puller:
     probe_inbox: str
     held: deque[Any] = field(default_factory=deque)
     credit: int = 0
+    sure: bool = False  # meaningful while credit > 0
     asked_at: float = 0.0  # loop time of the last lingering request
     probe: asyncio.Future[None] | None = None  # the probe under way, done when answered
     probe_left: int = 0
     broken: str | None = None  # the consumer refused a request: ensure it again
     subs: list[Any] = field(default_factory=list)
+
+    def spent(self, n: int) -> None:
+        """n of the jobs asked for came or will not: at none left, the band is unsure."""
+        self.credit = max(0, self.credit - n)
+        if self.credit == 0:
+            self.sure = False
 
 
 def _status(msg: Any) -> str | None:
@@ -162,6 +172,7 @@ class _Stats:
     adopted: int = 0
     recovered: int = 0  # RESULTs found in the bucket for jobs whose event never came
     resent: int = 0  # publishes the stream called duplicates (a RUN sent again)
+    pulls_lost: int = 0  # pull requests that never ended (asked for again)
     by_pipeline: dict[str, int] = field(default_factory=dict)
 
 
@@ -632,7 +643,7 @@ class Bridge:
             )
             if puller is not None:
                 puller.broken = None
-                puller.credit = 0
+                puller.spent(puller.credit)
                 continue
             puller = _Puller(
                 band,
@@ -657,16 +668,16 @@ class Bridge:
         """What a lingering pull request brings: a job, or the request's end."""
         status = _status(msg)
         if status is None:
-            puller.credit = max(0, puller.credit - 1)
+            puller.spent(1)
             puller.held.append(msg)
         elif status == "100":
             return  # a heartbeat (not asked for)
         else:
             pending = msg.headers.get("Nats-Pending-Messages")
             if status in ("408", "409") and pending is not None and pending.isdigit():
-                puller.credit = max(0, puller.credit - int(pending))  # its unfilled part
+                puller.spent(int(pending))  # its unfilled part
             else:
-                puller.credit = 0
+                puller.spent(puller.credit)
             if status == "503" or (
                 status == "409" and "Deleted" in msg.headers.get("Description", "")
             ):
@@ -719,11 +730,12 @@ class Bridge:
         """Run what is held while slots are free, the higher bands first; then keep pull
         requests outstanding on every band for the slots still free.
 
-        A lower band's job runs only when every higher band has a request outstanding
-        (which brings a job the moment one is there) or a probe (no wait) said what it
-        has now. So across nodes a higher band goes first; at most the free slots per
-        band are asked for (so at most three times the free slots are ever delivered to
-        this node and not yet running)."""
+        A lower band's job runs only once a probe (no wait) of every higher band said
+        what it had, while a lingering request of that band was outstanding behind it (so
+        its later jobs come the moment they are published). So across nodes a higher
+        band goes first; at most the free slots per band are asked for (and one more by
+        a probe: so about three times the free slots at most are ever delivered to this
+        node and not yet running)."""
         loop = asyncio.get_running_loop()
         ordered = [pullers[band] for band in BANDS]
         capacity = self._capacity.get(pipeline, 0)
@@ -735,10 +747,19 @@ class Bridge:
             first = next((i for i, pl in enumerate(ordered) if pl.held), None)
             if first is None:
                 break
-            unsure = [pl for pl in ordered[:first] if pl.credit == 0]
+            unsure = [pl for pl in ordered[:first] if not (pl.sure and pl.credit > 0)]
             if unsure and not probed:
-                probed = True
-                await asyncio.gather(*(self._probe(pl, min(free, FETCH_MAX)) for pl in unsure))
+                probed = True  # once per call: a probe not answered in time is not waited for
+                want = min(free, FETCH_MAX)
+                for pl in unsure:
+                    if pl.credit == 0 and len(pl.held) < want:
+                        await self._linger(pl, want - len(pl.held))  # ahead of the probe
+                answered = await asyncio.gather(
+                    *(self._probe(pl, max(1, want - pl.credit - len(pl.held))) for pl in unsure)
+                )
+                for pl, ok in zip(unsure, answered, strict=True):
+                    if ok and pl.credit > 0:
+                        pl.sure = True
                 continue
             msg = ordered[first].held.popleft()
             if self._stopping or pipeline not in self._capacity:
@@ -747,26 +768,37 @@ class Bridge:
                 self._take(pipeline, msg)
         want = min(capacity - self._by_pipeline.get(pipeline, 0), FETCH_MAX)
         now = loop.time()
-        for pl in ordered:
+        # The lowest band first: its jobs may then come before a higher band's, the case
+        # the probes are for (across servers the order is anyone's); so one server,
+        # as in the tests, shows it too.
+        for pl in reversed(ordered):
             if pl.credit and now - pl.asked_at > FETCH_WAIT_S + PULL_LOST_S:
-                pl.credit = 0  # its requests were lost (a server failed over, say)
+                self.stats.pulls_lost += 1
+                pl.spent(pl.credit)  # its requests were lost (a server failed over, say)
             have = pl.credit + len(pl.held)
             if want > 0 and have < want and (pl.credit == 0 or have <= want // 2):
-                n = want - have
-                request = {"batch": n, "expires": int(FETCH_WAIT_S * 1e9)}
-                pl.credit += n
-                pl.asked_at = now
-                await self.nc.publish(pl.subject, json.dumps(request).encode(), reply=pl.inbox)
+                await self._linger(pl, want - have)
 
-    async def _probe(self, puller: _Puller, n: int) -> None:
-        """Ask the band for what it has now, without waiting; what comes is held."""
+    async def _linger(self, puller: _Puller, n: int) -> None:
+        """Ask the band for n more jobs, to come as they are published (FETCH_WAIT_S)."""
+        request = json.dumps({"batch": n, "expires": int(FETCH_WAIT_S * 1e9)}).encode()
+        puller.credit += n
+        puller.asked_at = asyncio.get_running_loop().time()
+        await self.nc.publish(puller.subject, request, reply=puller.inbox)
+
+    async def _probe(self, puller: _Puller, n: int) -> bool:
+        """Ask the band for what it has now, without waiting; what comes is held.
+        Whether it answered within PROBE_WAIT_S."""
         probe = asyncio.get_running_loop().create_future()
         puller.probe, puller.probe_left = probe, n
         request = json.dumps({"batch": n, "no_wait": True}).encode()
         await self.nc.publish(puller.subject, request, reply=puller.probe_inbox)
-        with contextlib.suppress(TimeoutError):
+        try:
             async with asyncio.timeout(PROBE_WAIT_S):
                 await probe
+        except TimeoutError:
+            return False
+        return True
 
     async def _stop_pulling(
         self, pipeline: str, pullers: dict[str, _Puller], wake: asyncio.Event, graceful: bool
@@ -1094,7 +1126,7 @@ class Bridge:
         is lost; ask the bucket for every job of ours still waiting, now and once more
         a little later."""
         for puller in self._subs.values():
-            puller.credit = 0  # its pull requests may be gone with the old connection
+            puller.spent(puller.credit)  # its pull requests may be gone with the old connection
         for wake in self._wake.values():
             wake.set()
         self._spawn(self._after_reconnect())

@@ -90,6 +90,9 @@ async def rb_row(
         m1 = await msgs()
     finally:
         await pool.stop()
+    # The node whose worker left keeps its pull requests until they expire (1 s) and gives
+    # back (nak) what they brought then: let that pass, so the next row starts clean.
+    await asyncio.sleep(2.0)
     # The CPU readings span warm-up and drain too: per job of the whole span's jobs is
     # not known, so the window's jobs over the window's share is approximated by the ratio.
     span = args.warmup + run.seconds
