@@ -12,8 +12,15 @@ temporary stores), at each K (default 128), 100 B payloads, closed loop, in one 
     rb 2 nodes          client on node a, the worker on node b: every job crosses nodes
 
 jobs/s, p50/p99 per job at the client, and CPU per job of the nats-servers (summed), of the
-reasonbroker nodes (summed) or of the pattern's Python processes. Ratios printed:
-each reasonbroker row / the jetstream pattern.
+reasonbroker nodes (summed) or of the pattern's Python processes (its producer is this
+process), of the load generator (this process) and the worker process for the rb rows
+("cl+wk"), and the messages per job the servers' client connections sent and got (/connz).
+Ratios printed: each reasonbroker row / the jetstream pattern of its round.
+
+    --cluster-topologies 1,3     which (1: one server, R1; 3: three, R3)
+    --cluster-cells pattern,1node,2nodes
+    --cluster-builds /work/main  another checkout's nodes too, after this one's, each round
+    --repeats N                  rounds (each: the pattern, then every build's rows)
 """
 
 from __future__ import annotations
@@ -106,6 +113,10 @@ async def rb_row(
         "p99_us": round(run.p99_us, 1),
         "server_cpu_us_per_job": round((s1 - s0) * share / jobs * 1e6, 1),
         "node_cpu_us_per_job": round((n1 - n0) * share / jobs * 1e6, 1),
+        # The load generator (this process) and the worker process, over the window.
+        "client_worker_cpu_us_per_job": round(
+            (run.gen_cpu_us_per_job or 0.0) + (run.worker_cpu_us_per_job or 0.0), 1
+        ),
         "msgs_in_per_job": round((m1[0] - m0[0]) * share / jobs, 2),
         "msgs_out_per_job": round((m1[1] - m0[1]) * share / jobs, 2),
         "errors": run.errors,
@@ -231,7 +242,8 @@ async def pattern_row(
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = (
         f"{'topology':<16} {'cell':<24} {'K':>4} {'jobs/s':>9} {'p50 us':>9} {'p99 us':>9} "
-        f"{'srv us/job':>10} {'node us/job':>11} {'msgs in/out':>11} {'/pattern':>8}"
+        f"{'srv us/job':>10} {'node us/job':>11} {'cl+wk us/job':>12} {'msgs in/out':>11} "
+        f"{'/pattern':>8}"
     )
     print(head)
     print("-" * len(head))
@@ -256,7 +268,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(
             f"{r['topology']:<16} {r['cell']:<24} {r['k']:>4} {r['jobs_per_s']:>9,.0f} "
             f"{f(r['p50_us']):>9} {f(r['p99_us']):>9} {f(r['server_cpu_us_per_job']):>10} "
-            f"{f(r['node_cpu_us_per_job']):>11} {m:>11} {ratio:>8}"
+            f"{f(r['node_cpu_us_per_job']):>11} {f(r.get('client_worker_cpu_us_per_job')):>12} "
+            f"{m:>11} {ratio:>8}"
         )
 
 
