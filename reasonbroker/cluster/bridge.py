@@ -774,6 +774,7 @@ class Bridge:
         for pl in reversed(ordered):
             if pl.credit and now - pl.asked_at > FETCH_WAIT_S + PULL_LOST_S:
                 self.stats.pulls_lost += 1
+                _log.warning("cluster_pull_lost", pipeline=pipeline, band=pl.band, jobs=pl.credit)
                 pl.spent(pl.credit)  # its requests were lost (a server failed over, say)
             have = pl.credit + len(pl.held)
             if want > 0 and have < want and (pl.credit == 0 or have <= want // 2):

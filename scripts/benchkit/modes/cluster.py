@@ -145,6 +145,20 @@ def client_msgs(cluster: Any) -> Callable[[], Awaitable[tuple[int, int]]]:
     return msgs
 
 
+def node_warnings(path: Path) -> dict[str, int]:
+    """How often a node logged each cluster_* event (its log is at --log-level warning)."""
+    import re
+
+    counts: dict[str, int] = {}
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return counts
+    for event in re.findall(r"\b(cluster_[a-z_]+)", text):
+        counts[event] = counts.get(event, 0) + 1
+    return counts
+
+
 def builds(args: argparse.Namespace) -> list[tuple[str, Path]]:
     """(label suffix, checkout) of each build whose nodes run: this one, then --cluster-builds."""
     out: list[tuple[str, Path]] = [("", ROOT)]
@@ -205,6 +219,10 @@ async def topology(
                     finally:
                         for node in (a, nb):
                             await stop_process(node.proc)
+                        for node in (a, nb):
+                            warned = node_warnings(node.log_path)
+                            if warned:
+                                log(f"  {node.system}{suffix} logged: {warned}")
         for row in rows:
             row["topology"] = name
     return rows
