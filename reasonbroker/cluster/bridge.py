@@ -678,6 +678,13 @@ class Bridge:
                 puller.spent(int(pending))  # its unfilled part
             else:
                 puller.spent(puller.credit)
+            if status != "408":
+                _log.warning(
+                    "cluster_pull_status",
+                    band=puller.band,
+                    status=status,
+                    why=msg.headers.get("Description", ""),
+                )
             if status == "503" or (
                 status == "409" and "Deleted" in msg.headers.get("Description", "")
             ):
@@ -798,6 +805,7 @@ class Bridge:
             async with asyncio.timeout(PROBE_WAIT_S):
                 await probe
         except TimeoutError:
+            _log.warning("cluster_probe_late", band=puller.band, wait_s=PROBE_WAIT_S)
             return False
         return True
 

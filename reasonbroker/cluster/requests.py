@@ -16,6 +16,10 @@ import contextlib
 import json
 from typing import Any, Final
 
+import structlog
+
+_log = structlog.get_logger("reasonbroker.cluster")
+
 SWEEP_S: Final = 0.25  # how often late requests are timed out
 ERR_WRONG_LAST_SEQUENCE: Final = 10071  # JetStream's err_code: the expected sequence differs
 
@@ -94,6 +98,10 @@ class Requests:
         while True:
             await asyncio.sleep(SWEEP_S)
             now = loop.time()
+            late_ones = 0
             for future, late in list(self._pending.values()):
                 if late <= now and not future.done():
+                    late_ones += 1
                     future.set_exception(nats.errors.TimeoutError())
+            if late_ones:
+                _log.warning("cluster_requests_timed_out", requests=late_ones)
