@@ -519,6 +519,8 @@ class Bridge:
                 else:
                     exists = False
             except Exception as exc:
+                if attempt == 0:
+                    _log.warning("cluster_result_retry", error=str(exc), cookie=key(outcome.cookie))
                 if attempt == 7:
                     # Not acked: JetStream gives the job to a node again after ack_wait.
                     _log.error(

@@ -256,9 +256,13 @@ class ClusterNode:
                     num_replicas=self.cluster.replicas,
                     duplicate_window=STREAM_DUPLICATE_WINDOW_S,
                 )
+            except nats.js.errors.ServiceUnavailableError:
+                raise  # JetStream not serving yet: _until_served retries it
             except nats.js.errors.Error as exc:
                 raise ClusterError(f"cannot create the stream {name}: {exc}") from None
             return
+        except nats.js.errors.ServiceUnavailableError:
+            raise  # JetStream not serving yet (a 503 as the quorum comes back): retried
         except nats.js.errors.Error as exc:
             raise ClusterError(f"cannot read the stream {name}: {exc}") from None
         got = info.config
