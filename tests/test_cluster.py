@@ -610,3 +610,100 @@ async def test_priority_bands_across_nodes_run_higher_first(
             release.set()
             await asyncio.wait_for(asyncio.gather(first, *handles), WAIT_S)
     assert order == ["first", "high", "normal", "low"]
+
+
+async def test_priority_bands_hold_when_the_jobs_come_after_every_pull_request_ended(
+    nats_server: NatsCluster, tmp_path: Path
+) -> None:
+    """The worker's one slot is taken until every band's lingering pull request has
+    expired (none is renewed without a free slot); then low, normal and high are queued.
+    When the slot frees, the three bands are asked afresh and their jobs arrive in any
+    order: a held low job waits for the probes of the higher bands, so the order is
+    still high, normal, low."""
+    order: list[str] = []
+    release, began = asyncio.Event(), asyncio.Event()
+
+    async def one_at_a_time(variables: Any) -> Any:
+        if variables == "first":
+            began.set()
+            await release.wait()
+        order.append(variables)
+        return variables
+
+    async with _nodes(nats_server.urls, tmp_path) as nodes:
+        b = nodes["b"].bridge
+        assert b is not None
+        async with (
+            Worker(nodes["b"].address("worker"), handlers={"p": one_at_a_time}, capacity=1),
+            Client(nodes["a"].address("client")) as client,
+        ):
+            first = await client.submit("p", "first")
+            await asyncio.wait_for(began.wait(), WAIT_S)
+            pullers = [pl for (pipeline, _), pl in b._subs.items() if pipeline == "p"]
+            assert len(pullers) == 3
+            await _until(lambda: all(pl.credit == 0 for pl in pullers))  # all expired
+            handles = [
+                await client.submit("p", name, priority=priority)
+                for name, priority in (("low", -1), ("normal", 0), ("high", 5))
+            ]
+            release.set()
+            await asyncio.wait_for(asyncio.gather(first, *handles), WAIT_S)
+    assert order == ["first", "high", "normal", "low"]
+
+
+async def test_requests_answer_a_publish_and_a_create_and_time_out_a_silent_one(
+    nats_server: NatsCluster,
+) -> None:
+    """The shared-inbox requests the hot path uses: a JetStream publish's ack (a resend
+    of its Nats-Msg-Id comes back a duplicate), a KV create refused with err_code 10071
+    when the key has a value, a request nobody answers timing out, one nobody hears
+    refused (no responders)."""
+    import nats.errors
+    from nats.js.api import StreamConfig
+
+    from reasonbroker.cluster.requests import ERR_WRONG_LAST_SEQUENCE, PublishError, Requests
+    from reasonbroker.cluster.wire import create_headers
+
+    nc = await nats.connect(nats_server.urls)
+    requests = Requests(nc, timeout_s=0.5)
+    await requests.start()
+    try:
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="REQ", subjects=["req.>"]))
+        ack = await requests.publish("req.a", b"one", {"Nats-Msg-Id": "m1"})
+        assert ack["stream"] == "REQ" and not ack.get("duplicate")
+        again = await requests.publish("req.a", b"one", {"Nats-Msg-Id": "m1"})
+        assert again.get("duplicate") is True and again["seq"] == ack["seq"]
+        await js.create_key_value(bucket="req_kv")
+        created = await requests.publish("$KV.req_kv.k", b"v1", create_headers())
+        assert created["seq"] >= 1
+        with pytest.raises(PublishError) as refused:
+            await requests.publish("$KV.req_kv.k", b"v2", create_headers())
+        assert refused.value.err_code == ERR_WRONG_LAST_SEQUENCE
+        kv = await js.key_value("req_kv")
+        assert (await kv.get("k")).value == b"v1"  # the first writer's value stands
+        await nc.subscribe("silent", cb=_ignore)
+        with pytest.raises(nats.errors.TimeoutError):
+            await requests.request("silent", b"", {})
+        with pytest.raises(nats.errors.NoRespondersError):
+            await requests.request("nobody.listens", b"", {"X": "1"})
+    finally:
+        await requests.close()
+        await nc.close()
+
+
+async def _ignore(msg: Any) -> None:
+    pass
+
+
+def test_the_delivery_count_is_read_from_the_ack_subject() -> None:
+    from nats.aio.msg import Msg
+
+    from reasonbroker.cluster.bridge import _delivered
+
+    v1 = "$JS.ACK.RB_JOBS.rb_abc_normal.3.17.12.1796349157576148795.0"
+    client: Any = None
+    assert _delivered(Msg(client, subject="rb.jobs.p.normal", reply=v1)) == 3
+    # With a domain and an account hash (12 tokens): read by nats-py's metadata.
+    v2 = "$JS.ACK.dom.ACCHASH.RB_JOBS.rb_abc_normal.2.17.12.1796349157576148795.0.rand"
+    assert _delivered(Msg(client, subject="rb.jobs.p.normal", reply=v2)) == 2

@@ -20,8 +20,10 @@ cancel is announced to every node, else the result that won is relayed
 instead, so the client always gets the job's one terminal RESULT.
 
 Inbound (worker side): per pipeline that local workers serve, one fetch loop
-takes `min(free slots, 128)` jobs from the pipeline's durable consumer and
-submits each as a RUN (the remaining deadline as its timeout). A job's
+keeps pull requests outstanding on the pipeline's durable consumers (one per
+priority band) for `min(free slots, 128)` jobs each, so a job comes as soon as
+it is published, and submits each as a RUN (the remaining deadline as its
+timeout), the higher bands first. A job's
 STARTED and PROGRESS go to its node's subject as they come. Its RESULT is
 created in the results bucket (first writer wins: a job delivered twice,
 after a node died or `ack_wait` passed, ends once; the loser's result is
@@ -38,7 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
+import json
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -53,6 +57,7 @@ from ..core.retention import Ended
 from ..daemon.broker import Broker
 from ..sdk.errors import BrokerConnectionError
 from ..sdk.peer import Peer
+from .requests import ERR_WRONG_LAST_SEQUENCE, PublishError, Requests
 from .wire import (
     BANDS,
     EVENT_PROGRESS,
@@ -61,6 +66,7 @@ from .wire import (
     JobMessage,
     Names,
     Outcome,
+    create_headers,
     decode_progress,
     key,
     pack,
@@ -71,11 +77,15 @@ from .wire import (
 
 _log = structlog.get_logger("reasonbroker.cluster")
 
-FETCH_MAX: Final = 128  # jobs per fetch request
-FETCH_WAIT_S: Final = 1.0  # a fetch that finds nothing waits this long for a job
-# After a job came: how long the no-wait fetch of the rest may take to answer (what
-# comes later stays in the subscription's queue, where the next fetch takes it first).
-FETCH_MORE_WAIT_S: Final = 0.05
+FETCH_MAX: Final = 128  # jobs asked for per band at most (outstanding pull requests)
+FETCH_WAIT_S: Final = 1.0  # a pull request's `expires`: it lingers this long for jobs
+# A pull request not ended this long after its expiry was lost (a server failed over,
+# the connection came back): its jobs are asked for again.
+PULL_LOST_S: Final = 1.0
+# How long a no-wait probe of a higher band may take to answer before a lower band's
+# job runs anyway.
+PROBE_WAIT_S: Final = 0.5
+JS_API: Final = "$JS.API"  # the JetStream API's subject prefix (no domain)
 SUPERVISE_S: Final = 0.2  # how often the local workers' pipelines and slots are read
 PIPELINES_POLL_S: Final = 2.0  # how often the cluster's known pipelines are read
 OUTBOUND_CAPACITY: Final = 65_536  # the outbound peer's slots: the broker's clamp
@@ -109,6 +119,48 @@ class _Running:
 
 
 @dataclass(slots=True)
+class _Puller:
+    """One band's durable consumer, pulled through two inboxes of the node's connection.
+
+    Lingering pull requests (`expires` FETCH_WAIT_S) are kept outstanding for the
+    pipeline's free slots (`credit`: jobs asked for, neither delivered nor expired), so a
+    job comes as soon as it is published and no request is spent on an empty band. A
+    no-wait probe (the other inbox) asks a band what it has now, before a lower band's
+    job runs, unless the band is `sure`: a probe answered while its lingering requests
+    were outstanding at the server (they are ahead of the probe there, so every job of
+    the band published since comes to them at once). What either brings is `held`
+    until a slot takes it."""
+
+    band: str
+    subject: str  # the consumer's next-message request subject
+    inbox: str
+    probe_inbox: str
+    held: deque[Any] = field(default_factory=deque)
+    credit: int = 0
+    sure: bool = False  # meaningful while credit > 0
+    asked_at: float = 0.0  # loop time of the last lingering request
+    probe: asyncio.Future[None] | None = None  # the probe under way, done when answered
+    probe_left: int = 0
+    broken: str | None = None  # the consumer refused a request: ensure it again
+    subs: list[Any] = field(default_factory=list)
+
+    def spent(self, n: int) -> None:
+        """n of the jobs asked for came or will not: at none left, the band is unsure."""
+        self.credit = max(0, self.credit - n)
+        if self.credit == 0:
+            self.sure = False
+
+
+def _status(msg: Any) -> str | None:
+    """A JetStream status message's code (404, 408, 409, ...), or None for a job."""
+    headers = msg.headers
+    if msg.data or not headers:
+        return None
+    status: str | None = headers.get("Status")
+    return status
+
+
+@dataclass(slots=True)
 class _Stats:
     fetched: int = 0
     duplicates_dropped: int = 0
@@ -120,6 +172,7 @@ class _Stats:
     adopted: int = 0
     recovered: int = 0  # RESULTs found in the bucket for jobs whose event never came
     resent: int = 0  # publishes the stream called duplicates (a RUN sent again)
+    pulls_lost: int = 0  # pull requests that never ended (asked for again)
     by_pipeline: dict[str, int] = field(default_factory=dict)
 
 
@@ -128,6 +181,7 @@ class Bridge:
         self,
         nc: Any,
         js: Any,
+        requests: Requests,
         results: Any,
         pipelines_kv: Any,
         names: Names,
@@ -137,6 +191,7 @@ class Bridge:
     ) -> None:
         self.nc = nc
         self.js = js
+        self.requests = requests
         self.results = results
         self.pipelines_kv = pipelines_kv
         self.names = names
@@ -164,10 +219,8 @@ class Bridge:
         self._cancel_order: deque[bytes] = deque()
         self._known: set[str] = set()  # pipelines the cluster has seen
         self._fetchers: dict[str, asyncio.Task[None]] = {}
-        self._subs: dict[tuple[str, str], Any] = {}  # (pipeline, band) -> pull subscription
-        # Jobs fetched, not yet run, per pipeline and band (_fetch takes the higher first).
-        self._held: dict[str, dict[str, deque[Any]]] = {}
-        self._freed = asyncio.Event()
+        self._subs: dict[tuple[str, str], _Puller] = {}  # (pipeline, band) -> its puller
+        self._wake: dict[str, asyncio.Event] = {}  # per pipeline: a slot freed, jobs came
         self._refresh = asyncio.Event()  # read the cluster's pipelines now
         self._every: set[int] = set()  # worker-side connections serving every pipeline
         self._nodes_seen: list[dict[str, Any]] = []  # the last survey's answers
@@ -222,22 +275,23 @@ class Bridge:
     def stop_fetching(self) -> None:
         """The node is stopping: take no more jobs (the worker side drains what it has).
 
-        A fetch loop is never cancelled in the middle of a fetch: the server would
-        still deliver into that pull request, and the jobs would sit un-acked until
-        ack_wait. Each loop ends after its current fetch (at most FETCH_WAIT_S), and
-        gives back at once (nak) what that fetch brought."""
+        A fetch loop does not drop its pull requests: the server would still deliver
+        into them, and the jobs would sit un-acked until ack_wait. Each loop asks for
+        nothing more and ends once its requests have (at most FETCH_WAIT_S), and gives
+        back at once (nak) what they brought."""
         self._stopping = True
+        for wake in self._wake.values():
+            wake.set()
 
     async def close(self) -> None:
         self.stop_fetching()
         if self._fetchers:
             await asyncio.wait(list(self._fetchers.values()), timeout=FETCH_WAIT_S + 5)
         # Jobs fetched and not finished: give them back at once rather than after ack_wait.
-        for bands in self._held.values():
-            for queue in bands.values():
-                while queue:
-                    with contextlib.suppress(Exception):
-                        await queue.popleft().nak()
+        for puller in self._subs.values():
+            while puller.held:
+                with contextlib.suppress(Exception):
+                    await puller.held.popleft().nak()
         for running in list(self._running.values()):
             with contextlib.suppress(Exception):
                 await running.msg.nak()
@@ -248,7 +302,7 @@ class Bridge:
             self._client_side.metrics_extra = None
         for task in [*self._loops, *self._fetchers.values()]:
             task.cancel()
-        for sub in [*self._nats_subs, *self._subs.values()]:
+        for sub in [*self._nats_subs, *(s for pl in self._subs.values() for s in pl.subs)]:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         for peer in (self._out, self._in):
@@ -416,7 +470,9 @@ class Bridge:
 
     def _release(self, pipeline: str) -> None:
         self._by_pipeline[pipeline] = self._by_pipeline.get(pipeline, 1) - 1
-        self._freed.set()
+        wake = self._wake.get(pipeline)
+        if wake is not None:
+            wake.set()
 
     async def _finish(self, running: _Running, result: p.Result) -> None:
 
@@ -449,24 +505,22 @@ class Bridge:
 
     async def _write(self, running: _Running, outcome: Outcome, msg: Any) -> None:
         """Create the job's result in the bucket (first writer wins), tell its node, ack."""
-        from nats.js.errors import KeyWrongLastSequenceError as exists
-
         origin = self.names.node(running.job.origin)
+        subject = self.names.result(outcome.cookie)
+        encoded = outcome.encode()
         for attempt in range(8):
             try:
-                await self.results.create(
-                    key(outcome.cookie), outcome.encode(), validate_keys=False
-                )
-            except exists:
-                self.stats.duplicates_dropped += 1  # its one result was written first: drop ours
-                # The node that wrote it may have died before it told the job's node
-                # (that is why the job came here again): tell it the result that won.
-                # The job's node relays a job's end once, so this is harmless if not.
-                with contextlib.suppress(Exception):
-                    won = await self.results.get(key(outcome.cookie), validate_keys=False)
-                    await self._publish(origin, EVENT_RESULT + won.value)
-                break
+                try:
+                    await self.requests.publish(subject, encoded, create_headers())
+                except PublishError as exc:
+                    if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                        raise
+                    exists = True
+                else:
+                    exists = False
             except Exception as exc:
+                if attempt == 0:
+                    _log.warning("cluster_result_retry", error=str(exc), cookie=key(outcome.cookie))
                 if attempt == 7:
                     # Not acked: JetStream gives the job to a node again after ack_wait.
                     _log.error(
@@ -475,7 +529,16 @@ class Bridge:
                     return
                 await asyncio.sleep(0.05 * 2**attempt)
                 continue
-            await self._publish(origin, EVENT_RESULT + outcome.encode())
+            if exists:
+                self.stats.duplicates_dropped += 1  # its one result was written first: drop ours
+                # The node that wrote it may have died before it told the job's node
+                # (that is why the job came here again): tell it the result that won.
+                # The job's node relays a job's end once, so this is harmless if not.
+                with contextlib.suppress(Exception):
+                    won = await self.results.get(key(outcome.cookie), validate_keys=False)
+                    await self._publish(origin, EVENT_RESULT + won.value)
+            else:
+                await self._publish(origin, EVENT_RESULT + encoded)
             break
         with contextlib.suppress(Exception):
             await msg.ack()
@@ -507,7 +570,8 @@ class Bridge:
             for pipeline, task in list(self._fetchers.items()):
                 if task.done():  # it saw its pipeline lose its last local worker, or the stop
                     del self._fetchers[pipeline]
-            self._freed.set()  # capacity may have grown
+            for wake in self._wake.values():
+                wake.set()  # capacity may have grown; a lost pull request is seen
             await asyncio.sleep(SUPERVISE_S)
 
     def _local_capacity(self) -> dict[str, int]:
@@ -555,11 +619,17 @@ class Bridge:
     def _known_tokens(self) -> set[str]:
         return {self.names.token(name) for name in self._known}
 
-    async def _subscription(self, pipeline: str, band: str) -> Any:
-        sub = self._subs.get((pipeline, band))
-        if sub is None:
-            from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+    async def _ensure_pullers(
+        self, pipeline: str, pullers: dict[str, _Puller], wake: asyncio.Event
+    ) -> None:
+        """The pipeline's consumer per band (created if missing, as at the first fetch),
+        and a puller for each, subscribed to its two inboxes."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+        for band in BANDS:
+            puller = pullers.get(band)
+            if puller is not None and puller.broken is None:
+                continue
             durable = self.names.consumer(pipeline, band)
             await self.js.add_consumer(
                 self.names.stream,
@@ -573,100 +643,204 @@ class Bridge:
                     max_deliver=-1,
                 ),
             )
-            sub = await self.js.pull_subscribe_bind(durable=durable, stream=self.names.stream)
-            self._subs[(pipeline, band)] = sub
-        return sub
+            if puller is not None:
+                puller.broken = None
+                puller.spent(puller.credit)
+                continue
+            puller = _Puller(
+                band,
+                f"{JS_API}.CONSUMER.MSG.NEXT.{self.names.stream}.{durable}",
+                self.nc.new_inbox(),
+                self.nc.new_inbox(),
+            )
+            pullers[band] = puller
+            self._subs[(pipeline, band)] = puller
+            puller.subs.append(
+                await self.nc.subscribe(
+                    puller.inbox, cb=functools.partial(self._pulled, puller, wake)
+                )
+            )
+            puller.subs.append(
+                await self.nc.subscribe(
+                    puller.probe_inbox, cb=functools.partial(self._probed, puller, wake)
+                )
+            )
+
+    async def _pulled(self, puller: _Puller, wake: asyncio.Event, msg: Any) -> None:
+        """What a lingering pull request brings: a job, or the request's end."""
+        status = _status(msg)
+        if status is None:
+            puller.spent(1)
+            puller.held.append(msg)
+        elif status == "100":
+            return  # a heartbeat (not asked for)
+        else:
+            pending = msg.headers.get("Nats-Pending-Messages")
+            if status in ("408", "409") and pending is not None and pending.isdigit():
+                puller.spent(int(pending))  # its unfilled part
+            else:
+                puller.spent(puller.credit)
+            if status != "408":
+                _log.warning(
+                    "cluster_pull_status",
+                    band=puller.band,
+                    status=status,
+                    why=msg.headers.get("Description", ""),
+                )
+            if status == "503" or (
+                status == "409" and "Deleted" in msg.headers.get("Description", "")
+            ):
+                puller.broken = f"{status} {msg.headers.get('Description', '')}".strip()
+        wake.set()
+
+    async def _probed(self, puller: _Puller, wake: asyncio.Event, msg: Any) -> None:
+        """What a no-wait probe brings: a job, or its end (404: the band had none)."""
+        status = _status(msg)
+        if status is None:
+            puller.held.append(msg)
+            puller.probe_left -= 1
+            if puller.probe_left > 0:
+                return
+        elif status == "100":
+            return
+        probe = puller.probe
+        if probe is not None and not probe.done():
+            probe.set_result(None)
+        wake.set()
 
     async def _fetch_loop(self, pipeline: str) -> None:
-        import nats.errors
-        import nats.js.errors
-
+        wake = self._wake.setdefault(pipeline, asyncio.Event())
+        pullers: dict[str, _Puller] = {}
         delay = 0.1
-        while not self._stopping and pipeline in self._capacity:
-            free = self._capacity.get(pipeline, 0) - self._by_pipeline.get(pipeline, 0)
-            if free <= 0:
-                self._freed.clear()
+        graceful = False
+        try:
+            while not self._stopping and pipeline in self._capacity:
+                wake.clear()
+                try:
+                    if len(pullers) < len(BANDS) or any(pl.broken for pl in pullers.values()):
+                        await self._ensure_pullers(pipeline, pullers, wake)
+                    await self._pull(pipeline, pullers)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    _log.warning("cluster_fetch_failed", pipeline=pipeline, error=str(exc))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                delay = 0.1
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(SUPERVISE_S):
-                        await self._freed.wait()
+                        await wake.wait()
+            graceful = True
+        finally:
+            await self._stop_pulling(pipeline, pullers, wake, graceful)
+
+    async def _pull(self, pipeline: str, pullers: dict[str, _Puller]) -> None:
+        """Run what is held while slots are free, the higher bands first; then keep pull
+        requests outstanding on every band for the slots still free.
+
+        A lower band's job runs only once a probe (no wait) of every higher band said
+        what it had, while a lingering request of that band was outstanding behind it (so
+        its later jobs come the moment they are published). So across nodes a higher
+        band goes first; at most the free slots per band are asked for (and one more by
+        a probe: so about three times the free slots at most are ever delivered to this
+        node and not yet running)."""
+        loop = asyncio.get_running_loop()
+        ordered = [pullers[band] for band in BANDS]
+        capacity = self._capacity.get(pipeline, 0)
+        probed = False
+        while True:
+            free = capacity - self._by_pipeline.get(pipeline, 0)
+            if free <= 0:
+                break
+            first = next((i for i, pl in enumerate(ordered) if pl.held), None)
+            if first is None:
+                break
+            unsure = [pl for pl in ordered[:first] if not (pl.sure and pl.credit > 0)]
+            if unsure and not probed:
+                probed = True  # once per call: a probe not answered in time is not waited for
+                want = min(free, FETCH_MAX)
+                for pl in unsure:
+                    if pl.credit == 0 and len(pl.held) < want:
+                        await self._linger(pl, want - len(pl.held))  # ahead of the probe
+                answered = await asyncio.gather(
+                    *(self._probe(pl, max(1, want - pl.credit - len(pl.held))) for pl in unsure)
+                )
+                for pl, ok in zip(unsure, answered, strict=True):
+                    if ok and pl.credit > 0:
+                        pl.sure = True
                 continue
-            try:
-                msgs = await self._fetch(pipeline, min(free, FETCH_MAX))
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue  # nothing to run (nats-py raises either kind)
-            except asyncio.CancelledError:
-                raise
-            except (nats.js.errors.ServiceUnavailableError, nats.errors.Error, Exception) as exc:
-                _log.warning("cluster_fetch_failed", pipeline=pipeline, error=str(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            delay = 0.1
-            for msg in msgs:
-                if self._stopping or pipeline not in self._capacity:
-                    self._give_back(msg)  # came in as we stopped: another node's now
-                else:
-                    self._take(pipeline, msg)
-        for queue in self._held.pop(pipeline, {}).values():
-            while queue:
-                self._give_back(queue.popleft())
+            msg = ordered[first].held.popleft()
+            if self._stopping or pipeline not in self._capacity:
+                self._give_back(msg)  # came in as we stopped: another node's now
+            else:
+                self._take(pipeline, msg)
+        want = min(capacity - self._by_pipeline.get(pipeline, 0), FETCH_MAX)
+        now = loop.time()
+        # The lowest band first: its jobs may then come before a higher band's, the case
+        # the probes are for (across servers the order is anyone's); so one server,
+        # as in the tests, shows it too.
+        for pl in reversed(ordered):
+            if pl.credit and now - pl.asked_at > FETCH_WAIT_S + PULL_LOST_S:
+                self.stats.pulls_lost += 1
+                _log.warning("cluster_pull_lost", pipeline=pipeline, band=pl.band, jobs=pl.credit)
+                pl.spent(pl.credit)  # its requests were lost (a server failed over, say)
+            have = pl.credit + len(pl.held)
+            if want > 0 and have < want and (pl.credit == 0 or have <= want // 2):
+                await self._linger(pl, want - have)
+
+    async def _linger(self, puller: _Puller, n: int) -> None:
+        """Ask the band for n more jobs, to come as they are published (FETCH_WAIT_S)."""
+        request = json.dumps({"batch": n, "expires": int(FETCH_WAIT_S * 1e9)}).encode()
+        puller.credit += n
+        puller.asked_at = asyncio.get_running_loop().time()
+        await self.nc.publish(puller.subject, request, reply=puller.inbox)
+
+    async def _probe(self, puller: _Puller, n: int) -> bool:
+        """Ask the band for what it has now, without waiting; what comes is held.
+        Whether it answered within PROBE_WAIT_S."""
+        probe = asyncio.get_running_loop().create_future()
+        puller.probe, puller.probe_left = probe, n
+        request = json.dumps({"batch": n, "no_wait": True}).encode()
+        await self.nc.publish(puller.subject, request, reply=puller.probe_inbox)
+        try:
+            async with asyncio.timeout(PROBE_WAIT_S):
+                await probe
+        except TimeoutError:
+            _log.warning("cluster_probe_late", band=puller.band, wait_s=PROBE_WAIT_S)
+            return False
+        return True
+
+    async def _stop_pulling(
+        self, pipeline: str, pullers: dict[str, _Puller], wake: asyncio.Event, graceful: bool
+    ) -> None:
+        """The loop ends: let its pull requests end (at most FETCH_WAIT_S, unless it was
+        cancelled), then give back what they brought."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FETCH_WAIT_S + PULL_LOST_S
+        while graceful and loop.time() < deadline:
+            if not any(
+                pl.credit > 0 or (pl.probe is not None and not pl.probe.done())
+                for pl in pullers.values()
+            ):
+                break
+            wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await wake.wait()
+        for pl in pullers.values():
+            for sub in pl.subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            pl.subs.clear()
+            if self._subs.get((pipeline, pl.band)) is pl:
+                del self._subs[(pipeline, pl.band)]
+            while pl.held:
+                self._give_back(pl.held.popleft())
 
     def _give_back(self, msg: Any) -> None:
         self.stats.nacked += 1
         self._spawn(_quiet(msg.nak()))
-
-    async def _fetch(self, pipeline: str, want: int) -> list[Any]:
-        """Up to `want` jobs, the higher bands first.
-
-        Each band is asked at once (concurrently, without waiting) for what it has,
-        up to `want` less what is held of it; the jobs are taken in band order and
-        the rest held here for the next call (at most `want` per band, so at most
-        three times the free slots are ever delivered to this node and not yet
-        running). When no band had any, the first job of any band is waited for,
-        up to FETCH_WAIT_S. (nats-py's fetch of a batch that long-polls returns
-        only when the batch is full or its time is up, so a long poll asks for one
-        job; a poll that lost the race is cancelled, and a job its pull request
-        brings later stays in that band's subscription, where the next fetch of
-        the band takes it first.)"""
-        import nats.errors
-
-        held = self._held.setdefault(pipeline, {band: deque() for band in BANDS})
-
-        async def now(band: str) -> list[Any]:
-            n = want - len(held[band])
-            if n <= 0:
-                return []
-            sub = await self._subscription(pipeline, band)
-            try:
-                got: list[Any] = await sub.fetch(batch=n, timeout=FETCH_MORE_WAIT_S)
-            except (TimeoutError, nats.errors.TimeoutError):
-                return []
-            return got
-
-        for band, got in zip(BANDS, await asyncio.gather(*(now(b) for b in BANDS)), strict=True):
-            held[band].extend(got)
-        if not any(held.values()):
-            polls = {
-                asyncio.ensure_future(
-                    (await self._subscription(pipeline, band)).fetch(1, FETCH_WAIT_S)
-                ): band
-                for band in BANDS
-            }
-            done, pending = await asyncio.wait(polls, return_when=asyncio.FIRST_COMPLETED)
-            for poll in pending:
-                poll.cancel()  # nats-py may end it with a TimeoutError instead: retrieve it
-                poll.add_done_callback(_retrieved)
-            for poll in done:
-                with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
-                    held[polls[poll]].extend(poll.result())
-        msgs: list[Any] = []
-        for band in BANDS:
-            queue = held[band]
-            while queue and len(msgs) < want:
-                msgs.append(queue.popleft())
-        if not msgs:
-            raise TimeoutError
-        return msgs
 
     def _take(self, pipeline: str, msg: Any) -> None:
         try:
@@ -677,7 +851,7 @@ class Bridge:
             return
         self.stats.fetched += 1
         cookie = job.cookie
-        delivered = msg.metadata.num_delivered
+        delivered = _delivered(msg)
         if delivered > 1:
             self.stats.redelivered += 1
         if cookie in self._running:
@@ -962,6 +1136,10 @@ class Bridge:
         """The node's NATS connection came back: what was sent to its subject meanwhile
         is lost; ask the bucket for every job of ours still waiting, now and once more
         a little later."""
+        for puller in self._subs.values():
+            puller.spent(puller.credit)  # its pull requests may be gone with the old connection
+        for wake in self._wake.values():
+            wake.set()
         self._spawn(self._after_reconnect())
 
     async def _after_reconnect(self) -> None:
@@ -993,10 +1171,14 @@ class Bridge:
         return Outcome.decode(entry.value)
 
 
-def _retrieved(task: asyncio.Future[Any]) -> None:
-    """Read a finished task's outcome, so that asyncio does not log it as unretrieved."""
-    if not task.cancelled():
-        task.exception()
+def _delivered(msg: Any) -> int:
+    """How many times JetStream delivered the message, read from its ack subject
+    (`$JS.ACK.<stream>.<consumer>.<delivered>.…`, or with a domain and an account hash
+    after `$JS.ACK`: 9 tokens, or 11 and more), without building nats-py's metadata."""
+    tokens = msg.reply.split(".")
+    if len(tokens) == 9:
+        return int(tokens[4])
+    return int(msg.metadata.num_delivered)
 
 
 async def _quiet(coro: Any) -> None:

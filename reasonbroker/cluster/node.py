@@ -29,6 +29,7 @@ from ..core.limits import ListenerRole
 from ..daemon.broker import Broker
 from ..daemon.config import ClusterConfig, Config, ListenerConfig
 from .bridge import Bridge
+from .requests import Requests
 from .store import JetStreamStore
 from .wire import Names
 
@@ -64,6 +65,7 @@ class ClusterNode:
         self.node = self.cluster.node
         self.nc: Any = None
         self.bridge: Bridge | None = None
+        self.requests: Requests | None = None
         self.client_side: Broker | None = None
         self.worker_side: Broker | None = None
         self._dir: Path | None = None
@@ -119,9 +121,12 @@ class ClusterNode:
                 f"the buckets {self.names.results} / {self.names.pipelines} cannot be used "
                 f"(made by another version, or with other settings?): {exc}"
             ) from None
+        self.requests = requests = Requests(self.nc, timeout_s=10.0)
+        await requests.start()
         self.bridge = bridge = Bridge(
             self.nc,
             js,
+            requests,
             results,
             pipelines,
             self.names,
@@ -130,8 +135,7 @@ class ClusterNode:
             cluster.ack_wait_s,
         )
         store = JetStreamStore(
-            js,
-            results,
+            requests,
             self.names,
             self.node,
             settled=bridge.settled,
@@ -252,9 +256,13 @@ class ClusterNode:
                     num_replicas=self.cluster.replicas,
                     duplicate_window=STREAM_DUPLICATE_WINDOW_S,
                 )
+            except nats.js.errors.ServiceUnavailableError:
+                raise  # JetStream not serving yet: _until_served retries it
             except nats.js.errors.Error as exc:
                 raise ClusterError(f"cannot create the stream {name}: {exc}") from None
             return
+        except nats.js.errors.ServiceUnavailableError:
+            raise  # JetStream not serving yet (a 503 as the quorum comes back): retried
         except nats.js.errors.Error as exc:
             raise ClusterError(f"cannot read the stream {name}: {exc}") from None
         got = info.config
@@ -298,6 +306,8 @@ class ClusterNode:
             with contextlib.suppress(Exception):
                 await broker.__aexit__(None, None, None)
         self._entered.clear()
+        if self.requests is not None:
+            await self.requests.close()
         if self.nc is not None:
             # Everything the node wrote was awaited (publishes, creates, acks)
             # or is best effort (core NATS events): close, no drain.

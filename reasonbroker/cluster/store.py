@@ -28,12 +28,13 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final
+from typing import Final
 
 import structlog
 
 from ..daemon.store.base import Accepted, Ended, OnCommit, OnTrouble, Recovered, Store
-from .wire import JobMessage, Names, Outcome, band_of, key
+from .requests import ERR_WRONG_LAST_SEQUENCE, PublishError, Requests
+from .wire import JobMessage, Names, Outcome, band_of, create_headers, key
 
 _log = structlog.get_logger("reasonbroker.cluster")
 
@@ -49,8 +50,7 @@ class JetStreamStore(Store):
 
     def __init__(
         self,
-        js: Any,
-        results: Any,
+        requests: Requests,
         names: Names,
         node: str,
         *,
@@ -60,8 +60,7 @@ class JetStreamStore(Store):
         resent: Callable[[bytes], None],
         location: str,
     ) -> None:
-        self._js = js
-        self._results = results
+        self._requests = requests
         self._names = names
         self._node = node
         # Cookies whose end came from the cluster (the bridge relayed a
@@ -189,11 +188,11 @@ class JetStreamStore(Store):
 
         async def publish() -> BaseException | None:
             try:
-                ack = await self._js.publish(subject, message, headers=headers)
+                ack = await self._requests.publish(subject, message, headers)
             except Exception as exc:  # any failure is retried, and reported
                 return exc
             self.published += 1
-            if ack.duplicate:
+            if ack.get("duplicate"):
                 # The stream had this cookie already: our own earlier try (a publish
                 # retried after a timeout), or another node's, which published it and
                 # died before its ACCEPTED reached the client, who resumed here and
@@ -216,14 +215,15 @@ class JetStreamStore(Store):
             ended_at=ended.ended_at or time.time(),
             pipeline=ended.pipeline,
         ).encode()
+        subject = self._names.result(ended.cookie)
 
         async def write() -> BaseException | None:
-            import nats.js.errors
-
             try:
-                await self._results.create(key(ended.cookie), outcome, validate_keys=False)
-            except nats.js.errors.KeyWrongLastSequenceError:
-                pass  # the job's result was written first (by the node that ran it): it stands
+                await self._requests.publish(subject, outcome, create_headers())
+            except PublishError as exc:
+                if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                    return exc  # retried, and reported
+                # else the job's result was written first (by the node that ran it): it stands
             except Exception as exc:  # retried, and reported
                 return exc
             self._publish_cancel(ended.cookie)

@@ -96,6 +96,15 @@ class Names:
     def node(self, node: str) -> str:
         return f"{self.prefix}.node.{node}"
 
+    def result(self, cookie: bytes) -> str:
+        """The subject of the job's key in the results bucket (what a KV put writes)."""
+        return f"$KV.{self.results}.{key(cookie)}"
+
+
+def create_headers() -> dict[str, str]:
+    """A KV create: the write is refused (err_code 10071) if the key has a value."""
+    return {"Nats-Expected-Last-Subject-Sequence": "0"}
+
 
 # Priority across nodes: the stream is first in, first out per subject, so a job goes to
 # its pipeline's subject for its band, and a node fetches the higher bands first. Within

@@ -61,6 +61,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="reasonbroker cluster nodes (1 and 2) vs the bare JetStream pattern, 1 and 3 servers",
     )
     p.add_argument(
+        "--cluster-topologies",
+        default="1,3",
+        help="--cluster: nats-server counts to run, 1 (replicas 1) and/or 3 (replicas 3)",
+    )
+    p.add_argument(
+        "--cluster-cells",
+        default="pattern,1node,2nodes",
+        help="--cluster: cells to run, of pattern,1node,2nodes",
+    )
+    p.add_argument(
+        "--cluster-builds",
+        default="",
+        help="--cluster: other checkouts (comma-separated dirs, each with its .venv) whose "
+        "nodes run beside this one's, interleaved in each round, labelled by dir name",
+    )
+    p.add_argument(
         "--cluster-baseline",
         action="store_true",
         help="the bare JetStream work-queue pattern (nats-py) on 1 and 3 servers (issue #14)",
@@ -178,6 +194,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         )
     if args.cluster and not args.quick:
         defaults.update(inflight=[16] if args.smoke else [128], duration=0.5 if args.smoke else 3.0)
+        defaults["repeats"] = 1
     if args.durable:
         defaults.update(inflight=[128], workers=[4])
         if not args.smoke:

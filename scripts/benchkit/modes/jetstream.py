@@ -170,9 +170,15 @@ def pct(values: list[float], q: float) -> float | None:
 class Window:
     """Counts, latencies and CPU of the given pids over warmup + duration."""
 
-    def __init__(self, server_pids: list[int], py_pids: list[int]) -> None:
+    def __init__(
+        self,
+        server_pids: list[int],
+        py_pids: list[int],
+        msgs: Callable[[], Awaitable[tuple[int, int]]] | None = None,
+    ) -> None:
         self.server_pids = server_pids
         self.py_pids = py_pids
+        self.msgs = msgs  # the servers' client messages (in, out) so far, if counted
         self.measuring = False
         self.done = 0
         self.lat: list[float] = []
@@ -184,6 +190,7 @@ class Window:
 
     async def run(self, warmup: float, duration: float) -> dict[str, Any]:
         await asyncio.sleep(warmup)
+        m0 = await self.msgs() if self.msgs else (0, 0)
         s0 = sum(cpu_seconds(p) for p in self.server_pids)
         p0 = sum(cpu_seconds(p) for p in self.py_pids)
         t0 = perf()
@@ -193,7 +200,13 @@ class Window:
         elapsed = perf() - t0
         s1 = sum(cpu_seconds(p) for p in self.server_pids)
         p1 = sum(cpu_seconds(p) for p in self.py_pids)
-        return result(self.done, elapsed, self.lat, s1 - s0, p1 - p0)
+        res = result(self.done, elapsed, self.lat, s1 - s0, p1 - p0)
+        if self.msgs:
+            m1 = await self.msgs()
+            n = self.done or 1
+            res["msgs_in_per_job"] = round((m1[0] - m0[0]) / n, 2)
+            res["msgs_out_per_job"] = round((m1[1] - m0[1]) / n, 2)
+        return res
 
 
 def result(n: int, elapsed: float, lat: list[float], srv: float, py: float) -> dict[str, Any]:
