@@ -583,18 +583,28 @@ async def test_status_and_metrics_show_the_cluster(
             assert b is not None and b.status()["workers"][0]["name"] == "wb"
 
 
+class _FirstHolds:
+    """A handler that records the order jobs ran in and holds the job "first" until
+    `release` is set (`began`: it has started), so the jobs after it queue up."""
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self.release = asyncio.Event()
+        self.began = asyncio.Event()
+
+    async def handler(self, variables: Any) -> Any:
+        if variables == "first":
+            self.began.set()
+            await self.release.wait()
+        self.order.append(variables)
+        return variables
+
+
 async def test_priority_bands_across_nodes_run_higher_first(
     nats_server: NatsCluster, tmp_path: Path
 ) -> None:
-    order: list[str] = []
-    release, began = asyncio.Event(), asyncio.Event()
-
-    async def one_at_a_time(variables: Any) -> Any:
-        if variables == "first":
-            began.set()
-            await release.wait()
-        order.append(variables)
-        return variables
+    gate = _FirstHolds()
+    one_at_a_time, order, release, began = gate.handler, gate.order, gate.release, gate.began
 
     async with _nodes(nats_server.urls, tmp_path) as nodes:
         async with (
@@ -620,15 +630,8 @@ async def test_priority_bands_hold_when_the_jobs_come_after_every_pull_request_e
     When the slot frees, the three bands are asked afresh and their jobs arrive in any
     order: a held low job waits for the probes of the higher bands, so the order is
     still high, normal, low."""
-    order: list[str] = []
-    release, began = asyncio.Event(), asyncio.Event()
-
-    async def one_at_a_time(variables: Any) -> Any:
-        if variables == "first":
-            began.set()
-            await release.wait()
-        order.append(variables)
-        return variables
+    gate = _FirstHolds()
+    one_at_a_time, order, release, began = gate.handler, gate.order, gate.release, gate.began
 
     async with _nodes(nats_server.urls, tmp_path) as nodes:
         b = nodes["b"].bridge
