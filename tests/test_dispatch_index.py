@@ -105,23 +105,26 @@ def _many_pipelines_jobs_per_s(n: int) -> float:
     (first,) = [a.packet for a in runs if isinstance(a, Send) and a.conn == 1]
     assert isinstance(first, Run)
     wcookie = first.cookie
-    started = time.perf_counter()
+    # CPU time of this process, not the wall clock: time spent descheduled on a
+    # busy machine is not the algorithm's.
+    started = time.process_time()
     for _ in range(n):
         out = board.receive(1, Result(wcookie, ResultCode.OK), 0.0)
         nxt = [a.packet for a in out if isinstance(a, Send) and a.conn == 1]
         if nxt:
             assert isinstance(nxt[0], Run)
             wcookie = nxt[0].cookie
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
     assert board.live_jobs == 0
-    return n / elapsed
+    return n / max(elapsed, 1e-6)
 
 
 def test_many_distinct_pipelines_dispatch_in_log_time() -> None:
     # Quadratic (a scan of every queue per slot) makes 10x the pipelines 10x
     # slower per job; O(log n) keeps it within a small factor.
-    small = _many_pipelines_jobs_per_s(1_000)
-    large = _many_pipelines_jobs_per_s(10_000)
+    # Best of three each: a single run can still lose its caches to a neighbour.
+    small = max(_many_pipelines_jobs_per_s(1_000) for _ in range(3))
+    large = max(_many_pipelines_jobs_per_s(10_000) for _ in range(3))
     assert large > small / 3, (small, large)
 
 
