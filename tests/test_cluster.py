@@ -604,22 +604,21 @@ async def test_priority_bands_across_nodes_run_higher_first(
     nats_server: NatsCluster, tmp_path: Path
 ) -> None:
     gate = _FirstHolds()
-    one_at_a_time, order, release, began = gate.handler, gate.order, gate.release, gate.began
 
     async with _nodes(nats_server.urls, tmp_path) as nodes:
         async with (
-            Worker(nodes["b"].address("worker"), handlers={"p": one_at_a_time}, capacity=1),
+            Worker(nodes["b"].address("worker"), handlers={"p": gate.handler}, capacity=1),
             Client(nodes["a"].address("client")) as client,
         ):
             first = await client.submit("p", "first")
-            await asyncio.wait_for(began.wait(), WAIT_S)  # the worker's one slot is taken
+            await asyncio.wait_for(gate.began.wait(), WAIT_S)  # the worker's one slot is taken
             handles = [
                 await client.submit("p", name, priority=priority)
                 for name, priority in (("low", -1), ("normal", 0), ("high", 5))
             ]
-            release.set()
+            gate.release.set()
             await asyncio.wait_for(asyncio.gather(first, *handles), WAIT_S)
-    assert order == ["first", "high", "normal", "low"]
+    assert gate.order == ["first", "high", "normal", "low"]
 
 
 async def test_priority_bands_hold_when_the_jobs_come_after_every_pull_request_ended(
@@ -631,17 +630,16 @@ async def test_priority_bands_hold_when_the_jobs_come_after_every_pull_request_e
     order: a held low job waits for the probes of the higher bands, so the order is
     still high, normal, low."""
     gate = _FirstHolds()
-    one_at_a_time, order, release, began = gate.handler, gate.order, gate.release, gate.began
 
     async with _nodes(nats_server.urls, tmp_path) as nodes:
         b = nodes["b"].bridge
         assert b is not None
         async with (
-            Worker(nodes["b"].address("worker"), handlers={"p": one_at_a_time}, capacity=1),
+            Worker(nodes["b"].address("worker"), handlers={"p": gate.handler}, capacity=1),
             Client(nodes["a"].address("client")) as client,
         ):
             first = await client.submit("p", "first")
-            await asyncio.wait_for(began.wait(), WAIT_S)
+            await asyncio.wait_for(gate.began.wait(), WAIT_S)
             pullers = [pl for (pipeline, _), pl in b._subs.items() if pipeline == "p"]
             assert len(pullers) == 3
             await _until(lambda: all(pl.credit == 0 for pl in pullers))  # all expired
@@ -649,9 +647,9 @@ async def test_priority_bands_hold_when_the_jobs_come_after_every_pull_request_e
                 await client.submit("p", name, priority=priority)
                 for name, priority in (("low", -1), ("normal", 0), ("high", 5))
             ]
-            release.set()
+            gate.release.set()
             await asyncio.wait_for(asyncio.gather(first, *handles), WAIT_S)
-    assert order == ["first", "high", "normal", "low"]
+    assert gate.order == ["first", "high", "normal", "low"]
 
 
 async def test_requests_answer_a_publish_and_a_create_and_time_out_a_silent_one(

@@ -39,7 +39,7 @@ from ..common import HOST, RB_NATIVE, ROOT, log, run_async
 from ..loadgen import Cell, run_closed
 from ..processes import Broker, child_setup, free_port, start_workers, stop_process, wait_listening
 from ..procfs import cpu_seconds
-from .jetstream import CONSUMER_SLOTS, FETCH_MAX, Consumer, Window, pattern_cell, pattern_stream
+from .jetstream import CONSUMER_SLOTS, Consumer, Window, pattern_cell, pattern_stream
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -236,15 +236,7 @@ async def pattern_row(
     nc = await nats.connect(servers=cluster.urls, pending_size=64 << 20)
     js = nc.jetstream(timeout=10.0)
     stream, subject, bucket = await pattern_stream(js, f"P{k}R{rnd}", replicas, True)
-    consumer = await Consumer.start(
-        {
-            "urls": cluster.urls,
-            "stream": stream,
-            "bucket": bucket,
-            "slots": CONSUMER_SLOTS,
-            "fetch_max": FETCH_MAX,
-        }
-    )
+    consumer = await Consumer.for_pattern(cluster.urls, stream, bucket)
     try:
         win = Window(cluster.pids, [os.getpid(), consumer.proc.pid], client_msgs(cluster))
         res = await pattern_cell(nc, js, stream, subject, k, win, args)

@@ -128,6 +128,22 @@ class Consumer:
         self.proc = proc
 
     @classmethod
+    async def for_pattern(
+        cls, urls: list[str], stream: str, bucket: str, in_progress: bool = True
+    ) -> Consumer:
+        """The pattern's consumer process on `stream`, writing results to `bucket`."""
+        cfg: dict[str, Any] = {
+            "urls": urls,
+            "stream": stream,
+            "bucket": bucket,
+            "slots": CONSUMER_SLOTS,
+            "fetch_max": FETCH_MAX,
+        }
+        if not in_progress:
+            cfg["in_progress"] = False
+        return await cls.start(cfg)
+
+    @classmethod
     async def start(cls, cfg: dict[str, Any]) -> Consumer:
         env = dict(os.environ, PYTHONPATH=str(BENCHKIT_PARENT))
         proc = await asyncio.create_subprocess_exec(
@@ -362,15 +378,7 @@ async def run_topology(topo: Topology, args: argparse.Namespace) -> list[dict[st
         # The whole pattern, K = 1, 16, 128.
         for k in args.inflight_list:
             stream, subject, bucket = await fresh(with_kv=True)
-            consumer = await Consumer.start(
-                {
-                    "urls": cluster.urls,
-                    "stream": stream,
-                    "bucket": bucket,
-                    "slots": CONSUMER_SLOTS,
-                    "fetch_max": FETCH_MAX,
-                }
-            )
+            consumer = await Consumer.for_pattern(cluster.urls, stream, bucket)
             try:
                 win = Window(cluster.pids, [me, consumer.proc.pid])
                 row("pattern", k, await pattern_cell(nc, js, stream, subject, k, win, args))
@@ -382,16 +390,7 @@ async def run_topology(topo: Topology, args: argparse.Namespace) -> list[dict[st
         # The pattern without in_progress: what a cadence (one per ack_wait/3 while a job
         # runs, none for a job shorter than that) saves on short jobs.
         stream, subject, bucket = await fresh(with_kv=True)
-        consumer = await Consumer.start(
-            {
-                "urls": cluster.urls,
-                "stream": stream,
-                "bucket": bucket,
-                "slots": CONSUMER_SLOTS,
-                "fetch_max": FETCH_MAX,
-                "in_progress": False,
-            }
-        )
+        consumer = await Consumer.for_pattern(cluster.urls, stream, bucket, in_progress=False)
         try:
             win = Window(cluster.pids, [me, consumer.proc.pid])
             row("pattern -inpr", k, await pattern_cell(nc, js, stream, subject, k, win, args))
