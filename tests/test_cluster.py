@@ -128,6 +128,49 @@ async def test_a_job_accepted_on_one_node_runs_on_a_worker_of_another(
         assert a.bridge is not None and a.bridge.stats.fetched == 0  # a has no workers
 
 
+async def test_a_new_pipeline_reaches_a_node_whose_worker_serves_every_pipeline_at_once(
+    nats_server: NatsCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that serves every pipeline (REGISTER without pipelines) on node b, which has
+    read the cluster's pipelines (none yet) since it came; then the first job of a pipeline
+    on node a. Node b learns the pipeline from a's announcement, not its next poll of the
+    pipelines bucket: with the poll 2 s apart, the bench's every job waited for it once in a
+    while (a 2 s stall); here the poll is an hour apart, so only the announcement can do it."""
+    from reasonbroker.cluster import bridge as bridge_module
+    from reasonbroker.core import protocol as p
+    from reasonbroker.sdk.peer import Peer, library_logger
+
+    monkeypatch.setattr(bridge_module, "PIPELINES_POLL_S", 3600.0)
+    async with _nodes(nats_server.urls, tmp_path) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        assert a.bridge is not None and b.bridge is not None
+        bridge_b = b.bridge
+        await _until(lambda: bridge_b.stats.pipelines_read == 1)  # at its start: none there
+        worker = await Peer.connect(
+            b.address("worker"),
+            p.Hello(role=p.Role.WORKER, name="every"),
+            log=library_logger("test"),
+        )
+
+        async def serve() -> None:
+            async for packet in worker.packets():
+                if isinstance(packet, p.Run):
+                    worker.send_nowait(p.Result(packet.cookie, p.ResultCode.OK, None, None, None))
+
+        serving = asyncio.create_task(serve())
+        try:
+            worker.send_nowait(p.Register(capacity=4))  # no pipelines: every one
+            # b saw the worker and read the pipelines bucket again for it: none there yet.
+            await _until(lambda: bool(bridge_b._every) and bridge_b.stats.pipelines_read == 2)
+            assert bridge_b._known == set()
+            async with Client(a.address("client")) as client:
+                assert await client.run("brand-new", 1, timeout=WAIT_S) is None
+            assert bridge_b.stats.fetched == 1 and a.bridge.stats.fetched == 0
+        finally:
+            serving.cancel()
+            await worker.aclose()
+
+
 async def test_a_cancel_reaches_the_worker_on_another_node(
     nats_server: NatsCluster, tmp_path: Path
 ) -> None:

@@ -87,7 +87,9 @@ PULL_LOST_S: Final = 1.0
 PROBE_WAIT_S: Final = 0.5
 JS_API: Final = "$JS.API"  # the JetStream API's subject prefix (no domain)
 SUPERVISE_S: Final = 0.2  # how often the local workers' pipelines and slots are read
-PIPELINES_POLL_S: Final = 2.0  # how often the cluster's known pipelines are read
+# How often the cluster's known pipelines are read: a backstop, since a node announces a
+# pipeline new to it on `Names.new_pipelines` (core NATS, best effort).
+PIPELINES_POLL_S: Final = 2.0
 OUTBOUND_CAPACITY: Final = 65_536  # the outbound peer's slots: the broker's clamp
 CANCELLED_REMEMBERED: Final = 100_000
 WHO_WAIT_S: Final = 0.5  # how long a JOB question waits for a node to claim the job
@@ -173,6 +175,7 @@ class _Stats:
     recovered: int = 0  # RESULTs found in the bucket for jobs whose event never came
     resent: int = 0  # publishes the stream called duplicates (a RUN sent again)
     pulls_lost: int = 0  # pull requests that never ended (asked for again)
+    pipelines_read: int = 0  # reads of the pipelines bucket
     by_pipeline: dict[str, int] = field(default_factory=dict)
 
 
@@ -222,6 +225,7 @@ class Bridge:
         self._subs: dict[tuple[str, str], _Puller] = {}  # (pipeline, band) -> its puller
         self._wake: dict[str, asyncio.Event] = {}  # per pipeline: a slot freed, jobs came
         self._refresh = asyncio.Event()  # read the cluster's pipelines now
+        self._supervise_now = asyncio.Event()  # a pipeline was learned: start its fetching
         self._every: set[int] = set()  # worker-side connections serving every pipeline
         self._nodes_seen: list[dict[str, Any]] = []  # the last survey's answers
         self._surveyed_at: float | None = None
@@ -245,6 +249,9 @@ class Bridge:
         self._nats_subs.append(await self.nc.subscribe(self.names.node(self.node), cb=self._event))
         self._nats_subs.append(await self.nc.subscribe(self.names.cancel, cb=self._cancel_seen))
         self._nats_subs.append(await self.nc.subscribe(self.names.who, cb=self._who))
+        self._nats_subs.append(
+            await self.nc.subscribe(self.names.new_pipelines, cb=self._pipeline_announced)
+        )
         self._nats_subs.append(await self.nc.subscribe(self.names.nodes, cb=self._answer_survey))
         log = _log.bind(node=self.node)
         self._out = await Peer.connect(
@@ -330,12 +337,27 @@ class Bridge:
         self._adopted.add(cookie)
 
     def new_pipeline(self, pipeline: str) -> None:
-        self._known.add(pipeline)
+        self._learn(pipeline)
         self._spawn(self._register_pipeline(pipeline))
 
     async def _register_pipeline(self, pipeline: str) -> None:
+        """A pipeline new to this node: announced to the running nodes (whose workers may
+        serve every pipeline: they fetch it at once), and kept in the pipelines bucket for
+        the nodes that start later."""
+        await self._publish(self.names.new_pipelines, pipeline.encode())
         with contextlib.suppress(Exception):
             await self.pipelines_kv.put(self.names.token(pipeline), pipeline.encode())
+
+    async def _pipeline_announced(self, msg: Any) -> None:
+        with contextlib.suppress(UnicodeDecodeError):
+            self._learn(msg.data.decode())
+
+    def _learn(self, pipeline: str) -> None:
+        """A pipeline the cluster has: fetched here at once if a local worker serves
+        every pipeline."""
+        if pipeline not in self._known:
+            self._known.add(pipeline)
+            self._supervise_now.set()
 
     async def _publish(self, subject: str, data: bytes) -> None:
         with contextlib.suppress(Exception):  # core NATS: best effort, the bucket is the truth
@@ -572,7 +594,10 @@ class Bridge:
                     del self._fetchers[pipeline]
             for wake in self._wake.values():
                 wake.set()  # capacity may have grown; a lost pull request is seen
-            await asyncio.sleep(SUPERVISE_S)
+            self._supervise_now.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SUPERVISE_S):
+                    await self._supervise_now.wait()
 
     def _local_capacity(self) -> dict[str, int]:
         """Slots of the worker side's workers, per pipeline (every known one for a worker
@@ -599,6 +624,7 @@ class Bridge:
         import nats.js.errors
 
         while True:
+            self._refresh.clear()  # before the read: a refresh asked for during it is kept
             try:
                 names = await self.pipelines_kv.keys()
             except nats.js.errors.NoKeysError:
@@ -610,8 +636,8 @@ class Bridge:
                 if token not in self._known_tokens():
                     with contextlib.suppress(Exception):
                         entry = await self.pipelines_kv.get(token)
-                        self._known.add(entry.value.decode())
-            self._refresh.clear()
+                        self._learn(entry.value.decode())
+            self.stats.pipelines_read += 1
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(PIPELINES_POLL_S):
                     await self._refresh.wait()

@@ -17,6 +17,10 @@ Names (all under the configured prefix, "rb" by default):
                                   accepted on <node> (the fast path to their clients)
     subject  rb.cancel            core NATS: a job was cancelled or ended by its node;
                                   whoever runs it stops it
+    subject  rb.pipelines         core NATS: a pipeline new to a node (its name), so
+                                  that the nodes whose workers serve every pipeline
+                                  fetch its jobs at once (rb_pipelines is read by
+                                  nodes that start later, and polled as a backstop)
     subject  rb.who               core NATS request: which node has this job (a JOB
                                   question on a node that does not know it)
     subject  rb.nodes             core NATS survey: every node answers with its
@@ -74,6 +78,10 @@ class Names:
     @property
     def cancel(self) -> str:
         return f"{self.prefix}.cancel"
+
+    @property
+    def new_pipelines(self) -> str:
+        return f"{self.prefix}.pipelines"
 
     @property
     def who(self) -> str:
