@@ -383,6 +383,82 @@ async def test_jobs_survive_losing_a_nats_server_of_three(
         assert first + second == [{"echo": i} for i in range(40)]
 
 
+async def test_a_bands_requests_are_all_accounted_when_they_expire_awaiting_a_quorum(
+    nats_cluster: NatsCluster, tmp_path: Path
+) -> None:
+    """Two lingering requests of one band at a replicas-3 consumer, whose deliveries wait for
+    a quorum (its two followers stopped) while both expire: the server sends each request's
+    408, after its deliveries, only if each has a reply subject of its own; with one shared
+    subject, one 408 came (the last one's unfilled count), so the band counted the other's
+    unfilled jobs as still asked for and asked for no more: a stall until the lost-request
+    rule fired. Here every job asked for came or was said not to."""
+    import signal
+
+    from reasonbroker.cluster.bridge import Bridge
+    from reasonbroker.cluster.requests import Requests
+    from tests.natscluster import http_json
+
+    names = Names("rb")
+    leader_node = None
+
+    def consumer_state(durable: str, what: str) -> int | None:
+        """The consumer's num_waiting or num_pending as its leader has it (no quorum needed)."""
+        assert leader_node is not None
+        jsz = http_json(leader_node.http_port, "/jsz?accounts=true&streams=true&consumers=true")
+        for account in (jsz or {}).get("account_details", []):
+            for stream in account.get("stream_detail", []):
+                for consumer in stream.get("consumer_detail", []):
+                    if consumer.get("name") == durable:
+                        return int(consumer.get(what, 0))
+        return None
+
+    async def until_state(durable: str, what: str, n: int) -> None:
+        async with asyncio.timeout(WAIT_S):
+            while await asyncio.to_thread(consumer_state, durable, what) != n:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+
+    def bridge_on(nc: Any) -> Bridge:
+        js = nc.jetstream(timeout=10.0)
+        return Bridge(nc, js, Requests(nc, 10.0), None, None, names, "t", Limits(), 30.0)
+
+    async with _nodes(nats_cluster.urls, tmp_path, names=("a",), replicas=3):  # the stream
+        nc_all = await nats.connect(servers=nats_cluster.urls)
+        nc: Any = None
+        stopped: list[int] = []
+        try:
+            await bridge_on(nc_all)._ensure_pullers("p", {}, asyncio.Event())  # the consumers
+            durable = names.consumer("p", "normal")
+            info = await nc_all.jetstream().consumer_info(names.stream, durable)
+            leader_node = next(n for n in nats_cluster.nodes if n.name == info.cluster.leader)
+            nc = await nats.connect(servers=[leader_node.url])  # the requests go there directly
+            bridge = bridge_on(nc)
+            pullers: dict[str, Any] = {}
+            await bridge._ensure_pullers("p", pullers, asyncio.Event())
+            normal = pullers["normal"]
+            for i in range(3):
+                await nc_all.jetstream().publish(names.jobs("p", "normal"), b"job %d" % i)
+            await until_state(durable, "num_pending", 3)  # the leader has them all
+            stopped = [n.pid for n in nats_cluster.nodes if n is not leader_node]
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)
+            await bridge._linger(normal, 10)
+            await bridge._linger(normal, 10)
+            await until_state(durable, "num_waiting", 2)
+            await until_state(durable, "num_waiting", 0)  # both expired, deliveries unsent
+            assert normal.credit == 20 and not normal.held
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+        try:
+            # The deliveries are sent once their quorum is back, then the 408s.
+            with contextlib.suppress(TimeoutError):
+                await _until(lambda: len(normal.held) == 3 and normal.credit == 0)
+            assert (len(normal.held), normal.credit) == (3, 0)
+        finally:
+            await nc.close()
+            await nc_all.close()
+
+
 async def test_a_node_started_before_jetstream_has_a_quorum_waits_and_joins(
     nats_cluster: NatsCluster, tmp_path: Path
 ) -> None:

@@ -131,7 +131,15 @@ class _Puller:
     job runs, unless the band is `sure`: a probe answered while its lingering requests
     were outstanding at the server (they are ahead of the probe there, so every job of
     the band published since comes to them at once). What either brings is `held`
-    until a slot takes it."""
+    until a slot takes it.
+
+    Each request has a reply subject of its own under its inbox (`<inbox>.<n>`). A
+    replicated consumer sends a delivery only once its quorum recorded it, and the
+    408 of a request that expired meanwhile after its deliveries; it keeps that 408
+    (with the request's unfilled count) per reply subject, so of several requests
+    sharing one subject that expire while deliveries to it await their quorum, only the
+    last one's 408 comes: the others' unfilled jobs would stay counted as asked for
+    (nats-server's consumer.go, `waitingDeliveries`)."""
 
     band: str
     subject: str  # the consumer's next-message request subject
@@ -145,6 +153,13 @@ class _Puller:
     probe_left: int = 0
     broken: str | None = None  # the consumer refused a request: ensure it again
     subs: list[Any] = field(default_factory=list)
+    asks: int = 0  # requests sent (lingering and probes): the last one's reply token
+    probe_reply: str = ""  # the reply subject of the probe under way
+
+    def reply(self, inbox: str) -> str:
+        """A reply subject of its own for the next request."""
+        self.asks += 1
+        return f"{inbox}.{self.asks}"
 
     def spent(self, n: int) -> None:
         """n of the jobs asked for came or will not: at none left, the band is unsure."""
@@ -683,12 +698,12 @@ class Bridge:
             self._subs[(pipeline, band)] = puller
             puller.subs.append(
                 await self.nc.subscribe(
-                    puller.inbox, cb=functools.partial(self._pulled, puller, wake)
+                    f"{puller.inbox}.*", cb=functools.partial(self._pulled, puller, wake)
                 )
             )
             puller.subs.append(
                 await self.nc.subscribe(
-                    puller.probe_inbox, cb=functools.partial(self._probed, puller, wake)
+                    f"{puller.probe_inbox}.*", cb=functools.partial(self._probed, puller, wake)
                 )
             )
 
@@ -727,8 +742,8 @@ class Bridge:
             puller.probe_left -= 1
             if puller.probe_left > 0:
                 return
-        elif status == "100":
-            return
+        elif status == "100" or msg.subject != puller.probe_reply:
+            return  # a heartbeat, or the end of an earlier probe (one that came late)
         probe = puller.probe
         if probe is not None and not probe.done():
             probe.set_result(None)
@@ -820,15 +835,16 @@ class Bridge:
         request = json.dumps({"batch": n, "expires": int(FETCH_WAIT_S * 1e9)}).encode()
         puller.credit += n
         puller.asked_at = asyncio.get_running_loop().time()
-        await self.nc.publish(puller.subject, request, reply=puller.inbox)
+        await self.nc.publish(puller.subject, request, reply=puller.reply(puller.inbox))
 
     async def _probe(self, puller: _Puller, n: int) -> bool:
         """Ask the band for what it has now, without waiting; what comes is held.
         Whether it answered within PROBE_WAIT_S."""
         probe = asyncio.get_running_loop().create_future()
         puller.probe, puller.probe_left = probe, n
+        puller.probe_reply = puller.reply(puller.probe_inbox)
         request = json.dumps({"batch": n, "no_wait": True}).encode()
-        await self.nc.publish(puller.subject, request, reply=puller.probe_inbox)
+        await self.nc.publish(puller.subject, request, reply=puller.probe_reply)
         try:
             async with asyncio.timeout(PROBE_WAIT_S):
                 await probe
