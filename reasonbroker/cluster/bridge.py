@@ -242,8 +242,9 @@ class Bridge:
     ) -> None:
         self._client_side = client_side
         self._worker_side = worker_side
-        self._nats_subs.append(await self.nc.subscribe(self.names.node(self.node), cb=self._event))
-        self._nats_subs.append(await self.nc.subscribe(self.names.cancel, cb=self._cancel_seen))
+        lean = self.requests.lean  # the hot subscriptions: called from the read loop
+        self._nats_subs.append(await lean.subscribe(self.names.node(self.node), self._event))
+        self._nats_subs.append(await lean.subscribe(self.names.cancel, self._cancel_seen))
         self._nats_subs.append(await self.nc.subscribe(self.names.who, cb=self._who))
         self._nats_subs.append(await self.nc.subscribe(self.names.nodes, cb=self._answer_survey))
         log = _log.bind(node=self.node)
@@ -339,7 +340,7 @@ class Bridge:
 
     async def _publish(self, subject: str, data: bytes) -> None:
         with contextlib.suppress(Exception):  # core NATS: best effort, the bucket is the truth
-            await self.nc.publish(subject, data)
+            await self.requests.lean.publish(subject, data)
 
     # -- outbound: the client side's worker ------------------------------------------
 
@@ -655,14 +656,13 @@ class Bridge:
             )
             pullers[band] = puller
             self._subs[(pipeline, band)] = puller
+            lean = self.requests.lean
             puller.subs.append(
-                await self.nc.subscribe(
-                    puller.inbox, cb=functools.partial(self._pulled, puller, wake)
-                )
+                await lean.subscribe(puller.inbox, functools.partial(self._pulled, puller, wake))
             )
             puller.subs.append(
-                await self.nc.subscribe(
-                    puller.probe_inbox, cb=functools.partial(self._probed, puller, wake)
+                await lean.subscribe(
+                    puller.probe_inbox, functools.partial(self._probed, puller, wake)
                 )
             )
 
