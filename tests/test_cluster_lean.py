@@ -191,3 +191,17 @@ async def test_a_jetstream_delivery_is_acked_and_nakked_through_its_lean_message
         assert end.data == b"" and end.headers is not None and end.headers["Status"] == "404"
     finally:
         await nc.close()
+
+
+def test_the_hot_paths_header_blocks_and_ack_reading_match_the_general_ones() -> None:
+    from reasonbroker.cluster.requests import _PLAIN_ACK
+    from reasonbroker.cluster.wire import CREATE_HEADER_BLOCK, create_headers, msg_id_block
+
+    assert CREATE_HEADER_BLOCK == encode_headers(create_headers())
+    assert msg_id_block(b"\x01\xff") == encode_headers({"Nats-Msg-Id": "01ff"})
+    plain = _PLAIN_ACK.fullmatch(b'{"stream":"RB_JOBS","seq":123}')
+    assert plain is not None and (plain[1], plain[2]) == (b"RB_JOBS", b"123")
+    assert _PLAIN_ACK.fullmatch(b'{"stream":"RB_JOBS","domain":"hub","seq":7}') is not None
+    # A duplicate or an error is read by the JSON parser (the caller needs what it says).
+    assert _PLAIN_ACK.fullmatch(b'{"stream":"RB_JOBS","seq":3,"duplicate":true}') is None
+    assert _PLAIN_ACK.fullmatch(b'{"error":{"code":400,"err_code":10071}}') is None

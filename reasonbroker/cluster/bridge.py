@@ -60,13 +60,13 @@ from ..sdk.peer import Peer
 from .requests import ERR_WRONG_LAST_SEQUENCE, PublishError, Requests
 from .wire import (
     BANDS,
+    CREATE_HEADER_BLOCK,
     EVENT_PROGRESS,
     EVENT_RESULT,
     EVENT_STARTED,
     JobMessage,
     Names,
     Outcome,
-    create_headers,
     decode_progress,
     key,
     pack,
@@ -512,7 +512,7 @@ class Bridge:
         for attempt in range(8):
             try:
                 try:
-                    await self.requests.publish(subject, encoded, create_headers())
+                    await self.requests.publish(subject, encoded, CREATE_HEADER_BLOCK)
                 except PublishError as exc:
                     if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
                         raise

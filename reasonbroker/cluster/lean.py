@@ -166,16 +166,19 @@ class Lean:
         subject: str,
         payload: bytes,
         reply: str = "",
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str] | bytes | None = None,
     ) -> None:
         """What nats-py's publish does while connected; while not, nats-py's publish
-        itself (it buffers, or refuses when its buffer is full)."""
+        itself (it buffers, or refuses when its buffer is full). `headers` may be a
+        block already encoded (`encode_headers`)."""
         nc = self._nc
         if not nc.is_connected:
+            if isinstance(headers, bytes):
+                headers = parse_headers(headers)
             await nc.publish(subject, payload, reply=reply, headers=headers)
             return
         if headers:
-            block = encode_headers(headers)
+            block = headers if isinstance(headers, bytes) else encode_headers(headers)
             cmd = b"HPUB %b %b %d %d\r\n%b%b\r\n" % (
                 subject.encode(),
                 reply.encode(),
