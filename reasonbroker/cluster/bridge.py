@@ -152,9 +152,12 @@ class _Puller:
 
 
 def _status(msg: Any) -> str | None:
-    """A JetStream status message's code (404, 408, 409, ...), or None for a job."""
+    """A JetStream status message's code (404, 408, 409, ...), or None for a job (whose
+    headers are then not parsed)."""
+    if msg.data:
+        return None
     headers = msg.headers
-    if msg.data or not headers:
+    if not headers:
         return None
     status: str | None = headers.get("Status")
     return status
