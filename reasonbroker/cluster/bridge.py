@@ -60,13 +60,13 @@ from ..sdk.peer import Peer
 from .requests import ERR_WRONG_LAST_SEQUENCE, PublishError, Requests
 from .wire import (
     BANDS,
+    CREATE_HEADER_BLOCK,
     EVENT_PROGRESS,
     EVENT_RESULT,
     EVENT_STARTED,
     JobMessage,
     Names,
     Outcome,
-    create_headers,
     decode_progress,
     key,
     pack,
@@ -169,9 +169,12 @@ class _Puller:
 
 
 def _status(msg: Any) -> str | None:
-    """A JetStream status message's code (404, 408, 409, ...), or None for a job."""
+    """A JetStream status message's code (404, 408, 409, ...), or None for a job (whose
+    headers are then not parsed)."""
+    if msg.data:
+        return None
     headers = msg.headers
-    if msg.data or not headers:
+    if not headers:
         return None
     status: str | None = headers.get("Status")
     return status
@@ -261,8 +264,9 @@ class Bridge:
     ) -> None:
         self._client_side = client_side
         self._worker_side = worker_side
-        self._nats_subs.append(await self.nc.subscribe(self.names.node(self.node), cb=self._event))
-        self._nats_subs.append(await self.nc.subscribe(self.names.cancel, cb=self._cancel_seen))
+        lean = self.requests.lean  # the hot subscriptions: called from the read loop
+        self._nats_subs.append(await lean.subscribe(self.names.node(self.node), self._event))
+        self._nats_subs.append(await lean.subscribe(self.names.cancel, self._cancel_seen))
         self._nats_subs.append(await self.nc.subscribe(self.names.who, cb=self._who))
         self._nats_subs.append(
             await self.nc.subscribe(self.names.new_pipelines, cb=self._pipeline_announced)
@@ -376,7 +380,7 @@ class Bridge:
 
     async def _publish(self, subject: str, data: bytes) -> None:
         with contextlib.suppress(Exception):  # core NATS: best effort, the bucket is the truth
-            await self.nc.publish(subject, data)
+            await self.requests.lean.publish(subject, data)
 
     # -- outbound: the client side's worker ------------------------------------------
 
@@ -548,7 +552,7 @@ class Bridge:
         for attempt in range(8):
             try:
                 try:
-                    await self.requests.publish(subject, encoded, create_headers())
+                    await self.requests.publish(subject, encoded, CREATE_HEADER_BLOCK)
                 except PublishError as exc:
                     if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
                         raise
@@ -696,14 +700,15 @@ class Bridge:
             )
             pullers[band] = puller
             self._subs[(pipeline, band)] = puller
+            lean = self.requests.lean
             puller.subs.append(
-                await self.nc.subscribe(
-                    f"{puller.inbox}.*", cb=functools.partial(self._pulled, puller, wake)
+                await lean.subscribe(
+                    f"{puller.inbox}.*", functools.partial(self._pulled, puller, wake)
                 )
             )
             puller.subs.append(
-                await self.nc.subscribe(
-                    f"{puller.probe_inbox}.*", cb=functools.partial(self._probed, puller, wake)
+                await lean.subscribe(
+                    f"{puller.probe_inbox}.*", functools.partial(self._probed, puller, wake)
                 )
             )
 

@@ -34,7 +34,7 @@ import structlog
 
 from ..daemon.store.base import Accepted, Ended, OnCommit, OnTrouble, Recovered, Store
 from .requests import ERR_WRONG_LAST_SEQUENCE, PublishError, Requests
-from .wire import JobMessage, Names, Outcome, band_of, create_headers, key
+from .wire import CREATE_HEADER_BLOCK, JobMessage, Names, Outcome, band_of, msg_id_block
 
 _log = structlog.get_logger("reasonbroker.cluster")
 
@@ -184,7 +184,7 @@ class JetStreamStore(Store):
             accepted_at=job.accepted_at,
         ).encode()
         subject = self._names.jobs(job.pipeline, band_of(job.priority))
-        headers = {"Nats-Msg-Id": key(job.cookie)}
+        headers = msg_id_block(job.cookie)
 
         async def publish() -> BaseException | None:
             try:
@@ -219,7 +219,7 @@ class JetStreamStore(Store):
 
         async def write() -> BaseException | None:
             try:
-                await self._requests.publish(subject, outcome, create_headers())
+                await self._requests.publish(subject, outcome, CREATE_HEADER_BLOCK)
             except PublishError as exc:
                 if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
                     return exc  # retried, and reported

@@ -114,6 +114,16 @@ def create_headers() -> dict[str, str]:
     return {"Nats-Expected-Last-Subject-Sequence": "0"}
 
 
+# The same, as the header block on the wire (the hot path sends it as it is).
+CREATE_HEADER_BLOCK: Final = b"NATS/1.0\r\nNats-Expected-Last-Subject-Sequence: 0\r\n\r\n"
+
+
+def msg_id_block(cookie: bytes) -> bytes:
+    """The header block of a job's publish: `Nats-Msg-Id` = its key (the server drops a
+    resend of it within the stream's duplicate window)."""
+    return b"NATS/1.0\r\nNats-Msg-Id: %b\r\n\r\n" % cookie.hex().encode()
+
+
 # Priority across nodes: the stream is first in, first out per subject, so a job goes to
 # its pipeline's subject for its band, and a node fetches the higher bands first. Within
 # a band the order is arrival; a node's worker side orders what it holds by priority.
