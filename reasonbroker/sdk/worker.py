@@ -155,7 +155,10 @@ async def progress(result: Any) -> None:
 
 
 class Worker:
-    """Serves `handlers` (pipeline name -> async handler) for the broker at `url`.
+    """Serves `handlers` (pipeline name -> handler) for the broker at `url`.
+
+    A handler is an `async def` (a task per job) or a plain function, called
+    inline where its RUN was read (no task; for quick work that never blocks).
 
     ``await worker.run()`` serves until `stop()`; or ``async with Worker(...)``
     runs it in a background task and stops it on exit. A Worker runs once.
