@@ -869,8 +869,9 @@ async def test_a_plain_function_handler_answers_inline_and_knows_its_job(
     assert seen == [(uuid.UUID(bytes=run.cookie), "plain", None) for run in runs]
 
 
-async def test_a_plain_handler_that_raises_is_a_processor_exception_and_frees_its_slot(
-    fake: FakeBroker,
+@pytest.mark.parametrize("kind", ["coroutine", "function"])
+async def test_a_handler_that_raises_on_its_first_step_answers_once_and_frees_its_slot(
+    fake: FakeBroker, kind: str
 ) -> None:
     def plain_boom(variables: Any) -> Any:
         if variables == "boom":
@@ -879,16 +880,20 @@ async def test_a_plain_handler_that_raises_is_a_processor_exception_and_frees_it
             raise asyncio.CancelledError  # its own, not the worker's
         return variables
 
-    worker = Worker(fake.url, handlers={"plain": plain_boom}, capacity=1)
+    async def async_boom(variables: Any) -> Any:
+        return plain_boom(variables)
+
+    handler: Handler = async_boom if kind == "coroutine" else plain_boom
+    worker = Worker(fake.url, handlers={"p": handler}, capacity=1)
     async with worker, Client(fake.url) as client:
         with pytest.raises(ProcessorException, match="ValueError: boom") as info:
-            await client.run("plain", "boom")
+            await client.run("p", "boom")
         assert info.value.stacktrace is not None
         assert any("plain_boom" in line for line in info.value.stacktrace)
         with pytest.raises(ProcessorException, match="CancelledError"):
-            await client.run("plain", "cancel")
+            await client.run("p", "cancel")
         assert worker.running_jobs == 0
-        assert await client.run("plain", "after") == "after"  # the one slot is free
+        assert await client.run("p", "after") == "after"  # the one slot is free
     assert [r.rc for r in fake.seen(Result, Role.WORKER)] == [
         ResultCode.PROCESSOR_EXCEPTION,
         ResultCode.PROCESSOR_EXCEPTION,
