@@ -9,6 +9,8 @@ records, and the test drives the conversation itself.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
 import os
 import pickle
 import tempfile
@@ -41,6 +43,7 @@ from reasonbroker.core.protocol import (
 )
 from reasonbroker.sdk import client as client_mod
 from reasonbroker.sdk import errors
+from reasonbroker.sdk import worker as worker_mod
 from reasonbroker.sdk.client import Client
 from reasonbroker.sdk.errors import (
     BrokerConnectionError,
@@ -832,6 +835,152 @@ async def test_a_client_whose_dispatch_breaks_drops_the_connection_and_fails_its
         with pytest.raises(BrokerWentAway, match="dispatch bug"):
             await asyncio.wait_for(running, 5)
         assert client._peer is not None and client._peer.closed
+
+
+# ---------------------------------------------------------------------------
+# Plain-function handlers run inline (no task); the job tasks leave no cycle
+
+
+async def test_a_plain_function_handler_answers_inline_and_knows_its_job(
+    raw_fake: FakeBroker,
+) -> None:
+    seen: list[tuple[uuid.UUID, str, asyncio.Task[Any] | None]] = []
+
+    def plain(variables: Any) -> Any:
+        job = current_job()
+        seen.append((job.cookie, job.pipeline, asyncio.current_task()))
+        return {"got": variables}
+
+    worker = Worker(raw_fake.url, handlers={"plain": plain}, capacity=1, send_started=True)
+    async with worker:
+        await raw_fake.wait_for(lambda: raw_fake.seen(Register))
+        [conn] = raw_fake.conns_of(Role.WORKER)
+        runs = [Run(new_cookie(), "plain", i) for i in range(3)]
+        # More RUNs in one read than the capacity: each is answered before the
+        # next is looked at, so none is refused.
+        conn.writer.write(b"".join(encode(run) for run in runs))
+        await raw_fake.wait_for(lambda: len(raw_fake.seen(Result)) == 3)
+        assert worker.running_jobs == 0
+    results = raw_fake.seen(Result)
+    assert [(r.cookie, r.rc, r.result) for r in results] == [
+        (run.cookie, ResultCode.OK, {"got": i}) for i, run in enumerate(runs)
+    ]
+    assert [s.cookie for s in raw_fake.seen(Started)] == [run.cookie for run in runs]
+    assert seen == [(uuid.UUID(bytes=run.cookie), "plain", None) for run in runs]
+
+
+@pytest.mark.parametrize("kind", ["coroutine", "function"])
+async def test_a_handler_that_raises_on_its_first_step_answers_once_and_frees_its_slot(
+    fake: FakeBroker, kind: str
+) -> None:
+    def plain_boom(variables: Any) -> Any:
+        if variables == "boom":
+            raise ValueError("boom")
+        if variables == "cancel":
+            raise asyncio.CancelledError  # its own, not the worker's
+        return variables
+
+    async def async_boom(variables: Any) -> Any:
+        return plain_boom(variables)
+
+    handler: Handler = async_boom if kind == "coroutine" else plain_boom
+    worker = Worker(fake.url, handlers={"p": handler}, capacity=1)
+    async with worker, Client(fake.url) as client:
+        with pytest.raises(ProcessorException, match="ValueError: boom") as info:
+            await client.run("p", "boom")
+        assert info.value.stacktrace is not None
+        assert any("plain_boom" in line for line in info.value.stacktrace)
+        with pytest.raises(ProcessorException, match="CancelledError"):
+            await client.run("p", "cancel")
+        assert worker.running_jobs == 0
+        assert await client.run("p", "after") == "after"  # the one slot is free
+    assert [r.rc for r in fake.seen(Result, Role.WORKER)] == [
+        ResultCode.PROCESSOR_EXCEPTION,
+        ResultCode.PROCESSOR_EXCEPTION,
+        ResultCode.OK,
+    ]
+
+
+async def test_context_variables_a_plain_handler_sets_stay_with_its_job(fake: FakeBroker) -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("test_inline_var", default="unset")
+    before: list[str] = []
+
+    def plain(variables: Any) -> Any:
+        before.append(var.get())
+        var.set(variables)
+        return variables
+
+    async with Worker(fake.url, handlers={"plain": plain}), Client(fake.url) as client:
+        assert [await client.run("plain", v) for v in ("a", "b")] == ["a", "b"]
+    assert before == ["unset", "unset"]
+
+
+async def test_a_plain_handler_that_returns_a_coroutine_has_it_awaited_and_cancellable(
+    fake: FakeBroker,
+) -> None:
+    block = Blocker()
+    async with (
+        Worker(fake.url, handlers={"block": lambda v: block(v), "echo": lambda v: echo(v)}),
+        Client(fake.url) as client,
+    ):
+        assert await client.run("echo", [1, 2]) == [1, 2]
+        handle = await client.submit("block", 1)
+        await block.entered.wait()
+        await handle.cancel()
+        with pytest.raises(Cancelled):
+            await handle
+        assert block.saw_cancel.is_set()
+    assert [r.rc for r in fake.seen(Result, Role.WORKER)] == [
+        ResultCode.OK,
+        ResultCode.CANCELLED,
+    ]
+
+
+async def test_a_returned_coroutine_cancelled_before_its_first_step_is_closed(
+    raw_fake: FakeBroker,
+) -> None:
+    made: list[Any] = []
+
+    def plain(variables: Any) -> Any:
+        made.append(echo(variables))
+        return made[-1]
+
+    worker = Worker(raw_fake.url, handlers={"plain": plain})
+    async with worker:
+        await raw_fake.wait_for(lambda: raw_fake.seen(Register))
+        [conn] = raw_fake.conns_of(Role.WORKER)
+        cookie = new_cookie()
+        # RUN and CANCEL in one read: the job's task is cancelled before it runs.
+        conn.writer.write(encode(Run(cookie, "plain", 1)) + encode(Cancel(cookie)))
+        [answer] = await raw_fake.wait_for(lambda: raw_fake.seen(Result))
+        assert answer.rc is ResultCode.CANCELLED
+        assert worker.running_jobs == 0
+    [coro] = made
+    assert coro.cr_frame is None  # closed, not left to warn "never awaited"
+
+
+@pytest.mark.parametrize("kind", ["coroutine", "function"])
+async def test_finished_jobs_are_freed_without_the_cycle_collector(
+    fake: FakeBroker, kind: str
+) -> None:
+    # A job's task context names the job, and the job its task: unless the
+    # worker breaks that cycle, every job waits for the GC's collections (the
+    # full ones stalled a busy worker for milliseconds: README, Benchmarks, SDK).
+    def plain(variables: Any) -> Any:
+        return variables
+
+    handler: Handler = echo if kind == "coroutine" else plain
+    async with Worker(fake.url, handlers={"p": handler}, capacity=8), Client(fake.url) as client:
+        await client.run("p", 0)
+        gc.collect()
+        gc.disable()
+        try:
+            assert await asyncio.gather(*(client.run("p", i) for i in range(20))) == list(range(20))
+            await fake.wait_for(lambda: len(fake.seen(Result, Role.WORKER)) == 21)
+            left = [o for o in gc.get_objects() if isinstance(o, worker_mod._Job)]
+        finally:
+            gc.enable()
+    assert left == []
 
 
 async def test_run_takes_its_result_without_waiting_for_accepted() -> None:

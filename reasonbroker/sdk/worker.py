@@ -1,24 +1,27 @@
 """The asyncio worker library: serve pipelines for the broker.
 
 A `Worker` registers its handlers' pipeline names and capacity, runs each RUN
-in its own asyncio task (at most `capacity` at once) and answers exactly one
-RESULT per RUN, echoing the RUN's cookie untouched (the broker assigns one per
-attempt). It reconnects with capped exponential backoff when the broker goes
-away. Connection plumbing lives in `peer.py`.
+(at most `capacity` at once) and answers exactly one RESULT per RUN, echoing
+the RUN's cookie untouched (the broker assigns one per attempt). A coroutine
+handler (`async def`) runs in its own asyncio task; a plain function runs
+inline, where its RUN was read, with no task made. It reconnects with capped
+exponential backoff when the broker goes away. Connection plumbing lives in
+`peer.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import ssl as _ssl
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextvars import ContextVar
+from contextvars import ContextVar, copy_context
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, cast
 
 from ..core import protocol as p
 from ..core.errors import EncodeError
@@ -43,8 +46,9 @@ __all__ = [
 
 log = library_logger("reasonbroker.worker")
 
-# async def handler(variables: Any) -> Any
-Handler = Callable[[Any], Awaitable[Any]]
+# async def handler(variables: Any) -> Any: runs in a task of its own.
+# def handler(variables: Any) -> Any: runs inline (quick, non-blocking work).
+Handler = Callable[[Any], Awaitable[Any]] | Callable[[Any], Any]
 
 _STOPPED: Final = "worker stopped"
 # How long a stopping worker waits for the broker to echo its DRAIN.
@@ -61,12 +65,19 @@ class _Job:
     cookie: bytes
     pipeline: str
     peer: Peer
+    worker: Worker
     task: asyncio.Task[None] | None = None
     # The broker sent CANCEL: answer CANCELLED if the handler does not finish.
     cancel_requested: bool = False
     # The connection is gone (or the worker is being torn down): answer nothing.
     abandoned: bool = False
     answered: bool = False
+    # What a plain-function handler returned that is awaitable, for its task.
+    returned: Awaitable[Any] | None = None
+
+    def __call__(self, task: asyncio.Task[None]) -> None:
+        """The task's done callback (the job itself: no closure made per job)."""
+        self.worker._job_done(self, task)
 
 
 _current_job: ContextVar[_Job | None] = ContextVar("reasonbroker_current_job", default=None)
@@ -144,7 +155,10 @@ async def progress(result: Any) -> None:
 
 
 class Worker:
-    """Serves `handlers` (pipeline name -> async handler) for the broker at `url`.
+    """Serves `handlers` (pipeline name -> handler) for the broker at `url`.
+
+    A handler is an `async def` (a task per job) or a plain function, called
+    inline where its RUN was read (no task; for quick work that never blocks).
 
     ``await worker.run()`` serves until `stop()`; or ``async with Worker(...)``
     runs it in a background task and stops it on exit. A Worker runs once.
@@ -186,6 +200,8 @@ class Worker:
         self._handlers = dict(handlers)
         # Each job's task is named for its pipeline (made once, not per job).
         self._task_names = {name: f"job {name}" for name in self._handlers}
+        # The handlers that are plain functions, called inline (_run_inline).
+        self._inline = {name for name, h in self._handlers.items() if not _is_async(h)}
         self._token = token
         self._connect_timeout = connect_timeout
         self._max_frame_bytes = max_frame_bytes
@@ -490,24 +506,67 @@ class Worker:
                 ),
             )
             return
-        job = _Job(cookie, run.pipeline, peer)
+        job = _Job(cookie, run.pipeline, peer, self)
+        # A context of the job's own, as a task would have: the handler's
+        # context variables (ours names the job) stay with it.
+        context = copy_context()
+        if run.pipeline in self._inline:
+            awaitable = context.run(self._run_inline, job, handler, run.variables)
+            if awaitable is None:
+                return  # answered
+            job.returned = awaitable
+            coro = self._run_job(job, handler, run.variables, awaitable)
+        else:
+            coro = self._run_job(job, handler, run.variables)
         # The loop's own create_task: asyncio.create_task adds a Python frame
-        # and a set_name call per job.
-        job.task = peer.loop.create_task(
-            self._run_job(job, handler, run.variables), name=self._task_names[run.pipeline]
+        # and a set_name call per job. The task's context is its done
+        # callback's too (each would copy its own).
+        job.task = task = peer.loop.create_task(
+            coro, name=self._task_names[run.pipeline], context=context
         )
-        job.task.add_done_callback(lambda task: self._job_done(job, task))
+        task.add_done_callback(job, context=context)
         if not self._jobs:
             self._idle.clear()
         self._jobs[cookie] = job
 
-    async def _run_job(self, job: _Job, handler: Handler, variables: Any) -> None:
-        _current_job.set(job)  # this task's own context: seen by progress()
+    def _run_inline(self, job: _Job, handler: Handler, variables: Any) -> Awaitable[Any] | None:
+        """Call a plain-function handler where its RUN was read and answer it:
+        no task, no loop turn between the RUN and its RESULT. None once
+        answered; what the handler returned when that is awaitable (a lambda
+        returning a coroutine, say), for a task to await."""
+        _current_job.set(job)  # in the job's own context (the caller's context.run)
         if self.send_started:
+            with contextlib.suppress(BrokerConnectionError):
+                job.peer.send_nowait(p.Started(job.cookie))
+        # CancelledError can only be the handler's own here. KeyboardInterrupt
+        # and SystemExit are raised on: they end the session (out of a task they
+        # end the loop), and the broker treats the job as lost.
+        try:
+            value = handler(variables)
+        except (Exception, asyncio.CancelledError) as exc:
+            answer = self._exception_result(job, exc)
+        else:
+            if inspect.isawaitable(value):
+                return value
+            answer = p.Result(job.cookie, p.ResultCode.OK, result=value)
+        # Nothing waits for the drain: the broker sends a RUN only for a slot
+        # its RESULT freed, so unread RESULTs cannot pile up past `capacity`.
+        self._answer(job, answer)
+        return None
+
+    async def _run_job(
+        self, job: _Job, handler: Handler, variables: Any, returned: Awaitable[Any] | None = None
+    ) -> None:
+        """The job's task: the handler awaited and answered. `returned`: what a
+        plain-function handler returned (awaitable), awaited instead of a call."""
+        _current_job.set(job)  # this task's own context: seen by progress()
+        if self.send_started and returned is None:  # _run_inline sent it
             with contextlib.suppress(BrokerConnectionError):
                 await job.peer.send(p.Started(job.cookie))
         try:
-            value = await handler(variables)
+            value = await (
+                cast(Awaitable[Any], handler(variables)) if returned is None else returned
+            )
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if job.cancel_requested or job.abandoned or (task is not None and task.cancelling()):
@@ -574,7 +633,12 @@ class Worker:
                 self._idle.set()
 
     def _job_done(self, job: _Job, task: asyncio.Task[None]) -> None:
+        # The task's context names the job (progress()): a cycle the GC would
+        # have to find, job by job.
+        job.task = None
         self._release(job)
+        if job.returned is not None and inspect.iscoroutine(job.returned):
+            job.returned.close()  # never awaited if the task was cancelled before its first step
         if job.answered or job.abandoned:
             return
         # Every RUN gets exactly one RESULT: the task ended without answering,
@@ -594,3 +658,10 @@ class Worker:
     def _reply(self, peer: Peer, result: p.Result) -> None:
         with contextlib.suppress(BrokerConnectionError):
             peer.send_nowait(result)
+
+
+def _is_async(handler: Handler) -> bool:
+    """Whether `handler` is a coroutine function (or an object whose `__call__` is one)."""
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004 (the method, not callable())
+    )

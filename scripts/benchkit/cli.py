@@ -180,6 +180,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--sdk-profile", metavar="DIR", help="--sdk: cProfile both roles, .pstats files in DIR"
     )
+    p.add_argument(
+        "--sdk-handler",
+        choices=["coroutine", "function"],
+        default="coroutine",
+        help="--sdk: the SDK worker's echo handler: an async def (a task per job, the "
+        "default) or a plain def (run inline, no task)",
+    )
     args = p.parse_args(argv)
 
     if args.smoke:

@@ -310,9 +310,12 @@ async def worker_role(args: argparse.Namespace) -> int:
         async def echo(variables: Any) -> Any:
             return variables
 
+        def echo_inline(variables: Any) -> Any:
+            return variables
+
         worker = worker_cls(
             f"tcp://{HOST}:{args.port}",
-            handlers={PIPELINE: echo},
+            handlers={PIPELINE: echo_inline if args.sdk_handler == "function" else echo},
             capacity=args.capacity,
             name="bench-sdk-worker",
             reconnect=False,
@@ -395,6 +398,8 @@ async def start_sdk_workers(
         str(broker.worker_port),
         "--capacity",
         str(capacity),
+        "--sdk-handler",
+        args.sdk_handler,
     ]
     if args.sdk_profile:
         cmd += ["--sdk-profile", args.sdk_profile]
@@ -605,7 +610,8 @@ def assemble(
         "closed loop: one client process, one connection, K coroutines each awaiting one "
         "job after another (Client.run / nc.request); p50/p99 per job in that process",
         "workers: W processes, one SDK Worker (capacity = largest K) or one nats-py "
-        f"queue-group subscriber ({NATS_QUEUE!r}) each; echo handlers",
+        f"queue-group subscriber ({NATS_QUEUE!r}) each; echo handlers (the SDK's: "
+        f"{'a plain def, run inline' if args.sdk_handler == 'function' else 'an async def'})",
         "cpu us/job: utime+stime deltas from /proc over the measured window / jobs, for "
         "the client process, the worker processes (summed) and the broker; total = all three",
         "broker_peak_rss_kib: VmHWM over the run (warm-up included), reset per run",
