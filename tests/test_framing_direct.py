@@ -10,6 +10,7 @@ without `direct_from`. tests/test_big_frames.py does the same over real sockets.
 from __future__ import annotations
 
 import itertools
+import tracemalloc
 
 import msgpack
 import pytest
@@ -59,12 +60,16 @@ def read_like_the_broker(
     reads: list[bytes],
     offered: list[int] | None = None,
     out: list[Packet] | None = None,
+    hold_view: bool = False,
 ) -> list[Packet]:
     """Each read goes where the decoder asks (its frame buffer, else fed); a read
     longer than the frame buffer's rest goes on to the next buffer, as libuv's
     next read would. `offered` collects the lengths of the frame buffers filled;
-    the packets go to `out` (kept if a protocol error is raised) and are returned."""
+    the packets go to `out` (kept if a protocol error is raised) and are returned.
+    The view read into is let go before `frame_filled`, as uvloop does, unless
+    `hold_view` (asyncio's own loop holds it across `buffer_updated`)."""
     out = [] if out is None else out
+    held: list[memoryview] = []
     for chunk in reads:
         while chunk:
             view = dec.frame_buffer()
@@ -75,7 +80,12 @@ def read_like_the_broker(
             view[:n] = chunk[:n]
             if offered is not None:
                 offered.append(len(view))
+            if hold_view:
+                held.append(view)
+            del view
             out.extend(dec.frame_filled(n))
+            if dec.frame_done:
+                out.extend(dec.take_frame())  # as the broker's next get_buffer() does
             chunk = chunk[n:]
     return out
 
@@ -85,14 +95,16 @@ def cut(data: bytes, points: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(edges)]
 
 
-def test_a_big_frame_split_at_every_byte_boundary() -> None:
+@pytest.mark.parametrize("hold_view", [False, True], ids=["in-place", "view-held"])
+def test_a_big_frame_split_at_every_byte_boundary(hold_view: bool) -> None:
     data = big_run(DIRECT + 100)
     expected = reference(data)
     assert len(expected) == 1
     for k in range(1, len(data)):
         dec = PacketDecoder(MAX, raw_payloads=True, direct_from=DIRECT)
         offered: list[int] = []
-        assert read_like_the_broker(dec, [data[:k], data[k:]], offered) == expected, k
+        got = read_like_the_broker(dec, [data[:k], data[k:]], offered, hold_view=hold_view)
+        assert got == expected, k
         # Once the header is in, the rest is read into the frame's own buffer.
         assert offered == ([len(data) - k] if k >= HEADER_BYTES else []), k
         assert dec.buffered == 0
@@ -126,8 +138,14 @@ def test_a_frame_in_many_reads_is_held_at_its_full_length() -> None:
         view[:n] = data[pos : pos + n]
         pos += n
         got.extend(dec.frame_filled(n))
-        assert dec.buffered == (len(data) if pos < len(data) else 0)
+        # Counted at its full length until it is decoded (take_frame).
+        assert dec.buffered == len(data)
+        assert dec.frame_done == (pos == len(data))
+    assert got == []
+    assert dec.frame_buffer() is None  # nothing is read before it is taken
+    got.extend(dec.take_frame())
     assert got == reference(data)
+    assert dec.buffered == 0 and not dec.frame_done
 
 
 def test_the_payload_of_a_frame_read_in_place_is_a_view_of_it_and_equal() -> None:
@@ -141,6 +159,93 @@ def test_the_payload_of_a_frame_read_in_place_is_a_view_of_it_and_equal() -> Non
     assert run == reference(data)[0]
     assert encode(run) == data  # written out again byte for byte
     assert hash(run.variables) == hash(Raw(bytes(run.variables.data)))
+
+
+def _frame_filled_peak(dec: PacketDecoder, rest: bytes) -> tuple[list[Packet], int]:
+    """Read `rest` (a frame's rest, after its start was fed) into the decoder's
+    frame buffer, let the view go, and complete it: the packets, and the most
+    memory (traced) that completing it allocated at once."""
+    view = dec.frame_buffer()
+    assert view is not None and len(view) == len(rest)
+    view[:] = rest
+    del view
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        packets = dec.frame_filled(len(rest))
+        assert packets == [] and dec.frame_done
+        packets = dec.take_frame()
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    return packets, peak
+
+
+@pytest.mark.parametrize("guessed", [False, True], ids=["after-header", "guessed"])
+def test_a_frame_read_in_place_is_decoded_from_its_buffer_not_a_copy(guessed: bool) -> None:
+    first, data = big_run(100_000, 1), big_run(100_000, 2)
+    dec = PacketDecoder(MAX, raw_payloads=True, direct_from=DIRECT)
+    assert dec.feed(encode(Ping())) == [Ping()]  # the codec is known: the fast path
+    if guessed:
+        read_like_the_broker(dec, [first])  # the next is offered a buffer at once
+        start = 0
+    else:
+        assert dec.feed(data[:10]) == []
+        start = 10
+    (run,), peak = _frame_filled_peak(dec, data[start:])
+    # The payload is a view of the bytes the frame was read into: no second
+    # frame-sized block was made to decode it from.
+    assert peak < len(data) // 4
+    assert isinstance(run, Run) and isinstance(run.variables, Raw)
+    assert isinstance(run.variables.data, memoryview) and run.variables.data.readonly
+    assert run == reference(data)[0]
+    assert encode(run) == data
+
+
+def _done_frame(data: bytes) -> PacketDecoder:
+    """A decoder (codec known) whose frame read in place, `data`, is done, not taken."""
+    dec = PacketDecoder(MAX, raw_payloads=True, direct_from=DIRECT)
+    assert dec.feed(encode(Ping()) + data[:10]) == [Ping()]
+    view = dec.frame_buffer()
+    assert view is not None
+    view[:] = data[10:]
+    del view
+    assert dec.frame_filled(len(data) - 10) == []
+    assert dec.frame_done
+    return dec
+
+
+def test_bytes_fed_after_a_done_frame_come_after_its_packets() -> None:
+    data = big_run(50_000)
+    dec = _done_frame(data)
+    assert dec.feed(encode(Ping())) == [*reference(data), Ping()]
+    assert not dec.frame_done and dec.buffered == 0
+    assert dec.take_frame() == []  # nothing left to take
+
+
+def test_a_bad_frame_fed_after_a_done_frame_keeps_that_frames_packets() -> None:
+    data = big_run(50_000)
+    dec = _done_frame(data)
+    # The good frame's packets first; the error is final and raised next time.
+    assert dec.feed(bytes(HEADER_BYTES)) == reference(data)
+    assert dec.error is not None
+    with pytest.raises(RemoteProtocolError, match="frame length is 0"):
+        dec.feed(encode(Ping()))
+
+
+def test_a_done_frame_that_is_bad_raises_when_taken() -> None:
+    data = big_run(50_000)
+    bad = data[:HEADER_BYTES] + b"\xc1" * (len(data) - HEADER_BYTES)  # never valid msgpack
+    dec = _done_frame(bad)
+    with pytest.raises(RemoteProtocolError):
+        dec.take_frame()
+
+
+def test_frame_filled_while_a_frame_is_done_is_a_caller_bug() -> None:
+    dec = _done_frame(big_run(50_000))
+    with pytest.raises(ValueError, match="frame_buffer"):
+        dec.frame_filled(1)
 
 
 def test_after_a_big_frame_the_next_is_offered_a_buffer_as_long() -> None:

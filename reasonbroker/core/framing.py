@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import struct
 from binascii import a2b_hex as _a2b_hex
+from io import BytesIO
 from typing import Any, Final
 
 from mypy_extensions import i64
@@ -98,12 +99,26 @@ class PacketDecoder:
     next one is guessed to be as long (a peer sends the same payloads over and
     over): its buffer is offered at once, and if the guess is wrong the bytes
     read into it are fed as any others.
+
+    The buffer is the storage of a `bytes` object of the frame's size, written
+    through `BytesIO.getbuffer()` while only the BytesIO holds it: once the
+    frame is in and every view of it is gone, `getvalue()` hands over that
+    very object, so the frame is decoded from the bytes it was read into, with
+    no copy. Transports hold the view they read into until `buffer_updated`
+    returns (uvloop and asyncio alike), so the read that completes a frame
+    only marks it done (`frame_done`; `frame_filled` returns no packets for
+    it) and `take_frame()` decodes it afterwards: the caller calls it before
+    the next read (the broker does in `get_buffer`, and soon after the read
+    in case no next read comes). Meanwhile `frame_buffer()` offers nothing,
+    and `feed()` decodes the done frame before its own bytes. A view still
+    alive when it is decoded only costs the copy back.
     """
 
     __slots__ = (
         "_ck_raw",
         "_ck_text",
         "_direct",
+        "_done",
         "_frame",
         "_got",
         "_guess",
@@ -147,10 +162,12 @@ class PacketDecoder:
         # The frame read in place (direct_from): its buffer, a view of it,
         # the bytes in so far; _guess the length offered next (0: none).
         self._direct = direct_from
-        self._frame: bytearray | None = None
+        self._frame: BytesIO | None = None
         self._view: memoryview | None = None
         self._got = 0
         self._guess = 0
+        # The frame read in place is whole, not yet decoded (take_frame).
+        self._done = False
         # Set when a bad frame followed good ones in the same feed: those good
         # packets are returned first (a worker's RESULT just before garbage
         # still counts) and the error is raised by the next feed.
@@ -171,58 +188,90 @@ class PacketDecoder:
         (see `direct_from`). Only `frame_filled` or `feed` change the answer.
         """
         view = self._view
+        if self._done:
+            return None  # take_frame() first
         if view is None:
             guess = self._guess
             if not guess or self._held or self.error is not None:
                 return None
             # After a frame read in place: offer one as long for the next.
-            frame = bytearray(guess)
-            self._frame = frame
-            view = self._view = memoryview(frame)
-            return view
+            return self._new_frame(guess)
         got = self._got
         return view[got:] if got else view
 
     def frame_filled(self, nbytes: int) -> list[Packet]:
         """`nbytes` were read into the last `frame_buffer()`: the packets now whole."""
         view = self._view
-        frame = self._frame
-        if view is None or frame is None:
+        if view is None or self._frame is None or self._done:
             raise ValueError("frame_filled() without a frame_buffer()")
         got = self._got
+        size = len(view)
         if not got:
             # The guessed frame: its header must say the length guessed,
             # else these are bytes like any others.
-            if nbytes < HEADER_BYTES or (
-                (frame[0] << 24) | (frame[1] << 16) | (frame[2] << 8) | frame[3]
-            ) + HEADER_BYTES != len(frame):
+            if (
+                nbytes < HEADER_BYTES
+                or ((view[0] << 24) | (view[1] << 16) | (view[2] << 8) | view[3]) + HEADER_BYTES
+                != size
+            ):
                 self._drop_frame()
                 self._guess = 0
                 return self.feed(view[:nbytes].tobytes())
-        got += nbytes
-        if got < len(frame):
-            self._got = got
+        self._got = got = got + nbytes
+        if got >= size:
+            # Whole: decoded by take_frame(), once the view is let go.
+            self._done = True
+        return []
+
+    @property
+    def frame_done(self) -> bool:
+        """A frame read in place is whole and waits for `take_frame()`."""
+        return self._done
+
+    def take_frame(self) -> list[Packet]:
+        """The packets of the frame `frame_filled` completed, decoded as if it
+        had come in one read ([] when none is done). Raises as `feed` does."""
+        if not self._done:
             return []
-        # Whole: decoded as if it had come in one read.
-        data = bytes(frame)
+        return self.feed(self._frame_bytes())
+
+    def _new_frame(self, size: int) -> memoryview:
+        """A frame buffer of `size` bytes: the storage of a new bytes object
+        only a BytesIO refers to, so getbuffer() writes it in place."""
+        frame = self._frame = BytesIO(bytes(size))
+        view = self._view = frame.getbuffer()
+        return view
+
+    def _frame_bytes(self) -> bytes:
+        """The whole frame, as the bytes object it was read into (a copy
+        only if a view of it is still held somewhere)."""
+        frame, view = self._frame, self._view
+        assert frame is not None and view is not None
         self._drop_frame()
-        return self.feed(data)
+        try:
+            view.release()  # this decoder's view: let go before getvalue()
+        except BufferError:
+            pass  # still exported: getvalue() copies
+        return frame.getvalue()
 
     def _drop_frame(self) -> None:
         self._frame = None
         self._view = None
         self._got = 0
+        self._done = False
 
     def feed(self, data: bytes) -> list[Packet]:
         if self.error is not None:
             raise self.error
+        if self._done:
+            return self._feed_after_frame(data)
         if self._view is not None:
             # Bytes fed while a frame is read in place: it is held as usual.
-            frame = self._frame
-            if self._got and frame is not None:
-                self._held.append(bytes(frame[: self._got]))
+            view = self._view
+            if self._got:
+                self._held.append(view[: self._got].tobytes())
                 self._held_bytes = self._got
-                self._need = len(frame)
+                self._need = len(view)
             self._drop_frame()
         if self._held:
             self._held.append(data)
@@ -288,11 +337,8 @@ class PacketDecoder:
             need = self._need
             if self._direct and need >= self._direct and need <= DIRECT_MAX_BYTES:
                 # Read the rest of this frame in place (frame_buffer).
-                frame = bytearray(need)
                 got = end - pos
-                frame[:got] = memoryview(data)[pos:end]
-                self._frame = frame
-                self._view = memoryview(frame)
+                self._new_frame(need)[:got] = memoryview(data)[pos:end]
                 self._got = got
             else:
                 rest = data[pos:] if pos else data
@@ -303,6 +349,18 @@ class PacketDecoder:
             size += HEADER_BYTES
             self._guess = size if size >= self._direct and size <= DIRECT_MAX_BYTES else 0
         return packets
+
+    def _feed_after_frame(self, data: bytes) -> list[Packet]:
+        """`feed(data)` while a frame read in place is done: that frame first."""
+        packets = self.take_frame()
+        if self.error is not None:
+            return packets  # the next feed raises it
+        try:
+            return packets + self.feed(data)
+        except RemoteProtocolError:
+            if not packets:
+                raise
+            return packets  # self.error is set: the next feed raises it
 
     def _decode(self, body: bytes | memoryview) -> Packet:
         codec = detect_codec(body)

@@ -86,6 +86,7 @@ class _Connection:
         "partial_since",
         "spoke",
         "stream",
+        "take_soon",
     )
 
     def __init__(self, broker: Broker, conn_id: int, stream: Stream, role: ListenerRole) -> None:
@@ -117,6 +118,8 @@ class _Connection:
         # broker's buffered_input), and since when (0.0: none; frame_timeout_ms).
         self.held = 0
         self.partial_since = 0.0
+        # A call of _take_frame_soon is scheduled (see buffer_updated).
+        self.take_soon = False
 
     # StreamHandler
 
@@ -140,7 +143,15 @@ class _Connection:
     def get_buffer(self) -> memoryview | None:
         if self.closed:
             return None
-        return self.decoder.frame_buffer()
+        decoder = self.decoder
+        if decoder.frame_done:
+            # The last read completed a frame and has let go of its buffer:
+            # decoded now, from the very bytes it was read into, before the
+            # next read (the order the peer sent them in).
+            self._take_frame()
+            if self.closed:
+                return None
+        return decoder.frame_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.closed:
@@ -155,6 +166,29 @@ class _Connection:
             self._received(packets)
         except Exception:
             self._internal_error()
+            return
+        if self.decoder.frame_done and not self.take_soon:
+            # Usually the next get_buffer() takes it, at once; this is for a
+            # read that is the last for a while (or a loop that asks for the
+            # next buffer only when the socket is readable again).
+            self.take_soon = True
+            self.broker.loop.call_soon(self._take_frame_soon)
+
+    def _take_frame(self) -> None:
+        try:
+            try:
+                packets = self.decoder.take_frame()
+            except RemoteProtocolError as exc:
+                self.broker.protocol_error(self, exc)
+                return
+            self._received(packets)
+        except Exception:
+            self._internal_error()
+
+    def _take_frame_soon(self) -> None:
+        self.take_soon = False
+        if not self.closed and self.decoder.frame_done:
+            self._take_frame()
 
     def _received(self, packets: list[Packet]) -> None:
         broker = self.broker
