@@ -45,6 +45,9 @@ def child_setup() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+LISTEN_WAIT_S = 30.0  # how long a started broker may take to listen
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
@@ -142,9 +145,12 @@ def version_of(system: str) -> str:
 
 
 async def wait_listening(proc: asyncio.subprocess.Process, ports: Sequence[int], what: str) -> None:
-    """Ready = accepts a TCP connection; bounded retries, and fail fast if the process died."""
+    """Ready = accepts a TCP connection within LISTEN_WAIT_S of the wall clock (a loaded
+    machine may take seconds to start an interpreter); fail fast if the process died."""
+    loop = asyncio.get_running_loop()
     for port in ports:
-        for _ in range(500):  # at most ~10 s per port
+        deadline = loop.time() + LISTEN_WAIT_S
+        while loop.time() < deadline:
             if proc.returncode is not None:
                 raise RuntimeError(f"{what} exited with status {proc.returncode}")
             try:
@@ -157,7 +163,8 @@ async def wait_listening(proc: asyncio.subprocess.Process, ports: Sequence[int],
                 await writer.wait_closed()
             break
         else:
-            raise RuntimeError(f"{what} is not listening on {HOST}:{port} after 10 s")
+            waited = f"after {LISTEN_WAIT_S:.0f} s"
+            raise RuntimeError(f"{what} is not listening on {HOST}:{port} {waited}")
 
 
 async def start_broker(
